@@ -1,0 +1,126 @@
+"""Self-describing checkpoints: everything needed to resume, evaluate or serve sits beside the weights.
+
+Layout of one checkpoint folder::
+
+    model/            architecture + weights (safetensors), written by the family adapter
+    preprocessor/     tokenizer (or image/audio transform) exactly as training used it
+    config.yaml       the resolved run config
+    ptm_ray.json      source prefix, model name, task, labels, epoch, metrics, per-epoch history
+    train_state.pt    optimizer/scheduler/early-stopping state (resume only; tensors and numbers)
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ptm_ray.config import Config, config_from_dict, config_to_dict
+from ptm_ray.models import adapter_for_source, resolve_name
+from ptm_ray.models.registry import Adapter
+
+__all__ = ["Artifact", "FORMAT_VERSION", "load_artifact", "read_meta", "save_checkpoint"]
+
+FORMAT_VERSION = 1
+_META = "ptm_ray.json"
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    adapter: Adapter,
+    model: nn.Module,
+    preprocessor: Any,
+    cfg: Config,
+    labels: list[str],
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint folder at ``path`` and return it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    adapter.save(model, path / "model")
+    preprocessor.save(path / "preprocessor")
+    (path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": resolve_name(cfg.model.name)[0],
+        "family": adapter.family,
+        "model_name": cfg.model.name,
+        "task": cfg.model.task,
+        "labels": labels,
+        "epoch": metrics.get("epoch"),
+        "metrics": metrics,
+        "history": history,
+    }
+    (path / _META).write_text(json.dumps(meta, indent=2))
+    if train_state is not None:
+        torch.save(train_state, path / "train_state.pt")
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``ptm_ray.json`` of a checkpoint folder (labels, metrics, history, ...)."""
+    meta_file = Path(path) / _META
+    if not meta_file.is_file():
+        raise ValueError(f"{path} is not a ptm_ray checkpoint: {_META} is missing")
+    return json.loads(meta_file.read_text())
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """Optimizer, scheduler and early-stopping state saved for resuming."""
+    return torch.load(Path(path) / "train_state.pt", weights_only=True)
+
+
+@dataclass
+class Artifact:
+    """A loaded checkpoint: model in eval mode, its preprocessor, labels and metadata."""
+
+    path: Path
+    adapter: Adapter
+    model: nn.Module
+    preprocessor: Any
+    labels: list[str]
+    config: Config
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
+        """Class probabilities (len(inputs), num_labels) for raw inputs (e.g. strings)."""
+        batch = self.preprocessor(inputs)
+        return torch.softmax(self.adapter.logits(self.model, batch).float(), dim=-1)
+
+    def predict(self, inputs: list[Any], top_k: int = 3) -> list[dict[str, Any]]:
+        """For each input: its top label, that label's probability and the top-k labels."""
+        probs = self.predict_proba(inputs)
+        k = min(top_k, len(self.labels))
+        out = []
+        for row in probs:
+            values, indices = row.topk(k)
+            top = [{"label": self.labels[i], "probability": float(p)} for p, i in zip(values, indices.tolist())]
+            out.append({"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
+        return out
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Load a checkpoint folder (or a URI Ray Train can read) for evaluation or serving."""
+    if "://" in str(path):
+        from ray.train import Checkpoint
+
+        path = Checkpoint(str(path)).to_directory(tempfile.mkdtemp(prefix="ptm_ray_ckpt_"))
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    adapter = adapter_for_source(meta["source"])
+    model = adapter.load(path / "model").eval()
+    preprocessor = adapter.load_preprocessor(path / "preprocessor")
+    return Artifact(path, adapter, model, preprocessor, meta["labels"], cfg, meta)

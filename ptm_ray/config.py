@@ -1,0 +1,343 @@
+"""Typed run configuration: nested groups loaded from YAML plus dotted ``key=value`` overrides.
+
+Every field is documented in place. ``load_config`` is the one way a config is made: it rejects unknown
+keys, wrong types and impossible values with a ``ValueError`` naming the dotted key and what is allowed,
+before any Ray work starts.
+
+Example::
+
+    cfg = load_config("jobs/configs/text_quickstart.yaml", ["optim.lr=3e-5", "scaling.num_workers=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScalingGroup",
+    "StorageConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_freeze_depth",
+]
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""
+    """Registry name with its source: ``hf:<hub id or local dir>`` or a short name such as ``minilm-l6``."""
+    task: str = "classification"
+    """What the head predicts. Only ``classification`` for now."""
+    freeze_depth: Union[int, float, str] = 0
+    """Frozen lower blocks: an int k, a fraction in (0, 1] of the model's blocks, ``all`` (only the head trains) or 0."""
+    max_length: int = 128
+    """Longest tokenized input; longer text is truncated."""
+    trust_remote_code: bool = False
+    """Let Hugging Face run code shipped with the model. Off unless you trust its source."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: a CSV, JSONL or Parquet file (local path, any URI pyarrow understands, or ``bundled:<file>``)."""
+    validation: str | None = None
+    """Validation file in the same format; when unset, ``val_fraction`` of ``train`` is split off (seeded)."""
+    val_fraction: float = 0.2
+    """Share of ``train`` held out for validation when no validation file is given."""
+    format: str = "auto"
+    """``csv``, ``jsonl``, ``parquet`` or ``auto`` (from the file extension)."""
+    text_column: str = "text"
+    """Column holding the input text."""
+    label_column: str = "label"
+    """Column holding the class label."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    """Learning rate of the backbone (the unfrozen blocks)."""
+    head_lr: float | None = None
+    """Learning rate of the task head; defaults to ``lr``."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: block i from the top trains at lr * layer_decay**i. 1.0 turns it off."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    scheduler: str = "linear"
+    """LR schedule after warm-up: ``linear`` decay to 0, ``cosine`` or ``constant``."""
+    warmup_ratio: float = 0.1
+    """Share of optimizer steps spent warming up linearly from 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 turns clipping off."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Most epochs to run (early stopping may end sooner)."""
+    batch_size: int = 16
+    """Examples per worker per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and the train/validation split."""
+    metric: str = "val_accuracy"
+    """Validation metric that ranks checkpoints and drives early stopping."""
+    mode: str = "max"
+    """``max`` or ``min``: which direction of ``metric`` is better."""
+    early_stopping_patience: int = 0
+    """Stop after this many epochs without improvement of ``metric``; 0 never stops early."""
+    keep_checkpoints: int = 2
+    """Best checkpoints kept by ``metric`` (the latest is kept too, for resuming)."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    max_steps_per_epoch: int = 0
+    """Cap on micro-batches per epoch per worker (0: the whole shard). For smoke tests and benchmarks."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer."""
+
+
+@dataclass
+class ScalingGroup:
+    num_workers: int = 2
+    """Data-parallel training workers."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources each worker reserves, e.g. ``{CPU: 4, GPU: 1}``."""
+    max_failures: int = 0
+    """Worker-group restarts allowed; each restart resumes from the latest checkpoint."""
+
+
+@dataclass
+class StorageConfig:
+    path: str = "~/ptm_ray_runs"
+    """Where runs and checkpoints go: a local folder (one node) or a shared URI (s3://, gs://, NFS path)."""
+    name: str = ""
+    """Run name; re-using a name resumes that run. Empty: derived from the model name and time."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingGroup = field(default_factory=ScalingGroup)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+_CHOICES = {
+    "model.task": ("classification",),
+    "data.format": ("auto", "csv", "jsonl", "parquet"),
+    "optim.scheduler": ("linear", "cosine", "constant"),
+    "train.mode": ("max", "min"),
+    "train.precision": ("auto", "bf16", "fp32"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated ``Config`` from a YAML file and dotted ``key=value`` overrides.
+
+    Args:
+        path: YAML file with nested groups; ``None`` starts from the defaults.
+        overrides: strings like ``optim.lr=3e-5``; values are parsed as YAML scalars.
+
+    Raises:
+        ValueError: naming the file or dotted key and what is allowed.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping of groups, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like group.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    cfg = _build(Config, raw, prefix="")
+    _check_values(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML, checkpoints and Ray)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of ``config_to_dict``, with the same validation as ``load_config``."""
+    cfg = _build(Config, d, prefix="")
+    _check_values(cfg)
+    return cfg
+
+
+def parse_freeze_depth(value: int | float | str, num_blocks: int, key: str = "model.freeze_depth") -> int:
+    """Turn a freeze-depth setting into a number of frozen blocks in ``[0, num_blocks]``.
+
+    An int k freezes k blocks, a float f in (0, 1] freezes floor(f * num_blocks), ``all`` freezes all.
+    """
+    if value == "all":
+        return num_blocks
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be an int, a fraction in (0, 1] or 'all', got {value!r}")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key}={value} as a fraction must lie in [0, 1]")
+        return int(value * num_blocks)
+    if not 0 <= value <= num_blocks:
+        raise ValueError(
+            f"{key}={value} is beyond the model's depth: it has {num_blocks} blocks, so use 0..{num_blocks} "
+            "(or a fraction, or 'all')"
+        )
+    return value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key}: {part} is not a group")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]}; allowed in this group: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, raw[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(raw[name], kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against a field's type, allowing only lossless conversions (int -> float)."""
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(value, option, key)
+            except ValueError:
+                continue
+        allowed = " or ".join(_type_name(o) for o in typing.get_args(kind))
+        raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    if kind is type(None):
+        if value is None:
+            return None
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # PyYAML reads 3e-5 as a string
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict:
+        _, value_kind = typing.get_args(kind)
+        if isinstance(value, dict):
+            return {str(k): _coerce(v, value_kind, f"{key}.{k}") for k, v in value.items()}
+    elif origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if isinstance(value, list):
+            return [_coerce(v, item_kind, f"{key}[{i}]") for i, v in enumerate(value)]
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported config type {kind} for {key}")
+    raise ValueError(f"{key} must be {_type_name(kind)}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    return "null" if kind is type(None) else getattr(kind, "__name__", str(kind))
+
+
+def _check_values(cfg: Config) -> None:
+    """Range and choice checks that types alone cannot express."""
+    for key, allowed in _CHOICES.items():
+        group, name = key.split(".")
+        value = getattr(getattr(cfg, group), name)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    positive = {
+        "optim.lr": cfg.optim.lr,
+        "model.max_length": cfg.model.max_length,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+    }
+    if cfg.optim.head_lr is not None:
+        positive["optim.head_lr"] = cfg.optim.head_lr
+    for key, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{key}={value} must be > 0")
+    if cfg.scaling.num_workers < 1:
+        raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} must be >= 1")
+    for key, value in {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.max_grad_norm": cfg.optim.max_grad_norm,
+        "train.early_stopping_patience": cfg.train.early_stopping_patience,
+        "train.max_steps_per_epoch": cfg.train.max_steps_per_epoch,
+        "train.shuffle_buffer": cfg.train.shuffle_buffer,
+        "scaling.max_failures": cfg.scaling.max_failures,
+    }.items():
+        if value < 0:
+            raise ValueError(f"{key}={value} must be >= 0")
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ValueError(f"optim.layer_decay={cfg.optim.layer_decay} must lie in (0, 1]")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ValueError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} must lie in [0, 1)")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
+    for resource, amount in cfg.scaling.resources_per_worker.items():
+        if amount < 0:
+            raise ValueError(f"scaling.resources_per_worker.{resource}={amount} must be >= 0")
+    if not cfg.model.name:
+        raise ValueError("model.name is required, e.g. model.name=minilm-l6 or model.name=hf:/path/to/model")
+    if not cfg.data.train:
+        raise ValueError("data.train is required: a CSV, JSONL or Parquet file of labelled examples")
+    depth = cfg.model.freeze_depth
+    if isinstance(depth, str) and depth != "all":
+        raise ValueError(f"model.freeze_depth={depth!r} must be an int, a fraction in (0, 1] or 'all'")
+    if isinstance(depth, (int, float)) and depth < 0:
+        raise ValueError(f"model.freeze_depth={depth} must be >= 0")
+    if isinstance(depth, float) and depth > 1.0:
+        raise ValueError(f"model.freeze_depth={depth} as a fraction must lie in [0, 1]; use an int for a block count")

@@ -1,0 +1,130 @@
+"""Hugging Face text classifiers: BERT, RoBERTa, GPT-2 and T5 (``hf:<hub id or local dir>``).
+
+Blocks, input to output: the embeddings, then every transformer layer of each stack (T5: encoder, then
+decoder), each stack's final norm riding with its last layer. What is left (pooler, classifier,
+T5's classification head) is the task head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptm_ray.config import ModelConfig
+from ptm_ray.freeze import Block
+
+__all__ = ["HFTextAdapter", "TextPreprocessor"]
+
+# model_type -> (embedding modules, [(layer list, modules appended to its last layer)]), relative to
+# the base model (``model.base_model``).
+_LAYOUTS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
+    "bert": (["embeddings"], [("encoder.layer", [])]),
+    "roberta": (["embeddings"], [("encoder.layer", [])]),
+    "gpt2": (["wte", "wpe"], [("h", ["ln_f"])]),
+    "t5": (["shared"], [("encoder.block", ["encoder.final_layer_norm"]), ("decoder.block", ["decoder.final_layer_norm"])]),
+}
+
+
+class TextPreprocessor:
+    """Tokenizes a batch of strings with the model's own tokenizer, padded and truncated."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        )
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        """For each text, whether tokenizing it exceeds ``max_length`` (so it will be cut)."""
+        lengths = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        return [len(ids) > self.max_length for ids in lengths]
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        (path / "preprocessor.json").write_text(json.dumps({"kind": "text", "max_length": self.max_length}))
+
+    @classmethod
+    def load(cls, path: Path) -> "TextPreprocessor":
+        from transformers import AutoTokenizer
+
+        meta = json.loads((path / "preprocessor.json").read_text())
+        return cls(AutoTokenizer.from_pretrained(path), meta["max_length"])
+
+
+class HFTextAdapter:
+    """``hf:`` text models loaded with ``AutoModelForSequenceClassification``."""
+
+    family = "hf-text"
+
+    def build(self, source: str, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config = self._config(source, cfg)
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        if config.pad_token_id is None:  # GPT-2 has no pad token; sequence classification needs one
+            config.pad_token_id = config.eos_token_id
+        if not pretrained:
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+        )
+
+    def _config(self, source: str, cfg: ModelConfig) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"model.name=hf:{source}: no Hugging Face model there (a local folder with config.json, or a hub id "
+                f"when a network exists): {str(e).splitlines()[0]}"
+            ) from None
+        if config.model_type not in _LAYOUTS:
+            raise ValueError(
+                f"model.name=hf:{source} is a {config.model_type!r} model; text families known to ptm_ray: "
+                f"{sorted(_LAYOUTS)} (add a layout in ptm_ray/models/text.py)"
+            )
+        return config
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        embeddings, stacks = _LAYOUTS[model.config.model_type]
+        base = model.base_model_prefix + "."
+        blocks = [Block("embeddings", tuple(base + m for m in embeddings))]
+        for stack, trailer in stacks:
+            n = len(model.base_model.get_submodule(stack))
+            for i in range(n):
+                extra = tuple(base + m for m in trailer) if i == n - 1 else ()
+                blocks.append(Block(f"{stack}.{i}", (f"{base}{stack}.{i}",) + extra))
+        return blocks
+
+    def preprocessor(self, source: str, cfg: ModelConfig) -> TextPreprocessor:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return TextPreprocessor(tokenizer, cfg.max_length)
+
+    def load_preprocessor(self, path: Path) -> TextPreprocessor:
+        return TextPreprocessor.load(path)
+
+    def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**inputs).logits
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+
+    def load(self, path: Path) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)

@@ -1,0 +1,67 @@
+"""Tiny configs of real architectures, saved to a local folder like a hub snapshot.
+
+Tests and benchmarks use them to exercise the same ``from_pretrained`` loading path a hub id takes,
+with no network: the weights are random, the architectures and tokenizer classes are the real ones.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+__all__ = ["TEXT_FAMILIES", "make_tiny_text_model"]
+
+TEXT_FAMILIES = ("bert", "roberta", "gpt2", "t5")
+
+
+def _words(texts: list[str]) -> list[str]:
+    return sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+
+
+def _tokenizer(family: str, texts: list[str]):
+    from transformers import BertTokenizer, GPT2Tokenizer, RobertaTokenizer, T5Tokenizer
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    if family == "bert":
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _words(texts)
+        return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    if family in ("roberta", "gpt2"):  # byte-level BPE with no merges: one token per byte
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if family == "roberta" else ["<|endoftext|>"]
+        vocab = {w: i for i, w in enumerate(specials + sorted(ByteLevel.alphabet()))}
+        cls = RobertaTokenizer if family == "roberta" else GPT2Tokenizer
+        return cls(vocab=vocab, merges=[])
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in _words(texts)]
+    pieces += [(c, -5.0) for c in sorted({c for t in texts for c in t.lower()} - {" "})]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def make_tiny_text_model(family: str, path: str | Path, texts: list[str]) -> Path:
+    """Write a tiny randomly initialised ``family`` model and its tokenizer to ``path``.
+
+    Args:
+        family: one of ``TEXT_FAMILIES``.
+        path: output folder (made if missing).
+        texts: sample texts the tokenizer's vocabulary is built from.
+    """
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel, T5Config, T5Model
+
+    path = Path(path)
+    tokenizer = _tokenizer(family, texts)
+    vocab = len(tokenizer)
+    if family == "bert":
+        model = BertModel(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=256))
+    elif family == "roberta":
+        model = RobertaModel(RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=258, pad_token_id=1))
+    elif family == "gpt2":
+        model = GPT2Model(GPT2Config(vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, n_positions=256,
+                                     pad_token_id=0, eos_token_id=0, bos_token_id=0))
+    elif family == "t5":
+        model = T5Model(T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                                 num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    else:
+        raise ValueError(f"unknown tiny text family {family!r}; choose from {TEXT_FAMILIES}")
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,348 @@
+"""Data-parallel fine-tuning on Ray Train: the per-worker loop, top to bottom, and ``fit(cfg)``.
+
+``fit`` checks config and data on the driver (no Ray work yet), then runs ``train_loop_per_worker`` on
+``scaling.num_workers`` workers with a ``TorchTrainer``. Each epoch every worker trains on its shard,
+validation is computed across all workers, and rank 0 writes a self-describing checkpoint that Ray keeps
+or drops by the validation metric. A run that finds a checkpoint (worker restart, or the same
+``storage.name`` launched again) continues after the epoch that checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ptm_ray.checkpoint import load_train_state, read_meta, save_checkpoint
+from ptm_ray.config import Config, config_from_dict, config_to_dict, parse_freeze_depth
+from ptm_ray.data import inspect_data, ray_datasets
+from ptm_ray.freeze import freeze, param_groups, parameter_counts, set_train_mode
+from ptm_ray.models import get_adapter
+
+__all__ = ["FitResult", "classification_metrics", "fit", "plan_run", "storage_path", "train_loop_per_worker"]
+
+
+@dataclass
+class FitResult:
+    """What a fine-tuning run produced."""
+
+    best_checkpoint: str
+    """Folder (or URI) of the best checkpoint by ``train.metric``."""
+    best_metrics: dict[str, Any]
+    """The metrics reported with that checkpoint."""
+    history: list[dict[str, Any]]
+    """Per-epoch metrics of the whole run, in order."""
+    run_path: str
+    """The run's folder under ``storage.path``."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the driver settled before starting Ray work."""
+
+    labels: list[str]
+    num_blocks: int
+    freeze_blocks: int
+    num_train_rows: int
+
+
+def plan_run(cfg: Config) -> RunPlan:
+    """Check the data and the model's depth on the driver, before any Ray work.
+
+    Raises:
+        ValueError: for bad data, an unknown model or a freeze depth beyond the model's depth.
+    """
+    summary = inspect_data(cfg.data)
+    adapter, source = get_adapter(cfg.model.name)
+    with torch.device("meta"):  # architecture only: no weights read, no memory used
+        skeleton = adapter.build(source, summary.labels, cfg.model, pretrained=False)
+    num_blocks = len(adapter.blocks(skeleton))
+    depth = parse_freeze_depth(cfg.model.freeze_depth, num_blocks)
+    return RunPlan(summary.labels, num_blocks, depth, summary.num_train_rows)
+
+
+def storage_path(cfg: Config) -> str:
+    """``storage.path`` as Ray Train wants it: a URI as given, a local folder made absolute."""
+    return cfg.storage.path if "://" in cfg.storage.path else str(Path(cfg.storage.path).expanduser().resolve())
+
+
+def _run_name(cfg: Config) -> str:
+    if cfg.storage.name:
+        return cfg.storage.name
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name.rsplit("/", 1)[-1]).strip("-") or "model"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with Ray Train and return the best checkpoint.
+
+    Args:
+        cfg: a validated config (``load_config``).
+        run_config_callbacks: extra Ray Train callbacks (the search uses Tune's report callback).
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ptm_ray.runtime import init_ray
+
+    plan = plan_run(cfg)
+    init_ray()
+    name = _run_name(cfg)
+    datasets = ray_datasets(cfg.data, cfg.train.seed)
+    loop_config = {
+        "cfg": config_to_dict(cfg),
+        "labels": plan.labels,
+        "num_train_rows": datasets["train"].count(),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=dict(cfg.scaling.resources_per_worker),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.metric,
+                checkpoint_score_order=cfg.train.mode,
+            ),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=run_config_callbacks,
+        ),
+        datasets=datasets,
+        # Training data is split across workers; every worker sees all of validation and evaluates
+        # its stride of batches, so the metrics cover every validation row exactly once.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if not result.best_checkpoints:
+        raise RuntimeError(f"run {name} produced no checkpoint (see the worker logs above)")
+    sign = 1 if cfg.train.mode == "max" else -1
+    best, metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.train.metric])
+    latest = result.checkpoint or best
+    history = read_meta(latest.path)["history"] if "://" not in latest.path else metrics.get("history", [])
+    return FitResult(best.path, metrics, history, result.path)
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 from a (true, predicted) confusion matrix.
+
+    Macro-F1 averages over the classes that occur as a true or a predicted label.
+    """
+    tp = confusion.diag().double()
+    support = confusion.sum(1).double()
+    predicted = confusion.sum(0).double()
+    present = (support + predicted) > 0
+    f1 = 2 * tp / (support + predicted).clamp(min=1)
+    total = confusion.sum().item()
+    return {
+        "accuracy": (tp.sum() / max(total, 1)).item(),
+        "macro_f1": f1[present].mean().item() if present.any() else 0.0,
+    }
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _batches(shard: Any, cfg: Config, shuffle_seed: int | None = None):
+    kwargs = {"batch_size": cfg.train.batch_size, "batch_format": "numpy"}
+    if shuffle_seed is not None and cfg.train.shuffle_buffer > 0:
+        kwargs |= {"local_shuffle_buffer_size": cfg.train.shuffle_buffer, "local_shuffle_seed": shuffle_seed}
+    return shard.iter_batches(**kwargs)
+
+
+def _to_inputs(batch: dict, cfg: Config, preprocessor: Any, label_index: dict[str, int], device: torch.device):
+    inputs = {k: v.to(device) for k, v in preprocessor(batch[cfg.data.text_column].tolist()).items()}
+    targets = torch.tensor([label_index[str(v)] for v in batch[cfg.data.label_column]], device=device)
+    return inputs, targets
+
+
+@torch.no_grad()
+def _evaluate(adapter, model, shard, cfg, preprocessor, label_index, device, autocast) -> dict[str, float]:
+    """Validation loss, accuracy and macro-F1 over the whole validation set, shared out by batch stride."""
+    ctx = ray_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model.eval()
+    n = len(label_index)
+    confusion = torch.zeros(n, n, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(_batches(shard, cfg)):
+        if i % world != rank:
+            continue
+        inputs, targets = _to_inputs(batch, cfg, preprocessor, label_index, device)
+        with autocast():
+            logits = adapter.logits(model, inputs).float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+        confusion += torch.bincount(targets * n + logits.argmax(-1), minlength=n * n).view(n, n)
+    _all_reduce(confusion)
+    _all_reduce(loss_sum)
+    metrics = classification_metrics(confusion.cpu())
+    return {"val_loss": (loss_sum / confusion.sum().clamp(min=1)).item()} | {f"val_{k}": v for k, v in metrics.items()}
+
+
+def ray_context():
+    import ray.train
+
+    return ray.train.get_context()
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One data-parallel worker: build or restore, freeze, train, validate, checkpoint, early-stop."""
+    import ray.train
+    import ray.train.torch
+    from transformers import get_scheduler
+
+    cfg = config_from_dict(loop_config["cfg"])
+    labels: list[str] = loop_config["labels"]
+    label_index = {label: i for i, label in enumerate(labels)}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+    adapter, source = get_adapter(cfg.model.name)
+
+    # --- model: fresh from pretrained weights, or restored from the latest checkpoint -------------
+    restored = ray.train.get_checkpoint()
+    state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    if restored:
+        with restored.as_directory() as d:
+            model = adapter.load(Path(d) / "model")
+            preprocessor = adapter.load_preprocessor(Path(d) / "preprocessor")
+            state = load_train_state(d) | {"history": read_meta(d)["history"]}
+    else:
+        model = adapter.build(source, labels, cfg.model)
+        preprocessor = adapter.preprocessor(source, cfg.model)
+
+    # --- freezing and optimizer: the same pure functions for every family ------------------------
+    blocks = adapter.blocks(model)
+    depth = parse_freeze_depth(cfg.model.freeze_depth, len(blocks))
+    frozen = freeze(model, blocks, depth)
+    trainable, total = parameter_counts(model)
+    if rank == 0:
+        print(f"[ptm_ray] {cfg.model.name}: froze {depth}/{len(blocks)} blocks; "
+              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
+    optimizer = torch.optim.AdamW(
+        param_groups(model, blocks, cfg.optim.lr, cfg.optim.head_lr or cfg.optim.lr,
+                     cfg.optim.layer_decay, cfg.optim.weight_decay)
+    )
+    rows_per_worker = loop_config["num_train_rows"] // world  # streaming_split(equal=True) gives each this many
+    steps_per_epoch = math.ceil(rows_per_worker / cfg.train.batch_size)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    updates_per_epoch = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps)
+    total_updates = updates_per_epoch * cfg.train.epochs
+    scheduler = get_scheduler(cfg.optim.scheduler, optimizer, int(cfg.optim.warmup_ratio * total_updates), total_updates)
+    if restored:
+        optimizer.load_state_dict(state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+
+    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
+    unwrapped = getattr(model, "module", model)
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+
+    resumed_from = state["epoch"]  # 0 for a fresh run; the restored epoch after a restart
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        # --- train one epoch on this worker's shard ----------------------------------------------
+        set_train_mode(model, frozen)
+        optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
+        for step, batch in enumerate(_batches(train_shard, cfg, shuffle_seed=cfg.train.seed * 100_003 + epoch)):
+            if step >= steps_per_epoch:
+                break
+            inputs, targets = _to_inputs(batch, cfg, preprocessor, label_index, device)
+            sync = (step + 1) % cfg.train.grad_accum_steps == 0 or step + 1 == steps_per_epoch
+            no_sync = model.no_sync if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext
+            with no_sync():
+                with autocast():
+                    logits = adapter.logits(model, inputs).float()
+                loss = F.cross_entropy(logits, targets)
+                (loss / cfg.train.grad_accum_steps).backward()
+            if sync:
+                if cfg.optim.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(unwrapped.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.tensor([loss.item() * len(targets), (logits.argmax(-1) == targets).sum().item(), len(targets)],
+                                 dtype=torch.float64, device=device)
+        train_time = time.perf_counter() - started
+        _all_reduce(sums)
+
+        # --- validate across all workers, then decide on early stopping ----------------------------
+        val = _evaluate(adapter, unwrapped, val_shard, cfg, preprocessor, label_index, device, autocast)
+        train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        value = val[cfg.train.metric] if cfg.train.metric in val else None
+        if value is None:
+            raise ValueError(f"train.metric={cfg.train.metric!r} is not a validation metric; use one of {sorted(val)}")
+        if _is_better(value, state["best"], cfg.train.mode):
+            state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        patience = cfg.train.early_stopping_patience
+        stop_early = patience > 0 and state["bad_epochs"] >= patience
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            **val,
+            "gap_loss": val["val_loss"] - train_loss,  # overfitting monitor: grows as the model memorises
+            "gap_accuracy": train_acc - val["val_accuracy"],
+            f"best_{cfg.train.metric}": state["best"],
+            "best_epoch": state["best_epoch"],
+            "samples_per_s": sums[2].item() / max(train_time, 1e-9),
+            "epoch_time_s": train_time,
+            "trainable_params": trainable,
+            "total_params": total,
+            "frozen_blocks": depth,
+            "num_blocks": len(blocks),
+            "resumed_from_epoch": resumed_from,
+            "stop_reason": "early_stopping" if stop_early else ("max_epochs" if epoch + 1 == cfg.train.epochs else ""),
+        }
+        state["history"].append(metrics)
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            print(f"[ptm_ray] epoch {epoch + 1}/{cfg.train.epochs} train_loss={train_loss:.4f} "
+                  f"val_loss={val['val_loss']:.4f} val_accuracy={val['val_accuracy']:.4f} "
+                  f"val_macro_f1={val['val_macro_f1']:.4f} gap_loss={metrics['gap_loss']:+.4f} "
+                  f"{metrics['samples_per_s']:.1f} samples/s" + (" (early stop)" if stop_early else ""))
+
+        # --- checkpoint: rank 0 writes it, every rank reports (report is a barrier) -----------------
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                train_state = {k: v for k, v in state.items() if k != "history"}
+                train_state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                save_checkpoint(Path(tmp), adapter=adapter, model=unwrapped, preprocessor=preprocessor, cfg=cfg,
+                                labels=labels, metrics=metrics, history=state["history"], train_state=train_state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if stop_early:
+            break

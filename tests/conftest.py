@@ -1,0 +1,77 @@
+"""Shared fixtures: one local Ray on loopback for the whole session, tiny real models on disk."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")  # 2 busy cores start workers slowly
+
+import pytest
+
+from ptm_ray.datasets import bundled_path
+from ptm_ray.tiny import TEXT_FAMILIES, make_tiny_text_model
+
+TRAIN_CSV = str(bundled_path("support_intents_train.csv"))
+VAL_CSV = str(bundled_path("support_intents_val.csv"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster: 2 CPUs, node IP and dashboard on 127.0.0.1. Yields the dashboard URL."""
+    import ray
+
+    port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _node_ip_address="127.0.0.1",
+    )
+    yield f"http://127.0.0.1:{port}"
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def support_texts() -> list[str]:
+    with open(TRAIN_CSV) as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory, support_texts) -> dict[str, str]:
+    """family -> local folder of a tiny randomly initialised model + tokenizer (BERT, RoBERTa, GPT-2, T5)."""
+    root = tmp_path_factory.mktemp("tiny_text")
+    return {family: str(make_tiny_text_model(family, root / family, support_texts)) for family in TEXT_FAMILIES}
+
+
+def tiny_overrides(model_dir: str, tmp_path, name: str, **extra: object) -> list[str]:
+    """Config overrides for a fast, learnable two-worker run of a tiny model on the bundled intents."""
+    values: dict[str, object] = {
+        "model.name": f"hf:{model_dir}",
+        "model.max_length": 32,
+        "data.train": TRAIN_CSV,
+        "data.validation": "null",  # a seeded split of the training file: same phrasings, learnable from scratch
+        "data.val_fraction": 0.3,
+        "optim.lr": 1e-3,
+        "optim.scheduler": "constant",
+        "optim.warmup_ratio": 0.0,
+        "train.epochs": 8,
+        "train.batch_size": 4,
+        "scaling.num_workers": 2,
+        "scaling.resources_per_worker": "{CPU: 1}",
+        "storage.path": str(tmp_path / "runs"),
+        "storage.name": name,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]

@@ -1,0 +1,81 @@
+"""Bad data fails on the driver, before training, naming the file, row and column."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ptm_ray.config import DataConfig
+from ptm_ray.data import inspect_data
+
+from conftest import TRAIN_CSV, VAL_CSV
+
+
+def _csv(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_bundled_data_labels_and_counts():
+    summary = inspect_data(DataConfig(train=TRAIN_CSV, validation=VAL_CSV))
+    assert len(summary.labels) == 8 and summary.labels == sorted(summary.labels)
+    assert (summary.num_train_rows, summary.num_val_rows) == (320, 96)
+    split = inspect_data(DataConfig(train=TRAIN_CSV, val_fraction=0.25))
+    assert (split.num_train_rows, split.num_val_rows) == (240, 80)
+
+
+def test_jsonl_and_parquet_read_like_csv(tmp_path):
+    rows = [{"text": "refund please", "label": "refund"}, {"text": "where is it", "label": "status"}] * 3
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    for path in (jsonl, parquet):
+        assert inspect_data(DataConfig(train=str(path))).labels == ["refund", "status"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        ("text,label\n", "has a header but no rows"),
+        ("body,label\nhello,a\nbye,b\n", "has no column 'text' (data.text_column); its columns are ['body', 'label']"),
+        ("text,intent\nhello,a\nbye,b\n", "has no column 'label' (data.label_column)"),
+        ("text,label\nhello,a\n,b\n", "row 2, column 'text': value is missing or empty"),
+        ("text,label\nhello,a\nbye,\n", "row 2, column 'label': value is missing or empty"),
+        ('{"text": "hi", "label": "a"}\n{"text": null, "label": "b"}\n', "row 2, column 'text': value is missing"),
+        ("text,label\nhello,a\nbye,a\n", "has a single class ['a']; classification needs at least two"),
+        ("text,label\n1,a\n2,b\n", "row 1, column 'text': text must be a string, got 1"),
+        ("text,label\nhello,a\n\"  \",b\n", "row 2, column 'text': value is missing or empty"),
+    ],
+)
+def test_bad_training_file(tmp_path, content, message):
+    path = _csv(tmp_path, "train.jsonl" if content.startswith("{") else "train.csv", content)
+    with pytest.raises(ValueError) as e:
+        inspect_data(DataConfig(train=path))
+    assert str(e.value).startswith("data.train: ") and path in str(e.value)
+    assert message in str(e.value)
+
+
+def test_unknown_validation_label_is_named(tmp_path):
+    train = _csv(tmp_path, "train.csv", "text,label\nhello,a\nbye,b\n")
+    val = _csv(tmp_path, "val.csv", "text,label\nhi,a\nyo,c\n")
+    with pytest.raises(ValueError, match=r"data.validation: .*val.csv row 2, column 'label': label 'c' does not occur"):
+        inspect_data(DataConfig(train=train, validation=val))
+
+
+def test_missing_file_unreadable_file_and_unknown_extension(tmp_path):
+    with pytest.raises(ValueError, match=r"data.train: file .*missing.csv does not exist"):
+        inspect_data(DataConfig(train=str(tmp_path / "missing.csv")))
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"data.train: .*garbage.parquet is not readable as parquet"):
+        inspect_data(DataConfig(train=str(garbage)))
+    with pytest.raises(ValueError, match="cannot tell the format of .*data.txt from its extension; set data.format"):
+        inspect_data(DataConfig(train=_csv(tmp_path, "data.txt", "text,label\n")))
+    with pytest.raises(ValueError, match="no bundled dataset 'nope.csv'"):
+        inspect_data(DataConfig(train="bundled:nope.csv"))

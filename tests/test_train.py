@@ -1,0 +1,103 @@
+"""Data-parallel fine-tuning on a real local Ray: learning, checkpoints, early stopping, resume, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptm_ray.checkpoint import load_artifact, read_meta
+from ptm_ray.config import load_config
+from ptm_ray.train import classification_metrics, fit
+
+from conftest import VAL_CSV, tiny_overrides
+
+
+def test_classification_metrics_from_confusion():
+    confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # class 2 never occurs: left out of macro-F1
+    m = classification_metrics(confusion)
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["macro_f1"] == pytest.approx(((2 * 3 / (4 + 3)) + (2 * 2 / (2 + 3))) / 2)
+
+
+def test_two_workers_learn_and_write_self_describing_checkpoints(ray_cluster, tiny_text, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "learn", model__freeze_depth=1,
+                                           train__keep_checkpoints=2))
+    result = fit(cfg)
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert [h["epoch"] for h in result.history] == list(range(1, 9))
+    assert max(accuracies) > 0.35  # 8 balanced classes: chance is 0.125
+    assert result.best_metrics["val_accuracy"] == max(accuracies)  # ranked by best, not last
+    assert result.best_metrics["frozen_blocks"] == 1 and result.best_metrics["num_blocks"] == 3
+    assert 0 < result.best_metrics["trainable_params"] < result.best_metrics["total_params"]
+    for key in ("train_loss", "val_loss", "val_macro_f1", "gap_loss", "gap_accuracy", "samples_per_s"):
+        assert key in result.best_metrics
+
+    # best k by the metric are kept, plus nothing else
+    kept = [p for p in Path(result.run_path).glob("checkpoint_*") if p.is_dir()]
+    assert 1 <= len(kept) <= 3  # best 2 by val_accuracy, and the latest (kept for resuming)
+
+    # the checkpoint alone is enough to predict: weights, config, labels and tokenizer beside each other
+    best = Path(result.best_checkpoint)
+    assert {"model", "preprocessor", "config.yaml", "ptm_ray.json", "train_state.pt"} <= {p.name for p in best.iterdir()}
+    assert list((best / "model").glob("*.safetensors"))
+    artifact = load_artifact(best)
+    texts = [line.split(",")[0] for line in Path(VAL_CSV).read_text().splitlines()[1:40] if '"' not in line]
+    predictions = artifact.predict(texts, top_k=3)
+    assert len(predictions) == len(texts)
+    assert all(p["label"] in artifact.labels and len(p["top_k"]) == 3 for p in predictions)
+    assert read_meta(best)["labels"] == artifact.labels and len(artifact.labels) == 8
+
+
+def test_early_stopping_ends_the_run(ray_cluster, tiny_text, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "early", optim__lr=1e-9, optim__head_lr=1e-9,
+                                           train__early_stopping_patience=2, train__metric="val_loss",
+                                           train__mode="min", train__epochs=10))
+    result = fit(cfg)
+    # with lr ~ 0 val_loss barely moves; stopping happens after 2 epochs without improvement, far before 8
+    assert len(result.history) < 10
+    assert result.history[-1]["stop_reason"] == "early_stopping"
+
+
+def test_relaunch_with_same_name_resumes_at_the_saved_epoch(ray_cluster, tiny_text, tmp_path):
+    first = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=2)))
+    assert [h["epoch"] for h in first.history] == [1, 2]
+    second = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=4)))
+    assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
+    assert second.history[:2] == first.history  # the first two epochs were not trained again
+    assert [h["resumed_from_epoch"] for h in second.history[2:]] == [2, 2]
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 240
+    # the controller writes its snapshot once it has registered a checkpoint: from then on a restart resumes
+    while time.time() < deadline and not (run_dir / "checkpoint_manager_snapshot.json").exists():
+        time.sleep(0.2)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if workers:
+        os.kill(workers[0].pid, signal.SIGKILL)  # a worker of this test's own Ray cluster
+        killed.append(workers[0].pid)
+
+
+def test_worker_failure_restarts_from_the_latest_checkpoint(ray_cluster, tiny_text, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_text["gpt2"], tmp_path, "failover", train__epochs=6,
+                                           scaling__max_failures=1))
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "runs" / "failover", killed))
+    killer.start()
+    result = fit(cfg)
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    resumed = [h["resumed_from_epoch"] for h in result.history]
+    assert resumed[0] == 0 and max(resumed) >= 1  # the later epochs ran in a restarted worker group
+    meta = json.loads((Path(result.best_checkpoint) / "ptm_ray.json").read_text())
+    assert meta["family"] == "hf-text"
