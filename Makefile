@@ -10,6 +10,8 @@ export HF_HUB_OFFLINE := 1
 .PHONY: setup quickstart test bench
 
 $(STAMP): pyproject.toml
+	command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; } \
+	  || echo "warning: could not install espeak-ng (speech demo data); run: sudo apt-get install espeak-ng"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -e '.[dev]'

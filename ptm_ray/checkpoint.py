@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from ptm_ray.config import Config, config_from_dict, config_to_dict
-from ptm_ray.models import adapter_for_source, resolve_name
+from ptm_ray.models import adapter_for_family
 from ptm_ray.models.registry import Adapter
 
 __all__ = ["Artifact", "FORMAT_VERSION", "load_artifact", "read_meta", "save_checkpoint"]
@@ -51,7 +51,6 @@ def save_checkpoint(
     (path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     meta = {
         "format_version": FORMAT_VERSION,
-        "source": resolve_name(cfg.model.name)[0],
         "family": adapter.family,
         "model_name": cfg.model.name,
         "task": cfg.model.task,
@@ -93,7 +92,7 @@ class Artifact:
 
     @torch.no_grad()
     def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
-        """Class probabilities (len(inputs), num_labels) for raw inputs (e.g. strings)."""
+        """Class probabilities (len(inputs), num_labels) for raw inputs (strings, or encoded image/audio bytes)."""
         batch = self.preprocessor(inputs)
         return torch.softmax(self.adapter.logits(self.model, batch).float(), dim=-1)
 
@@ -120,7 +119,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-    adapter = adapter_for_source(meta["source"])
+    adapter = adapter_for_family(meta["family"])
     model = adapter.load(path / "model").eval()
     preprocessor = adapter.load_preprocessor(path / "preprocessor")
     return Artifact(path, adapter, model, preprocessor, meta["labels"], cfg, meta)

@@ -32,6 +32,50 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from ptm_ray.config import load_config
+    from ptm_ray.tune import format_leaderboard, run_search
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_search(cfg)
+    print(f"\n== ptm_ray search finished: {result.experiment_path}")
+    print(f"leaderboard (ranked by each trial's best {result.metric}, mode {result.mode}; also leaderboard.csv):")
+    print(format_leaderboard(result.leaderboard, result.metric))
+    print("\nrerun a trial alone: python jobs/finetune.py --config <this config> <its overrides>")
+    for row in result.leaderboard[:3]:
+        print(f"  #{row.rank} {row.trial_id}: {row.overrides}")
+    print("\npromoted to the model registry:")
+    for model in result.promoted:
+        print(f"  {model.name} v{model.version}  {model.path}  "
+              f"({model.lineage['metric']}={model.lineage['best_score']:.4f}, trial {model.lineage['trial_id']})")
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import time
+
+    from ptm_ray.config import load_config
+    from ptm_ray.serve import deploy
+
+    cfg = load_config(args.config, args.overrides)
+    url, config_path = deploy(cfg)
+    print("\n== ptm_ray deployed")
+    for model in cfg.serve.models:
+        print(f"  {model['name']}: POST {url}/v1/models/{model['name']}/predict")
+    print(f"models: {url}/v1/models   health: {url}/healthz   OpenAPI: {url}/docs")
+    print(f"Serve config for `serve deploy`: {config_path}")
+    print(f'try: curl -s -X POST {url}/v1/models/{cfg.serve.models[0]["name"]}/predict '
+          "-H 'Content-Type: application/json' -d '{\"inputs\": [\"where is my order\"]}'")
+    if args.block:
+        print("serving until interrupted (Ctrl-C)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptm-ray", description="Fine-tune pretrained models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-5")
     p.set_defaults(func=_finetune)
+    p = sub.add_parser("search", help="Ray Tune search over models, freeze depths and learning rates")
+    p.add_argument("--config", required=True, help="YAML config with a search: group (see jobs/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as search.num_samples=4")
+    p.set_defaults(func=_search)
+    p = sub.add_parser("deploy", help="deploy registry models on Ray Serve behind an HTTP API")
+    p.add_argument("--config", required=True, help="YAML config with a serve: group (see jobs/configs/)")
+    p.add_argument("--block", action="store_true",
+                   help="keep this process (and a Ray it started) alive; not needed on a running cluster")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as serve.port=8001")
+    p.set_defaults(func=_deploy)
     return parser
 
 

@@ -27,11 +27,15 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ScalingGroup",
+    "SearchConfig",
+    "ServeConfig",
     "StorageConfig",
     "TrainConfig",
     "config_to_dict",
+    "format_overrides",
     "load_config",
     "parse_freeze_depth",
+    "with_overrides",
 ]
 
 
@@ -41,6 +45,11 @@ class ModelConfig:
     """Registry name with its source: ``hf:<hub id or local dir>`` or a short name such as ``minilm-l6``."""
     task: str = "classification"
     """What the head predicts. Only ``classification`` for now."""
+    weights: str = ""
+    """Pretrained weights: empty for the source's own (an hf folder, the timm hub), a local file or folder,
+    or ``none`` for random initialisation (training from scratch)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments (timm ``create_model``, torchaudio factory), e.g. ``{depth: 2, embed_dim: 32}``."""
     freeze_depth: Union[int, float, str] = 0
     """Frozen lower blocks: an int k, a fraction in (0, 1] of the model's blocks, ``all`` (only the head trains) or 0."""
     max_length: int = 128
@@ -60,9 +69,21 @@ class DataConfig:
     format: str = "auto"
     """``csv``, ``jsonl``, ``parquet`` or ``auto`` (from the file extension)."""
     text_column: str = "text"
-    """Column holding the input text."""
+    """Column holding the input text (text models)."""
+    path_column: str = "path"
+    """Manifest column holding image or audio file paths, relative to the manifest's folder or absolute."""
     label_column: str = "label"
     """Column holding the class label."""
+    on_bad_file: str = "fail"
+    """An unreadable image or audio file: ``fail`` naming it, or ``skip`` it and report how many were skipped."""
+    augment: str = "none"
+    """Training-only image augmentation: ``none`` or ``light`` (random resized crop, small colour jitter)."""
+    hflip: float = 0.0
+    """Probability of a horizontal flip when ``augment`` is ``light`` (0 for digits and text-like images)."""
+    image_size: int = 0
+    """Square input size for images; 0 takes the model's pretrained config."""
+    max_seconds: float = 2.0
+    """Audio clips are cropped or zero-padded to this duration."""
 
 
 @dataclass
@@ -130,6 +151,81 @@ class StorageConfig:
 
 
 @dataclass
+class SearchConfig:
+    space: dict[str, Any] = field(default_factory=dict)
+    """Dotted config keys to search, each ``{choice: [...]}``, ``{grid: [...]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}``. A float freeze depth is a fraction of each
+    candidate's own depth, so one space fits models of different depths."""
+    num_samples: int = 1
+    """Trials drawn from the space (each grid point is repeated this many times)."""
+    scheduler: str = "asha"
+    """``asha`` stops weak trials early (per epoch); ``fifo`` runs every trial to the end."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the top 1/reduction_factor of trials at each rung."""
+    max_concurrent_trials: int = 1
+    """Trials running at once; each needs ``trial_cpus`` plus its workers' resources."""
+    trial_cpus: float = 1.0
+    """CPUs reserved for each trial's driver (the Tune function that launches the TorchTrainer)."""
+    top_k: int = 1
+    """Best trials promoted to the model registry."""
+    registry: str = "~/ptm_ray_registry"
+    """Model registry folder (local by default; a shared URI on clusters)."""
+    registry_name: str = ""
+    """Name the promoted versions get in the registry; empty: the experiment name."""
+    name: str = ""
+    """Experiment name under ``storage.path``; re-using a name restores that search. Empty: derived from time."""
+
+
+@dataclass
+class ServeConfig:
+    registry: str = "~/ptm_ray_registry"
+    """Model registry the deployed artifacts come from (``search.registry`` writes it)."""
+    models: list[dict[str, Any]] = field(default_factory=list)
+    """What to deploy: ``[{name: support-intents, versions: [{version: 2, weight: 90}, {version: 3, weight: 10}]}]``;
+    ``versions`` defaults to the latest; weights split traffic (canary)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; anything but loopback needs ``api_key_env`` or ``api_key_file``."""
+    port: int = 8000
+    """HTTP port of the Serve proxy."""
+    app_name: str = "ptm_ray"
+    """Serve application name."""
+    route_prefix: str = "/"
+    """URL prefix of the API."""
+    max_batch_size: int = 16
+    """Most inputs one model call batches together (``@serve.batch``)."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a batch waits to fill up."""
+    min_replicas: int = 1
+    """Autoscaling: fewest replicas per model version."""
+    max_replicas: int = 2
+    """Autoscaling: most replicas per model version."""
+    target_ongoing_requests: float = 2.0
+    """Autoscaling: ongoing requests per replica it aims for."""
+    upscale_delay_s: float = 5.0
+    """Autoscaling: how long load must stay high before a replica is added."""
+    downscale_delay_s: float = 30.0
+    """Autoscaling: how long load must stay low before a replica is removed."""
+    num_cpus: float = 1.0
+    """CPUs per model replica (fractions allowed)."""
+    num_gpus: float = 0.0
+    """GPUs per model replica (fractions allowed)."""
+    max_items: int = 64
+    """Most inputs in one request."""
+    max_body_bytes: int = 10_000_000
+    """Largest request body accepted."""
+    top_k: int = 3
+    """Labels returned per input unless the request asks for fewer or more (up to the label count)."""
+    api_key_env: str = ""
+    """Environment variable holding a bearer token required on every route but health (empty: no key)."""
+    api_key_file: str = ""
+    """File holding that bearer token (alternative to ``api_key_env``)."""
+    config_out: str = "serve_config.yaml"
+    """Where ``deploy`` writes the declarative Serve config (for ``serve deploy``)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +233,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingGroup = field(default_factory=ScalingGroup)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -144,9 +242,12 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _CHOICES = {
     "model.task": ("classification",),
     "data.format": ("auto", "csv", "jsonl", "parquet"),
+    "data.on_bad_file": ("fail", "skip"),
+    "data.augment": ("none", "light"),
     "optim.scheduler": ("linear", "cosine", "constant"),
     "train.mode": ("max", "min"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "search.scheduler": ("asha", "fifo"),
 }
 
 
@@ -191,6 +292,20 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     cfg = _build(Config, d, prefix="")
     _check_values(cfg)
     return cfg
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys set (as a search trial does), validated like ``load_config``."""
+    raw = config_to_dict(cfg)
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def format_overrides(overrides: dict[str, Any]) -> list[str]:
+    """``key=value`` strings that ``load_config`` reads back to the same values (to rerun a trial alone)."""
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in overrides.items()]
 
 
 def parse_freeze_depth(value: int | float | str, num_blocks: int, key: str = "model.freeze_depth") -> int:
@@ -255,6 +370,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 continue
         allowed = " or ".join(_type_name(o) for o in typing.get_args(kind))
         raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    if kind is Any:
+        return value
     if kind is type(None):
         if value is None:
             return None
@@ -309,6 +426,24 @@ def _check_values(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ValueError(f"{key}={value} must be > 0")
+    for key, value in {"search.num_samples": cfg.search.num_samples, "search.grace_period": cfg.search.grace_period,
+                       "search.max_concurrent_trials": cfg.search.max_concurrent_trials, "search.top_k": cfg.search.top_k,
+                       "search.trial_cpus": cfg.search.trial_cpus}.items():
+        if value <= 0:
+            raise ValueError(f"{key}={value} must be > 0")
+    sv = cfg.serve
+    for key, value in {"serve.max_batch_size": sv.max_batch_size, "serve.max_replicas": sv.max_replicas,
+                       "serve.target_ongoing_requests": sv.target_ongoing_requests, "serve.max_items": sv.max_items,
+                       "serve.max_body_bytes": sv.max_body_bytes, "serve.top_k": sv.top_k, "serve.port": sv.port}.items():
+        if value <= 0:
+            raise ValueError(f"serve.{key.split('.')[1]}={value} must be > 0")
+    if not 0 <= sv.min_replicas <= sv.max_replicas:
+        raise ValueError(f"serve.min_replicas={sv.min_replicas} must lie in 0..serve.max_replicas={sv.max_replicas}")
+    if sv.host not in ("127.0.0.1", "localhost", "::1") and not (sv.api_key_env or sv.api_key_file):
+        raise ValueError(f"serve.host={sv.host} exposes the endpoints beyond this machine: set serve.api_key_env "
+                         "or serve.api_key_file so every route but health needs a bearer token")
+    if cfg.search.reduction_factor < 2:
+        raise ValueError(f"search.reduction_factor={cfg.search.reduction_factor} must be >= 2")
     if cfg.scaling.num_workers < 1:
         raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} must be >= 1")
     for key, value in {
@@ -325,6 +460,10 @@ def _check_values(cfg: Config) -> None:
         raise ValueError(f"optim.layer_decay={cfg.optim.layer_decay} must lie in (0, 1]")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ValueError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} must lie in [0, 1)")
+    if not 0.0 <= cfg.data.hflip <= 1.0:
+        raise ValueError(f"data.hflip={cfg.data.hflip} must lie in [0, 1]")
+    if cfg.data.max_seconds <= 0 or cfg.data.image_size < 0:
+        raise ValueError("data.max_seconds must be > 0 and data.image_size >= 0")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
     for resource, amount in cfg.scaling.resources_per_worker.items():

@@ -1,20 +1,24 @@
-"""Reading, checking and splitting labelled data for fine-tuning.
+"""Reading, checking and splitting labelled data for fine-tuning: text, images and audio.
 
 Two steps, in this order:
 
-1. ``inspect_data(cfg.data)`` runs on the driver before any Ray work. It reads each file with pyarrow
-   (the same readers Ray Data uses), checks it and returns the label set. Every problem is a
-   ``ValueError`` naming the file, the column and, where there is one, the row.
-2. ``ray_datasets(cfg.data, ...)`` reads the same files with Ray Data for the training workers, who
-   take their shard with ``ray.train.get_dataset_shard`` and preprocess on the fly.
+1. ``inspect_data(cfg.data, modality)`` runs on the driver before any Ray work. It reads each file with
+   pyarrow (the same readers Ray Data uses), or lists the image/audio files and decodes each once, and
+   returns the label set. Every problem is a ``ValueError`` naming the file, the column and, where there
+   is one, the row. Unreadable image/audio files fail the run, or with ``data.on_bad_file=skip`` are left
+   out and counted.
+2. ``ray_datasets(plan, cfg.data, seed)`` reads the same data with Ray Data for the training workers, who
+   take their shard with ``ray.train.get_dataset_shard`` and preprocess on the fly. Every dataset has two
+   columns: ``input`` (text, or the encoded file bytes) and ``label`` (a string).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,18 +27,26 @@ from ptm_ray.config import DataConfig
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["DataSummary", "inspect_data", "ray_datasets", "read_table", "resolve_format", "resolve_path"]
+__all__ = ["DataSummary", "MEDIA_EXTENSIONS", "inspect_data", "ray_datasets", "read_bytes", "read_table",
+           "resolve_format", "resolve_path"]
 
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+MEDIA_EXTENSIONS = {
+    "image": (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"),
+    "audio": (".wav", ".flac", ".ogg"),
+}
 
 
 @dataclass(frozen=True)
 class DataSummary:
-    """What the driver learned about the data: the label set and row counts."""
+    """What the driver learned about the data: labels, row counts and, for media, the checked files."""
 
     labels: list[str]
     num_train_rows: int
     num_val_rows: int
+    train_files: list[tuple[str, str]] | None = None  # (path, label) of readable files, media only
+    val_files: list[tuple[str, str]] | None = None
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # key -> unreadable files left out
 
 
 def resolve_format(path: str, fmt: str, key: str = "data.format") -> str:
@@ -61,6 +73,22 @@ def resolve_path(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def _filesystem(path: str):
+    import pyarrow.fs
+
+    resolved = resolve_path(path)
+    if "://" in resolved:
+        return pyarrow.fs.FileSystem.from_uri(resolved)
+    return pyarrow.fs.LocalFileSystem(), resolved
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole content of a local file or URI."""
+    fs, inner = _filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
 def read_table(path: str, fmt: str, key: str) -> pa.Table:
     """Read a whole CSV, JSONL or Parquet file (local path or URI) as an Arrow table.
 
@@ -74,8 +102,7 @@ def read_table(path: str, fmt: str, key: str) -> pa.Table:
 
     fmt = resolve_format(path, fmt)
     try:
-        resolved = resolve_path(path)
-        fs, inner = pyarrow.fs.FileSystem.from_uri(resolved) if "://" in resolved else (pyarrow.fs.LocalFileSystem(), resolved)
+        fs, inner = _filesystem(path)
         info = fs.get_file_info(inner)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{key}: cannot open {path}: {e}") from None
@@ -100,20 +127,20 @@ def read_table(path: str, fmt: str, key: str) -> pa.Table:
     return table
 
 
-def _check_columns(table: pa.Table, path: str, key: str, text_column: str, label_column: str) -> None:
-    for column, column_key in ((text_column, "data.text_column"), (label_column, "data.label_column")):
+def _check_columns(table: pa.Table, path: str, key: str, columns: dict[str, str], text_column: str | None) -> None:
+    """Columns exist, hold no null or empty value, and the text column holds strings."""
+    for column, column_key in columns.items():
         if column not in table.column_names:
+            raise ValueError(f"{key}: {path} has no column {column!r} ({column_key}); its columns are {table.column_names}")
+    if text_column is not None:
+        text = table[text_column]
+        if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type) or pa.types.is_null(text.type)):
+            first = next(i for i, v in enumerate(text.to_pylist()) if not isinstance(v, str))
             raise ValueError(
-                f"{key}: {path} has no column {column!r} ({column_key}); its columns are {table.column_names}"
+                f"{key}: {path} row {first + 1}, column {text_column!r}: text must be a string, "
+                f"got {text[first].as_py()!r} (column type {text.type})"
             )
-    text = table[text_column]
-    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type) or pa.types.is_null(text.type)):
-        first = next(i for i, v in enumerate(text.to_pylist()) if not isinstance(v, str))
-        raise ValueError(
-            f"{key}: {path} row {first + 1}, column {text_column!r}: text must be a string, "
-            f"got {text[first].as_py()!r} (column type {text.type})"
-        )
-    for column in (text_column, label_column):
+    for column in columns:
         values = table[column]
         missing = values.is_null()
         if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
@@ -127,61 +154,170 @@ def _labels_of(table: pa.Table, column: str) -> list[str]:
     return [str(v) for v in table[column].to_pylist()]
 
 
-def inspect_data(cfg: DataConfig) -> DataSummary:
-    """Read and check the training (and validation) data on the driver; return the label set.
-
-    The label set is the sorted set of training labels. A validation label outside it is an error,
-    and so is training data with a single class.
-    """
-    train = read_table(cfg.train, cfg.format, "data.train")
-    _check_columns(train, cfg.train, "data.train", cfg.text_column, cfg.label_column)
-    labels = sorted(set(_labels_of(train, cfg.label_column)))
+def _check_labels(train_labels: list[str], val_labels: list[str] | None, cfg: DataConfig) -> list[str]:
+    labels = sorted(set(train_labels))
     if len(labels) < 2:
-        raise ValueError(
-            f"data.train: {cfg.train} column {cfg.label_column!r} has a single class {labels}; "
-            "classification needs at least two"
-        )
-    if cfg.validation is None:
-        num_val = max(1, round(train.num_rows * cfg.val_fraction))
-        if train.num_rows - num_val < 1:
-            raise ValueError(f"data.train: {cfg.train} has {train.num_rows} rows, too few to split off validation")
-        return DataSummary(labels, train.num_rows - num_val, num_val)
-    val = read_table(cfg.validation, cfg.format, "data.validation")
-    _check_columns(val, cfg.validation, "data.validation", cfg.text_column, cfg.label_column)
+        raise ValueError(f"data.train: {cfg.train} has a single class {labels}; classification needs at least two")
     known = set(labels)
-    for row, label in enumerate(_labels_of(val, cfg.label_column)):
+    for row, label in enumerate(val_labels or []):
         if label not in known:
             raise ValueError(
                 f"data.validation: {cfg.validation} row {row + 1}, column {cfg.label_column!r}: label {label!r} "
                 f"does not occur in the training data (labels: {labels})"
             )
+    return labels
+
+
+def _split_counts(num_rows: int, cfg: DataConfig) -> tuple[int, int]:
+    num_val = max(1, round(num_rows * cfg.val_fraction))
+    if num_rows - num_val < 1:
+        raise ValueError(f"data.train: {cfg.train} has {num_rows} rows, too few to split off validation")
+    return num_rows - num_val, num_val
+
+
+def _inspect_text(cfg: DataConfig) -> DataSummary:
+    columns = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}
+    train = read_table(cfg.train, cfg.format, "data.train")
+    _check_columns(train, cfg.train, "data.train", columns, cfg.text_column)
+    if cfg.validation is None:
+        labels = _check_labels(_labels_of(train, cfg.label_column), None, cfg)
+        return DataSummary(labels, *_split_counts(train.num_rows, cfg))
+    val = read_table(cfg.validation, cfg.format, "data.validation")
+    _check_columns(val, cfg.validation, "data.validation", columns, cfg.text_column)
+    labels = _check_labels(_labels_of(train, cfg.label_column), _labels_of(val, cfg.label_column), cfg)
     return DataSummary(labels, train.num_rows, val.num_rows)
+
+
+def _list_media(path: str, cfg: DataConfig, key: str, modality: str) -> list[tuple[str, str]]:
+    """(file, label) pairs from a folder ``root/<label>/<file>`` or a manifest of path and label columns."""
+    root = Path(resolve_path(path))
+    if "://" not in path and root.is_dir():
+        extensions = MEDIA_EXTENSIONS[modality]
+        files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in extensions)
+        if not files:
+            raise ValueError(f"{key}: folder {path} holds no {modality} files as <label>/<file> ({', '.join(extensions)})")
+        return [(str(p), p.parent.name) for p in files]
+    table = read_table(path, cfg.format, key)
+    _check_columns(table, path, key, {cfg.path_column: "data.path_column", cfg.label_column: "data.label_column"}, None)
+    base = str(root.parent) if "://" not in path else path.rsplit("/", 1)[0]
+    rows = []
+    for file, label in zip(table[cfg.path_column].to_pylist(), _labels_of(table, cfg.label_column)):
+        absolute = "://" in str(file) or str(file).startswith("/")
+        rows.append((str(file) if absolute else f"{base}/{file}", label))
+    declared = table["sample_rate"].to_pylist() if modality == "audio" and "sample_rate" in table.column_names else None
+    if declared is not None:
+        _check_declared_rates(rows, declared, path, key)
+    return rows
+
+
+def _check_declared_rates(rows: list[tuple[str, str]], declared: list, manifest: str, key: str) -> None:
+    import io
+
+    import soundfile
+
+    for row, ((file, _), rate) in enumerate(zip(rows, declared)):
+        try:
+            actual = soundfile.info(io.BytesIO(read_bytes(file))).samplerate
+        except (soundfile.LibsndfileError, RuntimeError, OSError):
+            continue  # undecodable files are reported by the decode check
+        if rate is not None and int(rate) != actual:
+            raise ValueError(f"{key}: {manifest} row {row + 1}: {file} declares sample_rate {rate} "
+                             f"but the file is {actual} Hz")
+
+
+def _decoder(modality: str) -> Callable[[bytes], object]:
+    if modality == "image":
+        from ptm_ray.models.vision import decode_image
+
+        return decode_image
+    from ptm_ray.models.audio import decode_audio
+
+    return lambda data: decode_audio(data, 16000)
+
+
+def _readable(rows: list[tuple[str, str]], cfg: DataConfig, key: str, modality: str) -> tuple[list, list[str]]:
+    """Decode every file once; fail on the first bad one, or (``on_bad_file=skip``) leave them out."""
+    decode = _decoder(modality)
+    good, bad = [], []
+    for file, label in rows:
+        try:
+            decode(read_bytes(file))
+        except (ValueError, OSError) as e:
+            if cfg.on_bad_file == "fail":
+                raise ValueError(f"{key}: {file}: {e} (set data.on_bad_file=skip to leave such files out)") from None
+            bad.append(file)
+            continue
+        good.append((file, label))
+    if bad:
+        print(f"[ptm_ray] {key}: skipped {len(bad)} unreadable {modality} file(s) of {len(rows)}, e.g. {bad[:3]}")
+    return good, bad
+
+
+def _inspect_media(cfg: DataConfig, modality: str) -> DataSummary:
+    train, skipped_train = _readable(_list_media(cfg.train, cfg, "data.train", modality), cfg, "data.train", modality)
+    skipped = {"data.train": skipped_train} if skipped_train else {}
+    if cfg.validation is None:
+        _check_labels([label for _, label in train], None, cfg)
+        order = np.random.default_rng(0).permutation(len(train))  # the split is part of the data, fixed
+        num_train, _ = _split_counts(len(train), cfg)
+        val = [train[i] for i in order[num_train:]]
+        train = [train[i] for i in order[:num_train]]
+    else:
+        val, skipped_val = _readable(_list_media(cfg.validation, cfg, "data.validation", modality), cfg,
+                                     "data.validation", modality)
+        if skipped_val:
+            skipped["data.validation"] = skipped_val
+    labels = _check_labels([label for _, label in train], [label for _, label in val], cfg)
+    return DataSummary(labels, len(train), len(val), train, val, skipped)
+
+
+def inspect_data(cfg: DataConfig, modality: str = "text") -> DataSummary:
+    """Read and check the training (and validation) data on the driver; return the label set.
+
+    The label set is the sorted set of training labels. A validation label outside it is an error,
+    and so is training data with a single class.
+    """
+    return _inspect_text(cfg) if modality == "text" else _inspect_media(cfg, modality)
 
 
 def _ray_read(path: str, fmt: str) -> "ray.data.Dataset":
     import ray.data
 
     fmt = resolve_format(path, fmt)
-    path = resolve_path(path)
     reader = {"csv": ray.data.read_csv, "jsonl": ray.data.read_json, "parquet": ray.data.read_parquet}[fmt]
-    return reader(path)
+    return reader(resolve_path(path))
 
 
-def ray_datasets(cfg: DataConfig, seed: int) -> dict[str, "ray.data.Dataset"]:
-    """Ray Data datasets ``train`` and ``validation`` (the latter split off ``train`` when not given).
+def _load_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"input": np.array([read_bytes(p) for p in batch["path"]], dtype=object), "label": batch["label"]}
 
-    The split is seeded, so a resumed run validates on the same rows. Both are materialized.
+
+def _media_dataset(rows: list[tuple[str, str]]) -> "ray.data.Dataset":
+    import ray.data
+
+    items = [{"path": file, "label": label} for file, label in rows]
+    return ray.data.from_items(items).map_batches(_load_files, batch_size=64)
+
+
+def ray_datasets(summary: DataSummary, cfg: DataConfig, seed: int) -> dict[str, "ray.data.Dataset"]:
+    """Ray Data datasets ``train`` and ``validation`` with columns ``input`` and ``label``.
+
+    Text is read with Ray Data's CSV/JSON/Parquet readers (validation split off ``train`` with a seeded
+    shuffle when not given); image and audio files are read by Ray Data tasks from the checked file list.
+    Both are materialized: on a small node the Train workers hold the CPUs, and a lazy read would wait
+    forever for one. Blocks live in the object store (spilled to disk if large).
     """
     import ray.data
 
     # Per-operator progress bars from every worker drown the per-epoch lines in a job's log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    columns = [cfg.text_column, cfg.label_column]
-    train = _ray_read(cfg.train, cfg.format).select_columns(columns)
-    if cfg.validation is not None:
-        val = _ray_read(cfg.validation, cfg.format).select_columns(columns)
+    if summary.train_files is not None:
+        train, val = _media_dataset(summary.train_files), _media_dataset(summary.val_files or [])
     else:
-        train, val = train.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
-    # Materialize before training: the Train workers hold the CPUs, and on a small node a lazy read
-    # would wait forever for a CPU to run on. Blocks live in the object store (spilled to disk if large).
+        rename = {cfg.text_column: "input", cfg.label_column: "label"}
+        train = _ray_read(cfg.train, cfg.format).select_columns(list(rename)).rename_columns(rename)
+        if cfg.validation is not None:
+            val = _ray_read(cfg.validation, cfg.format).select_columns(list(rename)).rename_columns(rename)
+        else:
+            train, val = train.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
     return {"train": train.materialize(), "validation": val.materialize()}

@@ -9,9 +9,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["TEXT_FAMILIES", "make_tiny_text_model"]
+__all__ = ["AUDIO_FAMILIES", "TEXT_FAMILIES", "TINY_DEEPSPEECH", "make_tiny_audio_model", "make_tiny_deepspeech",
+           "make_tiny_text_model"]
 
 TEXT_FAMILIES = ("bert", "roberta", "gpt2", "t5")
+AUDIO_FAMILIES = ("wav2vec2", "hubert")
+TINY_DEEPSPEECH = {"n_mels": 20, "n_hidden": 32}
 
 
 def _words(texts: list[str]) -> list[str]:
@@ -64,4 +67,36 @@ def make_tiny_text_model(family: str, path: str | Path, texts: list[str]) -> Pat
         raise ValueError(f"unknown tiny text family {family!r}; choose from {TEXT_FAMILIES}")
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_audio_model(family: str, path: str | Path) -> Path:
+    """Write a tiny randomly initialised wav2vec 2.0 or HuBERT encoder and its feature extractor to ``path``."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    path = Path(path)
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                conv_dim=(16, 16, 16), conv_kernel=(10, 8, 4), conv_stride=(5, 8, 4), num_conv_pos_embeddings=16,
+                num_conv_pos_embedding_groups=2)
+    if family == "wav2vec2":
+        model = Wav2Vec2Model(Wav2Vec2Config(**dims))
+    elif family == "hubert":
+        model = HubertModel(HubertConfig(**dims))
+    else:
+        raise ValueError(f"unknown tiny audio family {family!r}; choose from {AUDIO_FAMILIES}")
+    model.save_pretrained(path, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(path)
+    return path
+
+
+def make_tiny_deepspeech(path: str | Path, num_labels: int = 10) -> Path:
+    """Write the state dict of a tiny DeepSpeech classifier to ``path`` (safetensors), as pretrained weights."""
+    from safetensors.torch import save_file
+
+    from ptm_ray.models.audio import DeepSpeechClassifier
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(DeepSpeechClassifier(num_labels, **TINY_DEEPSPEECH).state_dict(), path)
     return path

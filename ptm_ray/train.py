@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from ptm_ray.checkpoint import load_train_state, read_meta, save_checkpoint
 from ptm_ray.config import Config, config_from_dict, config_to_dict, parse_freeze_depth
-from ptm_ray.data import inspect_data, ray_datasets
+from ptm_ray.data import DataSummary, inspect_data, ray_datasets
 from ptm_ray.freeze import freeze, param_groups, parameter_counts, set_train_mode
-from ptm_ray.models import get_adapter
+from ptm_ray.models import resolve_model
 
 __all__ = ["FitResult", "classification_metrics", "fit", "plan_run", "storage_path", "train_loop_per_worker"]
 
@@ -49,10 +49,13 @@ class FitResult:
 class RunPlan:
     """What the driver settled before starting Ray work."""
 
-    labels: list[str]
+    data: DataSummary
     num_blocks: int
     freeze_blocks: int
-    num_train_rows: int
+
+    @property
+    def labels(self) -> list[str]:
+        return self.data.labels
 
 
 def plan_run(cfg: Config) -> RunPlan:
@@ -61,13 +64,13 @@ def plan_run(cfg: Config) -> RunPlan:
     Raises:
         ValueError: for bad data, an unknown model or a freeze depth beyond the model's depth.
     """
-    summary = inspect_data(cfg.data)
-    adapter, source = get_adapter(cfg.model.name)
+    adapter, ref = resolve_model(cfg.model)
+    summary = inspect_data(cfg.data, adapter.modality)
     with torch.device("meta"):  # architecture only: no weights read, no memory used
-        skeleton = adapter.build(source, summary.labels, cfg.model, pretrained=False)
+        skeleton = adapter.build(ref, summary.labels, cfg.model, pretrained=False)
     num_blocks = len(adapter.blocks(skeleton))
     depth = parse_freeze_depth(cfg.model.freeze_depth, num_blocks)
-    return RunPlan(summary.labels, num_blocks, depth, summary.num_train_rows)
+    return RunPlan(summary, num_blocks, depth)
 
 
 def storage_path(cfg: Config) -> str:
@@ -98,7 +101,7 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
     plan = plan_run(cfg)
     init_ray()
     name = _run_name(cfg)
-    datasets = ray_datasets(cfg.data, cfg.train.seed)
+    datasets = ray_datasets(plan.data, cfg.data, cfg.train.seed)
     loop_config = {
         "cfg": config_to_dict(cfg),
         "labels": plan.labels,
@@ -168,9 +171,9 @@ def _batches(shard: Any, cfg: Config, shuffle_seed: int | None = None):
     return shard.iter_batches(**kwargs)
 
 
-def _to_inputs(batch: dict, cfg: Config, preprocessor: Any, label_index: dict[str, int], device: torch.device):
-    inputs = {k: v.to(device) for k, v in preprocessor(batch[cfg.data.text_column].tolist()).items()}
-    targets = torch.tensor([label_index[str(v)] for v in batch[cfg.data.label_column]], device=device)
+def _to_inputs(batch: dict, preprocessor: Any, label_index: dict[str, int], device: torch.device, train: bool):
+    inputs = {k: v.to(device) for k, v in preprocessor(list(batch["input"]), train=train).items()}
+    targets = torch.tensor([label_index[str(v)] for v in batch["label"]], device=device)
     return inputs, targets
 
 
@@ -186,7 +189,7 @@ def _evaluate(adapter, model, shard, cfg, preprocessor, label_index, device, aut
     for i, batch in enumerate(_batches(shard, cfg)):
         if i % world != rank:
             continue
-        inputs, targets = _to_inputs(batch, cfg, preprocessor, label_index, device)
+        inputs, targets = _to_inputs(batch, preprocessor, label_index, device, train=False)
         with autocast():
             logits = adapter.logits(model, inputs).float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
@@ -220,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
-    adapter, source = get_adapter(cfg.model.name)
+    adapter, ref = resolve_model(cfg.model)
 
     # --- model: fresh from pretrained weights, or restored from the latest checkpoint -------------
     restored = ray.train.get_checkpoint()
@@ -231,8 +234,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             preprocessor = adapter.load_preprocessor(Path(d) / "preprocessor")
             state = load_train_state(d) | {"history": read_meta(d)["history"]}
     else:
-        model = adapter.build(source, labels, cfg.model)
-        preprocessor = adapter.preprocessor(source, cfg.model)
+        model = adapter.build(ref, labels, cfg.model)
+        preprocessor = adapter.preprocessor(ref, model, cfg)
 
     # --- freezing and optimizer: the same pure functions for every family ------------------------
     blocks = adapter.blocks(model)
@@ -241,7 +244,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainable, total = parameter_counts(model)
     if rank == 0:
         print(f"[ptm_ray] {cfg.model.name}: froze {depth}/{len(blocks)} blocks; "
-              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
+              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%); "
+              f"{world} worker(s) on {device}, {torch.get_num_threads()} torch threads each")
     optimizer = torch.optim.AdamW(
         param_groups(model, blocks, cfg.optim.lr, cfg.optim.head_lr or cfg.optim.lr,
                      cfg.optim.layer_decay, cfg.optim.weight_decay)
@@ -257,7 +261,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
 
-    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
+    # moves to device; DDP when world > 1 (told about layers a family may skip in a step, e.g. LayerDrop)
+    ddp_kwargs = {"find_unused_parameters": getattr(adapter, "ddp_find_unused_parameters", False)}
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
     unwrapped = getattr(model, "module", model)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
@@ -277,7 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for step, batch in enumerate(_batches(train_shard, cfg, shuffle_seed=cfg.train.seed * 100_003 + epoch)):
             if step >= steps_per_epoch:
                 break
-            inputs, targets = _to_inputs(batch, cfg, preprocessor, label_index, device)
+            inputs, targets = _to_inputs(batch, preprocessor, label_index, device, train=True)
             sync = (step + 1) % cfg.train.grad_accum_steps == 0 or step + 1 == steps_per_epoch
             no_sync = model.no_sync if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext
             with no_sync():

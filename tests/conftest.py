@@ -75,3 +75,30 @@ def tiny_overrides(model_dir: str, tmp_path, name: str, **extra: object) -> list
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> str:
+    """scikit-learn's real handwritten digits as an image folder (32x32 grey PNG, 10 classes)."""
+    from ptm_ray.datasets.digits import make_digits_folder
+
+    return str(make_digits_folder(tmp_path_factory.mktemp("digits"), size=32))
+
+
+@pytest.fixture(scope="session")
+def speech_dir(tmp_path_factory) -> str:
+    """Ten spoken commands synthesised with espeak-ng (several voices, speeds, pitches) as wav files."""
+    from ptm_ray.datasets.speech_commands import make_speech_commands
+
+    return str(make_speech_commands(tmp_path_factory.mktemp("speech")))
+
+
+@pytest.fixture(scope="session")
+def tiny_audio(tmp_path_factory) -> dict[str, str]:
+    """family -> local folder of a tiny wav2vec 2.0 / HuBERT; 'deepspeech' -> a tiny DeepSpeech state dict file."""
+    from ptm_ray.tiny import AUDIO_FAMILIES, make_tiny_audio_model, make_tiny_deepspeech
+
+    root = tmp_path_factory.mktemp("tiny_audio")
+    paths = {family: str(make_tiny_audio_model(family, root / family)) for family in AUDIO_FAMILIES}
+    paths["deepspeech"] = str(make_tiny_deepspeech(root / "deepspeech.safetensors"))
+    return paths

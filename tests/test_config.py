@@ -86,7 +86,7 @@ def test_missing_data_file_is_refused_before_ray(tmp_path):
 
 def test_unknown_model_lists_what_is_known():
     cfg = load_config(None, ["model.name=bert-base-uncased", f"data.train={TRAIN_CSV}"])
-    with pytest.raises(ValueError, match=r"not a known model: use one of the short names \['minilm-l6'\]"):
+    with pytest.raises(ValueError, match=r"not a known model: use one of the short names \['efficientnet-lite0', 'minilm-l6'\]"):
         plan_run(cfg)
 
 

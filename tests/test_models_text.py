@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptm_ray.config import ModelConfig
+from ptm_ray.config import Config, DataConfig, ModelConfig
 from ptm_ray.freeze import block_of_parameters, freeze, param_groups, parameter_counts, set_train_mode
-from ptm_ray.models import get_adapter
+from ptm_ray.models import resolve_model
 from ptm_ray.tiny import TEXT_FAMILIES
 
 LABELS = ["a", "b", "c"]
@@ -24,10 +24,11 @@ EXPECTED = {
 
 
 def _load(family, tiny_text):
-    adapter, source = get_adapter(f"hf:{tiny_text[family]}")
-    cfg = ModelConfig(name=f"hf:{tiny_text[family]}", max_length=32)
+    cfg = Config(model=ModelConfig(name=f"hf:{tiny_text[family]}", max_length=32), data=DataConfig(train="x"))
+    adapter, ref = resolve_model(cfg.model)
     torch.manual_seed(0)
-    return adapter, adapter.build(source, LABELS, cfg), adapter.preprocessor(source, cfg)
+    model = adapter.build(ref, LABELS, cfg.model)
+    return adapter, model, adapter.preprocessor(ref, model, cfg)
 
 
 def _trainable(model):
@@ -109,12 +110,13 @@ def test_layer_decay_and_head_lr(tiny_text):
 
 
 def test_minilm_short_name_loads_real_weights():
-    adapter, source = get_adapter("minilm-l6")
-    model = adapter.build(source, LABELS, ModelConfig(name="minilm-l6"))
+    cfg = Config(model=ModelConfig(name="minilm-l6"), data=DataConfig(train="x"))
+    adapter, ref = resolve_model(cfg.model)
+    model = adapter.build(ref, LABELS, cfg.model)
     assert len(adapter.blocks(model)) == 7  # embeddings + 6 layers
     assert 22_000_000 < parameter_counts(model)[1] < 23_000_000
     # real pretrained weights: similar sentences get closer embeddings than unrelated ones
-    pre = adapter.preprocessor(source, ModelConfig(name="minilm-l6"))
+    pre = adapter.preprocessor(ref, model, cfg)
     with torch.no_grad():
         out = model.bert(**pre(["where is my parcel", "where is my package", "the cat sat on the mat"]))
     emb = F.normalize(out.last_hidden_state.mean(1), dim=-1)

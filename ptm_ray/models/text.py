@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptm_ray.config import ModelConfig
+from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
+from ptm_ray.models.registry import ModelRef
 
-__all__ = ["HFTextAdapter", "TextPreprocessor"]
+__all__ = ["HFTextAdapter", "TEXT_MODEL_TYPES", "TextPreprocessor", "hf_config"]
 
 # model_type -> (embedding modules, [(layer list, modules appended to its last layer)]), relative to
 # the base model (``model.base_model``).
@@ -29,6 +30,22 @@ _LAYOUTS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
 }
 
 
+TEXT_MODEL_TYPES = frozenset(_LAYOUTS)
+
+
+def hf_config(location: str, trust_remote_code: bool = False) -> Any:
+    """The Hugging Face config at a local folder or hub id, with an error that says what was expected."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"model.name=hf:{location}: no Hugging Face model there (a local folder with config.json, or a hub id "
+            f"when a network exists): {str(e).splitlines()[0]}"
+        ) from None
+
+
 class TextPreprocessor:
     """Tokenizes a batch of strings with the model's own tokenizer, padded and truncated."""
 
@@ -36,7 +53,7 @@ class TextPreprocessor:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: list[str], train: bool = False) -> dict[str, torch.Tensor]:
         return dict(
             self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         )
@@ -63,38 +80,22 @@ class HFTextAdapter:
     """``hf:`` text models loaded with ``AutoModelForSequenceClassification``."""
 
     family = "hf-text"
+    modality = "text"
 
-    def build(self, source: str, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
 
-        config = self._config(source, cfg)
+        config = hf_config(ref.location, cfg.trust_remote_code)
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
         if config.pad_token_id is None:  # GPT-2 has no pad token; sequence classification needs one
             config.pad_token_id = config.eos_token_id
-        if not pretrained:
+        if not pretrained or ref.weights == "none":  # architecture only, randomly initialised
             return AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
         return AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+            ref.weights or ref.location, config=config, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
         )
-
-    def _config(self, source: str, cfg: ModelConfig) -> Any:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"model.name=hf:{source}: no Hugging Face model there (a local folder with config.json, or a hub id "
-                f"when a network exists): {str(e).splitlines()[0]}"
-            ) from None
-        if config.model_type not in _LAYOUTS:
-            raise ValueError(
-                f"model.name=hf:{source} is a {config.model_type!r} model; text families known to ptm_ray: "
-                f"{sorted(_LAYOUTS)} (add a layout in ptm_ray/models/text.py)"
-            )
-        return config
 
     def blocks(self, model: nn.Module) -> list[Block]:
         embeddings, stacks = _LAYOUTS[model.config.model_type]
@@ -107,13 +108,13 @@ class HFTextAdapter:
                 blocks.append(Block(f"{stack}.{i}", (f"{base}{stack}.{i}",) + extra))
         return blocks
 
-    def preprocessor(self, source: str, cfg: ModelConfig) -> TextPreprocessor:
+    def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> TextPreprocessor:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, trust_remote_code=cfg.model.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return TextPreprocessor(tokenizer, cfg.max_length)
+        return TextPreprocessor(tokenizer, cfg.model.max_length)
 
     def load_preprocessor(self, path: Path) -> TextPreprocessor:
         return TextPreprocessor.load(path)

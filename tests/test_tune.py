@@ -1,0 +1,125 @@
+"""Ray Tune search: space validation, a small real search with ASHA, leaderboard, promotion and restore."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ptm_ray.checkpoint import load_artifact
+from ptm_ray.config import load_config
+from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.tune import run_search, validate_search
+
+from conftest import TRAIN_CSV, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _search_overrides(tiny_text, tmp_path, name, space, **extra):
+    base = tiny_overrides(tiny_text["bert"], tmp_path, "unused", train__epochs=2, scaling__num_workers=1,
+                          scaling__resources_per_worker="{CPU: 0.5}")
+    values = {"search.space": space, "search.name": name, "search.trial_cpus": 0.5,
+              "search.max_concurrent_trials": 2, "search.registry": str(tmp_path / "registry"),
+              "search.registry_name": "intents", "search.grace_period": 1, "search.reduction_factor": 2}
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return base + [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{model.name: {choice: [hf:/nowhere/model]}}", "search.space.model.name: candidate 'hf:/nowhere/model'"),
+    ("{model.name: {choice: [bogus]}}", "candidate 'bogus': model.name='bogus' is not a known model"),
+    ("{model.freeze_depth: {choice: [1, 4]}}", "search.space.model.freeze_depth: 4 for candidate"),
+    ("{optim.lr: {choice: []}}", "search.space.optim.lr.choice needs a non-empty list"),
+    ("{optim.lr: {loguniform: [0, 1.0e-3]}}", "need 0 < low < high"),
+    ("{optim.lrr: {choice: [0.1]}}", "search.space.optim.lrr: value 0.1 is not valid: unknown config key optim.lrr"),
+    ("{optim.lr: [0.1, 0.2]}", "search.space.optim.lr must be one of"),
+    ("{}", "search.space is empty"),
+])
+def test_bad_search_space_is_refused_before_any_trial(tiny_text, tmp_path, space, message):
+    cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "bad", space))
+    with pytest.raises(ValueError) as e:
+        validate_search(cfg)
+    assert message in str(e.value)
+
+
+def test_fraction_depths_fit_candidates_of_different_depths(tiny_text, tmp_path):
+    space = "{model.name: {choice: [hf:%s, hf:%s]}, model.freeze_depth: {uniform: [0.0, 1.0]}}" % (
+        tiny_text["bert"], tiny_text["t5"])
+    depths = validate_search(load_config(None, _search_overrides(tiny_text, tmp_path, "ok", space)))
+    assert sorted(depths.values()) == [3, 5]
+
+
+def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, tmp_path):
+    space = "{model.name: {grid: [hf:%s, hf:%s]}, model.freeze_depth: {grid: [0, all]}, optim.lr: {grid: [1.0e-3, 1.0e-5]}}" % (
+        tiny_text["bert"], tiny_text["gpt2"])
+    cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "small", space, search__top_k=2))
+    result = run_search(cfg)
+    board = result.leaderboard
+    assert len(board) == 8 and [r.rank for r in board] == list(range(1, 9))
+    scores = [r.best_score for r in board]
+    assert scores == sorted(scores, reverse=True)  # ranked by each trial's best val_accuracy
+    assert {r.stop_reason for r in board} <= {"completed", "stopped_by_asha", "early_stopping"}
+    assert any(r.stop_reason == "stopped_by_asha" for r in board)  # ASHA halves the field after epoch 1
+    assert all(r.trainable_params and r.best_epoch for r in board)
+    assert {r.model.split("/")[-1] for r in board} == {"bert", "gpt2"}
+
+    rows = list(csv.DictReader(open(Path(result.experiment_path) / "leaderboard.csv")))
+    assert [row["trial_id"] for row in rows] == [r.trial_id for r in board]
+
+    # the two best trials' best checkpoints are versions 1 and 2 in the registry, with lineage
+    assert [(m.name, m.version) for m in result.promoted] == [("intents", 1), ("intents", 2)]
+    top = result.promoted[0]
+    assert top.lineage["trial_id"] == board[0].trial_id and top.lineage["best_score"] == board[0].best_score
+    artifact = load_artifact(top.path)
+    assert artifact.predict(["where is my order #12345"])[0]["label"] in artifact.labels
+    assert json.loads((Path(top.path) / "lineage.json").read_text())["overrides"] == board[0].overrides
+
+    # a rerun of the trial alone from its overrides is a valid config
+    rerun = load_config(None, [f"model.name=minilm-l6", f"data.train={TRAIN_CSV}", *board[0].overrides.split()])
+    assert rerun.optim.lr == board[0].lr
+
+    # promoting again never overwrites: it takes the next version
+    again = ModelRegistry(str(tmp_path / "registry")).promote(board[0].checkpoint, "intents", {"note": "again"})
+    assert again.version == 3 and ModelRegistry(str(tmp_path / "registry")).get("intents", 1).lineage["rank"] == 1
+
+
+def _terminated_trials(experiment: Path) -> int:
+    states = list(experiment.glob("experiment_state*.json"))
+    return max((s.read_text().count("TERMINATED") for s in states), default=0)
+
+
+def test_interrupted_search_restores_without_rerunning_finished_trials(ray_cluster, tiny_text, tmp_path):
+    import ray
+
+    space = "{optim.lr: {grid: [1.0e-3, 3.0e-4, 1.0e-4]}}"
+    overrides = _search_overrides(tiny_text, tmp_path, "resumable", space, search__max_concurrent_trials=1,
+                                  search__scheduler="fifo")
+    command = [sys.executable, "jobs/search.py", "--config", "jobs/configs/text_search.yaml", *overrides]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
+    experiment = tmp_path / "runs" / "resumable"
+
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and _terminated_trials(experiment) < 1 and driver.poll() is None:
+        time.sleep(0.5)
+    assert driver.poll() is None, "the search finished before it could be interrupted"
+    driver.send_signal(signal.SIGKILL)  # the driver dies mid-search (our own subprocess)
+    driver.wait()
+    finished = {p.name: p.read_text() for p in experiment.glob("*/result.json") if p.read_text().count("\n") >= 2}
+    assert finished, "no trial had finished before the interruption"
+
+    restored = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert restored.returncode == 0, restored.stdout[-2000:] + restored.stderr[-2000:]
+    assert "restoring search" in restored.stdout
+    for trial_dir, before in finished.items():  # finished trials were not trained again
+        assert (experiment / trial_dir / "result.json").read_text() == before
+    board = list(csv.DictReader(open(experiment / "leaderboard.csv")))
+    assert len(board) == 3 and all(row["epochs_run"] == "2" for row in board)
