@@ -56,13 +56,19 @@ class ModelServer:
     """One registry version: batched inference with the artifact's own preprocessing."""
 
     def __init__(self, path: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        from ray.util.metrics import Histogram
+
         self.artifact = load_artifact(path)
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes = Histogram("ptm_ray_serve_batch_size", "inputs per batched forward pass",
+                                     boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",))
+        self.tags = {"model": path.rstrip("/").rsplit("/", 2)[-2] + ":" + path.rstrip("/").rsplit("/", 1)[-1]}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, items: list[Any]) -> list[list[float]]:
         """Class probabilities for inputs gathered from concurrent requests (one forward pass)."""
+        self.batch_sizes.observe(len(items), tags=self.tags)
         return self.artifact.predict_proba(list(items)).tolist()
 
     async def predict(self, items: list[Any]) -> list[list[float]]:
@@ -277,13 +283,18 @@ def app_args(cfg: Config) -> dict[str, Any]:
 
 
 def _meta(path: str) -> dict[str, Any]:
-    from ptm_ray.checkpoint import read_meta
+    """What the ingress tells clients about a version, read from its registry folder (local or URI)."""
+    import json
+
+    from ptm_ray.data import read_bytes
     from ptm_ray.models import adapter_for_family
 
-    meta = read_meta(path)
-    lineage_file = Path(path) / "lineage.json"
-    lineage = yaml.safe_load(lineage_file.read_text()) if lineage_file.is_file() else {}
-    config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    meta = json.loads(read_bytes(f"{path}/ptm_ray.json"))
+    config = yaml.safe_load(read_bytes(f"{path}/config.yaml"))
+    try:
+        lineage = json.loads(read_bytes(f"{path}/lineage.json"))
+    except (OSError, FileNotFoundError):
+        lineage = {}
     return {"task": meta["task"], "labels": meta["labels"], "family": meta["family"], "metrics": meta["metrics"],
             "modality": adapter_for_family(meta["family"]).modality, "lineage": lineage,
             "model_name": meta["model_name"], "max_length": config["model"]["max_length"]}
@@ -320,8 +331,38 @@ def write_serve_config(args: dict[str, Any], sv: ServeConfig) -> Path:
     return out
 
 
+def _deployed_versions(app_name: str) -> dict[str, set[int]]:
+    """Model versions the running application serves now (from its deployment names ``<model>-v<N>``)."""
+    import re
+
+    status = serve.status().applications.get(app_name)
+    found: dict[str, set[int]] = {}
+    for deployment in (status.deployments if status else {}):
+        match = re.fullmatch(r"(.+)-v(\d+)", deployment)
+        if match:
+            found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    return found
+
+
+def _wait_until_settled(app_name: str, timeout_s: float = 120.0) -> None:
+    """Wait until no replica of the application is starting or stopping (old ones drained)."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = serve.status().applications.get(app_name)
+        states = [s for d in (status.deployments.values() if status else []) for s in (d.replica_states or {})]
+        if all(s == "RUNNING" for s in states):
+            return
+        time.sleep(0.5)
+
+
 def deploy(cfg: Config) -> tuple[str, Path]:
     """Deploy ``cfg.serve.models`` on Serve (starting Serve on ``serve.host:port`` if needed).
+
+    Updating a running application is a two-step roll-out, so no request fails: first the new versions
+    start beside the old ones (which keep weight 0, still deployed) and the ingress is replaced; once the
+    old ingress replicas have drained, the old versions are removed.
 
     Returns the base URL of the API and the path of the written Serve config YAML.
     """
@@ -331,6 +372,23 @@ def deploy(cfg: Config) -> tuple[str, Path]:
     init_ray()
     sv = cfg.serve
     serve.start(http_options={"host": sv.host, "port": sv.port})
+    registry = ModelRegistry(sv.registry)
+    bridge = {"models": [dict(m, versions=list(m["versions"])) for m in args["models"]], "settings": args["settings"]}
+    retiring = False
+    for name, versions in _deployed_versions(sv.app_name).items():
+        model = next((m for m in bridge["models"] if m["name"] == name), None)
+        for version in sorted(versions - {v["version"] for v in (model or {"versions": []})["versions"]}):
+            if model is None:
+                model = {"name": name, "versions": []}
+                bridge["models"].append(model)
+            model["versions"].append({"version": version, "weight": 0.0, "path": registry.get(name, version).path})
+            retiring = True
+    if retiring:
+        for model in bridge["models"]:  # a model that is only being retired still needs a routable weight
+            if not any(v["weight"] > 0 for v in model["versions"]):
+                model["versions"][-1]["weight"] = 1.0
+        serve.run(build_app(bridge), name=sv.app_name, route_prefix=sv.route_prefix)
+        _wait_until_settled(sv.app_name)
     serve.run(build_app(args), name=sv.app_name, route_prefix=sv.route_prefix)
     config_path = write_serve_config(args, sv)
     prefix = sv.route_prefix.rstrip("/")

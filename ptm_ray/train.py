@@ -100,6 +100,7 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
 
     plan = plan_run(cfg)
     init_ray()
+    _warn_local_storage_on_many_nodes(cfg)
     name = _run_name(cfg)
     datasets = ray_datasets(plan.data, cfg.data, cfg.train.seed)
     loop_config = {
@@ -139,6 +140,16 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
     latest = result.checkpoint or best
     history = read_meta(latest.path)["history"] if "://" not in latest.path else metrics.get("history", [])
     return FitResult(best.path, metrics, history, result.path)
+
+
+def _warn_local_storage_on_many_nodes(cfg: Config) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in cfg.storage.path:
+        print(f"[ptm_ray] warning: storage.path={cfg.storage.path} is a local path but the cluster has {len(nodes)} "
+              "nodes: checkpoints written on one node are not visible on the others unless this path is a shared "
+              "mount (NFS) on every node. Use storage.path=s3://<bucket>/<prefix> (or gs://, or an NFS path).")
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
@@ -212,8 +223,10 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One data-parallel worker: build or restore, freeze, train, validate, checkpoint, early-stop."""
+    import ray
     import ray.train
     import ray.train.torch
+    from ray.util.metrics import Gauge
     from transformers import get_scheduler
 
     cfg = config_from_dict(loop_config["cfg"])
@@ -242,6 +255,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     depth = parse_freeze_depth(cfg.model.freeze_depth, len(blocks))
     frozen = freeze(model, blocks, depth)
     trainable, total = parameter_counts(model)
+    node = ray.get_runtime_context().get_node_id()[:8]
+    print(f"[ptm_ray] rank {rank} on node {node} ({ray.util.get_node_ip_address()})")
     if rank == 0:
         print(f"[ptm_ray] {cfg.model.name}: froze {depth}/{len(blocks)} blocks; "
               f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%); "
@@ -270,6 +285,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    # Custom metrics for the dashboard's Metrics view (Prometheus/Grafana): throughput and validation score
+    gauges = {key: Gauge(f"ptm_ray_train_{key}", description, tag_keys=("run",)) for key, description in (
+        ("samples_per_s", "training samples per second, all workers"), ("val_score", f"validation {cfg.train.metric}"))}
+    run_tag = {"run": ctx.get_experiment_name()}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
 
@@ -333,6 +352,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "stop_reason": "early_stopping" if stop_early else ("max_epochs" if epoch + 1 == cfg.train.epochs else ""),
         }
         state["history"].append(metrics)
+        if rank == 0:
+            gauges["samples_per_s"].set(metrics["samples_per_s"] * world, tags=run_tag)
+            gauges["val_score"].set(value, tags=run_tag)
         state["epoch"] = epoch + 1
         if rank == 0:
             print(f"[ptm_ray] epoch {epoch + 1}/{cfg.train.epochs} train_loss={train_loss:.4f} "

@@ -19,10 +19,17 @@ TRAIN_CSV = str(bundled_path("support_intents_train.csv"))
 VAL_CSV = str(bundled_path("support_intents_val.csv"))
 
 
+_RAY_DEFAULT_PORTS = {6379, 8000, 8265, 10001, 52365, 52366}  # Ray binds these itself
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that none of Ray's own components will also ask for."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _RAY_DEFAULT_PORTS:
+            return port
 
 
 @pytest.fixture(scope="session")

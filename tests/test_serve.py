@@ -241,7 +241,7 @@ def test_burst_scales_up_then_back_down(api):
     assert _replicas(cfg.serve.app_name, "digits-v1") == 1, "the replica count did not come back down"
 
 
-def test_rolling_out_a_new_version_fails_no_request(api, registry):
+def test_rolling_out_a_new_version_fails_no_request(api, registry, tmp_path):
     from ray import serve
 
     url, _, cfg = api
@@ -266,8 +266,8 @@ def test_rolling_out_a_new_version_fails_no_request(api, registry):
     thread.start()
     time.sleep(2)
     only_v2 = "[{name: intents, versions: [{version: 2, weight: 100}]}, {name: digits}, {name: commands}]"
-    new = load_config(None, _serve_overrides(registry, cfg.serve.port, only_v2))
-    serve.run(build_app(app_args(new)), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    deploy(load_config(None, _serve_overrides(registry, cfg.serve.port, only_v2,
+                                              serve__config_out=str(tmp_path / "serve_config.yaml"))))
     time.sleep(3)
     done.set()
     thread.join()
@@ -275,3 +275,5 @@ def test_rolling_out_a_new_version_fails_no_request(api, registry):
     assert successes > 10
     last = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=30).json()
     assert last["version"] == 2
+    assert {d for d in serve.status().applications[cfg.serve.app_name].deployments} >= {"intents-v2"}
+    assert "intents-v1" not in serve.status().applications[cfg.serve.app_name].deployments  # retired

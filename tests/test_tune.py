@@ -101,7 +101,7 @@ def test_interrupted_search_restores_without_rerunning_finished_trials(ray_clust
 
     space = "{optim.lr: {grid: [1.0e-3, 3.0e-4, 1.0e-4]}}"
     overrides = _search_overrides(tiny_text, tmp_path, "resumable", space, search__max_concurrent_trials=1,
-                                  search__scheduler="fifo")
+                                  search__scheduler="fifo", search__num_samples=1)
     command = [sys.executable, "jobs/search.py", "--config", "jobs/configs/text_search.yaml", *overrides]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
     experiment = tmp_path / "runs" / "resumable"
@@ -113,7 +113,7 @@ def test_interrupted_search_restores_without_rerunning_finished_trials(ray_clust
     assert driver.poll() is None, "the search finished before it could be interrupted"
     driver.send_signal(signal.SIGKILL)  # the driver dies mid-search (our own subprocess)
     driver.wait()
-    finished = {p.name: p.read_text() for p in experiment.glob("*/result.json") if p.read_text().count("\n") >= 2}
+    finished = {p.parent.name: p.read_text() for p in experiment.glob("*/result.json") if p.read_text().count("\n") >= 2}
     assert finished, "no trial had finished before the interruption"
 
     restored = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
