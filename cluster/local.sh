@@ -9,8 +9,9 @@
 #   cluster/local.sh stop        # ends only the processes this script started (by pid)
 #
 # Environment: PTM_RAY_CLUSTER_DIR (state + Ray temp dir, default /tmp/ptm_ray_cluster), PTM_RAY_GCS_PORT
-# (default 6390), PTM_RAY_DASHBOARD_PORT (default 8265), PTM_RAY_PORT_BASE (default 52400: worker node i
-# takes base+i, base+100+i and base+200+i for its agents), RAY (the ray executable, default .venv/bin/ray).
+# (default 6390), PTM_RAY_DASHBOARD_PORT (default 8265), PTM_RAY_PORT_BASE (default 52400: node i, the head
+# being 0, takes base+i, base+100+i and base+200+i for its agents, so no node takes Ray's default 52365 that
+# another Ray on this machine may hold), RAY (the ray executable, default .venv/bin/ray).
 set -euo pipefail
 
 DIR=${PTM_RAY_CLUSTER_DIR:-/tmp/ptm_ray_cluster}
@@ -40,7 +41,8 @@ start() {
   local t0=$SECONDS
   "$RAY" start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" --temp-dir="$DIR/ray" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --num-cpus="${PTM_RAY_HEAD_CPUS:-0}" --num-gpus=0 \
-    --resources='{"node_head": 1}' --disable-usage-stats >"$DIR/head.log" 2>&1
+    --resources='{"node_head": 1}' --dashboard-agent-listen-port="$BASE" --metrics-export-port=$((BASE + 100)) \
+    --runtime-env-agent-port=$((BASE + 200)) --disable-usage-stats >"$DIR/head.log" 2>&1
   for i in $(seq 1 "$workers"); do
     # each node on one machine needs its own agent and metrics ports
     "$RAY" start --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 \

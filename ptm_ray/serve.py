@@ -66,19 +66,23 @@ class ModelServer:
         self.tags = {"model": path.rstrip("/").rsplit("/", 2)[-2] + ":" + path.rstrip("/").rsplit("/", 1)[-1]}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, items: list[Any]) -> list[list[float]]:
-        """Class probabilities for inputs gathered from concurrent requests (one forward pass)."""
-        self.batch_sizes.observe(len(items), tags=self.tags)
-        return self.artifact.predict_proba(list(items)).tolist()
+    async def predict_batch(self, items: list[Any]) -> list[tuple[list[float], bool]]:
+        """(class probabilities, truncated?) for inputs gathered from concurrent requests, one forward pass.
 
-    async def predict(self, items: list[Any]) -> list[list[float]]:
+        Everything touching the tokenizer runs here, on the replica's event loop: a fast tokenizer's
+        padding/truncation settings are shared state, and two threads using it at once corrupt batches.
+        """
+        self.batch_sizes.observe(len(items), tags=self.tags)
+        items = list(items)
+        probabilities = self.artifact.predict_proba(items).tolist()
+        truncated = getattr(self.artifact.preprocessor, "truncated", lambda xs: [False] * len(xs))(items)
+        return list(zip(probabilities, truncated))
+
+    async def predict(self, items: list[Any]) -> list[tuple[list[float], bool]]:
         # each input is its own batched call, so inputs of concurrent requests share forward passes
         import asyncio
 
         return list(await asyncio.gather(*(self.predict_batch(item) for item in items)))
-
-    def truncated(self, texts: list[str]) -> list[bool]:
-        return self.artifact.preprocessor.truncated(texts)
 
 
 def _api_key(sv: dict[str, Any]) -> str | None:
@@ -170,15 +174,13 @@ class Ingress:
             chosen = self._choose_version(name, entry, version)
             meta = entry["versions"][chosen]["meta"]
             inputs, top_k = await self._read_inputs(request, meta["modality"])
-            handle = self.handles[f"{name}:{chosen}"]
-            truncated = await handle.truncated.remote(inputs) if meta["modality"] == "text" else [False] * len(inputs)
-            probabilities = await handle.predict.remote(inputs)
+            results = await self.handles[f"{name}:{chosen}"].predict.remote(inputs)
         except ApiError as e:
             return self._error(e)
         labels = meta["labels"]
         k = min(top_k or self.settings["top_k"], len(labels))
         predictions = []
-        for probs, cut in zip(probabilities, truncated):
+        for probs, cut in results:
             ranked = sorted(range(len(probs)), key=lambda i: -probs[i])[:k]
             top = [{"label": labels[i], "probability": probs[i]} for i in ranked]
             item = {"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}

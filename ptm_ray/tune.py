@@ -203,7 +203,7 @@ def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
         trial_cfg = with_overrides(cfg, overrides)
         rows.append(LeaderboardRow(
             rank=0,
-            trial_id=Path(result.path).name.split("_")[1] if "_" in Path(result.path).name else Path(result.path).name,
+            trial_id=str((result.metrics or {}).get("trial_id") or Path(result.path).name),
             model=trial_cfg.model.name,
             freeze_depth=trial_cfg.model.freeze_depth,
             lr=trial_cfg.optim.lr,

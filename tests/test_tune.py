@@ -64,6 +64,7 @@ def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, t
     result = run_search(cfg)
     board = result.leaderboard
     assert len(board) == 8 and [r.rank for r in board] == list(range(1, 9))
+    assert len({r.trial_id for r in board}) == 8  # Tune's own trial ids
     scores = [r.best_score for r in board]
     assert scores == sorted(scores, reverse=True)  # ranked by each trial's best val_accuracy
     assert {r.stop_reason for r in board} <= {"completed", "stopped_by_asha", "early_stopping"}
