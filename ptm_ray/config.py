@@ -120,6 +120,8 @@ class TrainConfig:
     """``max`` or ``min``: which direction of ``metric`` is better."""
     early_stopping_patience: int = 0
     """Stop after this many epochs without improvement of ``metric``; 0 never stops early."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest change of ``metric`` that counts as an improvement for early stopping."""
     keep_checkpoints: int = 2
     """Best checkpoints kept by ``metric`` (the latest is kept too, for resuming)."""
     precision: str = "auto"
@@ -450,6 +452,7 @@ def _check_values(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.max_grad_norm": cfg.optim.max_grad_norm,
         "train.early_stopping_patience": cfg.train.early_stopping_patience,
+        "train.early_stopping_min_delta": cfg.train.early_stopping_min_delta,
         "train.max_steps_per_epoch": cfg.train.max_steps_per_epoch,
         "train.shuffle_buffer": cfg.train.shuffle_buffer,
         "scaling.max_failures": cfg.scaling.max_failures,

@@ -217,8 +217,8 @@ def ray_context():
     return ray.train.get_context()
 
 
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
+def _is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    return best is None or (value > best + min_delta if mode == "max" else value < best - min_delta)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -328,7 +328,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if value is None:
             raise ValueError(f"train.metric={cfg.train.metric!r} is not a validation metric; use one of {sorted(val)}")
         if _is_better(value, state["best"], cfg.train.mode):
-            state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
+            improved = _is_better(value, state["best"], cfg.train.mode, cfg.train.early_stopping_min_delta)
+            state.update(best=value, best_epoch=epoch + 1, bad_epochs=0 if improved else state["bad_epochs"] + 1)
         else:
             state["bad_epochs"] += 1
         patience = cfg.train.early_stopping_patience

@@ -57,10 +57,11 @@ def test_two_workers_learn_and_write_self_describing_checkpoints(ray_cluster, ti
 
 def test_early_stopping_ends_the_run(ray_cluster, tiny_text, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "early", optim__lr=1e-9, optim__head_lr=1e-9,
-                                           train__early_stopping_patience=2, train__metric="val_loss",
+                                           train__early_stopping_patience=2, train__early_stopping_min_delta=1e-3,
+                                           train__metric="val_loss",
                                            train__mode="min", train__epochs=10))
     result = fit(cfg)
-    # with lr ~ 0 val_loss barely moves; stopping happens after 2 epochs without improvement, far before 8
+    # with lr ~ 0 val_loss moves by far less than min_delta: 2 epochs without improvement stop the run
     assert len(result.history) < 10
     assert result.history[-1]["stop_reason"] == "early_stopping"
 

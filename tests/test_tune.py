@@ -27,7 +27,7 @@ def _search_overrides(tiny_text, tmp_path, name, space, **extra):
     base = tiny_overrides(tiny_text["bert"], tmp_path, "unused", train__epochs=2, scaling__num_workers=1,
                           scaling__resources_per_worker="{CPU: 0.5}")
     values = {"search.space": space, "search.name": name, "search.trial_cpus": 0.5,
-              "search.max_concurrent_trials": 2, "search.registry": str(tmp_path / "registry"),
+              "search.max_concurrent_trials": 1, "search.registry": str(tmp_path / "registry"),
               "search.registry_name": "intents", "search.grace_period": 1, "search.reduction_factor": 2}
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return base + [f"{k}={v}" for k, v in values.items()]
