@@ -191,7 +191,9 @@ def _to_inputs(batch: dict, preprocessor: Any, label_index: dict[str, int], devi
 @torch.no_grad()
 def _evaluate(adapter, model, shard, cfg, preprocessor, label_index, device, autocast) -> dict[str, float]:
     """Validation loss, accuracy and macro-F1 over the whole validation set, shared out by batch stride."""
-    ctx = ray_context()
+    import ray.train
+
+    ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model.eval()
     n = len(label_index)
@@ -209,12 +211,6 @@ def _evaluate(adapter, model, shard, cfg, preprocessor, label_index, device, aut
     _all_reduce(loss_sum)
     metrics = classification_metrics(confusion.cpu())
     return {"val_loss": (loss_sum / confusion.sum().clamp(min=1)).item()} | {f"val_{k}": v for k, v in metrics.items()}
-
-
-def ray_context():
-    import ray.train
-
-    return ray.train.get_context()
 
 
 def _is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
