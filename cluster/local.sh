@@ -21,6 +21,8 @@ BASE=${PTM_RAY_PORT_BASE:-52400}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 RAY=${RAY:-$HERE/.venv/bin/ray}
 export RAY_AUTH_MODE=token RAY_TRAIN_ENABLE_STATE_TRACKING=1
+# Job entrypoints say `python ...`: the nodes must find the interpreter that has ray and torch installed.
+PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"; export PATH
 
 pids_of_cluster() {
   # Every process whose command line names this cluster's own temp dir or GCS address: ours alone.

@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")  # 2 busy cores start workers slowly
+# `ray job submit -- python ...` runs `python` from the cluster's PATH: make it this interpreter, as an
+# activated venv would, even when pytest was started as .venv/bin/python without activating it.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 import pytest
 
