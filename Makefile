@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 quickstart: setup
-	$(PY) jobs/finetune.py --config jobs/configs/text_quickstart.yaml
+	$(PY) jobs/quickstart.py
 
 test: setup
 	$(PY) -m pytest tests

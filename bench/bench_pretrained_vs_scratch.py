@@ -16,28 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ptm_ray.config import load_config
+from ptm_ray.datasets.digits import make_digits_split
 from ptm_ray.runtime import init_ray
 from ptm_ray.train import fit
-
-
-def write_split(root: Path, shots: int, val_per_class: int = 30, size: int = 32) -> tuple[Path, Path]:
-    """Train folder with the first ``shots`` digits per class, validation with the last ``val_per_class``."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    train, val = root / f"train_{shots}", root / "val"
-    for label in range(10):
-        indices = np.flatnonzero(digits.target == label)
-        for split, chosen in ((train, indices[:shots]), (val, indices[-val_per_class:])):
-            (split / str(label)).mkdir(parents=True, exist_ok=True)
-            for i in chosen:
-                pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
-                Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).save(split / str(label) / f"{i}.png")
-    return train, val
 
 
 def main() -> None:
@@ -51,7 +33,7 @@ def main() -> None:
     init_ray()
     rows = []
     for shots in args.shots:
-        train, val = write_split(root, shots)
+        train, val = make_digits_split(root, shots)
         for label, weights in (("pretrained", ""), ("from scratch", "none")):
             cfg = load_config(None, [
                 "model.name=efficientnet-lite0", f"model.weights={weights}", "model.freeze_depth=0",

@@ -21,6 +21,9 @@ BASE=${PTM_RAY_PORT_BASE:-52400}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 RAY=${RAY:-$HERE/.venv/bin/ray}
 export RAY_AUTH_MODE=token RAY_TRAIN_ENABLE_STATE_TRACKING=1
+# Every process of the cluster inherits this: Ray Train's placement-group cleaner looks its cluster up
+# through the State API, which without it refuses to choose when another Ray runs on the same machine.
+export RAY_ADDRESS="127.0.0.1:$GCS_PORT"
 # Job entrypoints say `python ...`: the nodes must find the interpreter that has ray and torch installed.
 PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"; export PATH
 
@@ -29,7 +32,7 @@ pids_of_cluster() {
   for p in /proc/[0-9]*; do
     cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
     case "$cmd" in
-      *"$DIR/ray"*|*"127.0.0.1:$GCS_PORT"*) echo "${p#/proc/}" ;;
+      *"$DIR/"*|*"127.0.0.1:$GCS_PORT"*) echo "${p#/proc/}" ;;
     esac
   done
 }
@@ -47,7 +50,9 @@ start() {
     --runtime-env-agent-port=$((BASE + 200)) --disable-usage-stats >"$DIR/head.log" 2>&1
   for i in $(seq 1 "$workers"); do
     # each node on one machine needs its own agent and metrics ports
+    # and its own temp dir: nodes sharing one would unpack and garbage-collect each other's job packages
     "$RAY" start --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 \
+      --temp-dir="$DIR/w$i" \
       --resources="{\"node_w$i\": 1}" --dashboard-agent-listen-port=$((BASE + i)) \
       --metrics-export-port=$((BASE + 100 + i)) --runtime-env-agent-port=$((BASE + 200 + i)) \
       --disable-usage-stats >"$DIR/worker$i.log" 2>&1

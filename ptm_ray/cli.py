@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -76,6 +77,39 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    import time
+
+    from ptm_ray.quickstart import QuickstartConfigs, run_quickstart
+
+    study = run_quickstart(args.out, QuickstartConfigs(shots=tuple(args.shots)), port=args.port)
+    served = study["serve"]
+    print(f"\n== ptm_ray quickstart finished in {study['total_s'] / 60:.1f} min")
+    print(f"report:    {study['report']}")
+    promoted = ", ".join(f"{m['name']} v{m['version']}" for m in study["promoted"])
+    print(f"registry:  {Path(args.out).expanduser().resolve() / 'registry'}  ({promoted})")
+    print(f"endpoint:  POST {served['url']}/v1/models/{served['model']}/predict   (OpenAPI: {served['url']}/docs)")
+    if args.keep_serving:
+        print("serving until interrupted (Ctrl-C)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    else:
+        print("the endpoint stops with this process; serve the winner again with:\n"
+              f"  .venv/bin/python jobs/deploy.py --config jobs/configs/serve.yaml "
+              f"serve.registry={Path(args.out).expanduser().resolve() / 'registry'} --block")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ptm_ray.report import write_report
+
+    print(f"report: {write_report(args.path, args.out)}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptm-ray", description="Fine-tune pretrained models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +127,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep this process (and a Ray it started) alive; not needed on a running cluster")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as serve.port=8001")
     p.set_defaults(func=_deploy)
+    p = sub.add_parser("quickstart", help="fine-tune, compare, search, deploy and report, on a local Ray")
+    p.add_argument("--out", default="~/ptm_ray_quickstart", help="folder for runs, registry and report")
+    p.add_argument("--shots", type=int, nargs="+", default=[5, 20], help="digits per class in the data sweep")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the served endpoint (127.0.0.1)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
+    p.set_defaults(func=_quickstart)
+    p = sub.add_parser("report", help="HTML report (plots embedded) of a quickstart, search or run folder")
+    p.add_argument("path", help="a quickstart folder (study.json), search folder (leaderboard.csv) or run folder")
+    p.add_argument("--out", default=None, help="where to write it (default: <path>/report.html)")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -168,8 +168,10 @@ class SearchConfig:
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
     max_concurrent_trials: int = 1
     """Trials running at once; each needs ``trial_cpus`` plus its workers' resources."""
-    trial_cpus: float = 1.0
-    """CPUs reserved for each trial's driver (the Tune function that launches the TorchTrainer)."""
+    trial_cpus: float = 0.5
+    """CPUs reserved for each trial's driver (the Tune function that launches the TorchTrainer; it mostly
+    waits). Tune also reserves them for the next pending trial ahead of time, and each trial's data reads
+    need 0.25 CPU outside both: on 2 CPUs, 1.0 here left nothing for the reads and the search hung."""
     top_k: int = 1
     """Best trials promoted to the model registry."""
     registry: str = "~/ptm_ray_registry"
@@ -191,6 +193,9 @@ class ServeConfig:
     """Address the HTTP proxy binds; anything but loopback needs ``api_key_env`` or ``api_key_file``."""
     port: int = 8000
     """HTTP port of the Serve proxy."""
+    proxy_location: str = "EveryNode"
+    """Where Serve runs HTTP proxies: ``EveryNode`` (a real cluster: each node answers on ``port``) or
+    ``HeadOnly`` (several nodes on one machine, as ``cluster/local.sh`` makes, which would clash on the port)."""
     app_name: str = "ptm_ray"
     """Serve application name."""
     route_prefix: str = "/"
@@ -444,6 +449,8 @@ def _check_values(cfg: Config) -> None:
     if sv.host not in ("127.0.0.1", "localhost", "::1") and not (sv.api_key_env or sv.api_key_file):
         raise ValueError(f"serve.host={sv.host} exposes the endpoints beyond this machine: set serve.api_key_env "
                          "or serve.api_key_file so every route but health needs a bearer token")
+    if sv.proxy_location not in ("EveryNode", "HeadOnly"):
+        raise ValueError(f"serve.proxy_location={sv.proxy_location!r} must be EveryNode or HeadOnly")
     if cfg.search.reduction_factor < 2:
         raise ValueError(f"search.reduction_factor={cfg.search.reduction_factor} must be >= 2")
     if cfg.scaling.num_workers < 1:

@@ -3,8 +3,36 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import Any
 
-__all__ = ["init_ray"]
+__all__ = ["init_ray", "start_local_ray"]
+
+_STARTED_HERE: set[str] = set()  # addresses of local clusters this process started
+
+
+def start_local_ray(**kwargs: Any) -> str:
+    """Start a Ray on 127.0.0.1 for this process and return its GCS address.
+
+    The GCS port is chosen here and ``RAY_ADDRESS`` exported before Ray starts, so every Ray process
+    inherits it: lookups that go through the State API without an address (Ray Train's
+    placement-group cleaner, for one) then find this cluster even when another Ray runs on the same
+    machine. Without it they refuse to choose, and a search whose trials ASHA stopped kept their CPUs.
+    """
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    _STARTED_HERE.add(address)
+    return address
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -20,13 +48,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address not in _STARTED_HERE:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-    )
+    start_local_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")

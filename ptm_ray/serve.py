@@ -324,7 +324,7 @@ def write_serve_config(args: dict[str, Any], sv: ServeConfig) -> Path:
     """The declarative Serve config (``serve deploy <file>``) for the same application."""
     out = Path(sv.config_out).expanduser().resolve()
     document = {
-        "proxy_location": "EveryNode",
+        "proxy_location": sv.proxy_location,
         "http_options": {"host": sv.host, "port": sv.port},
         "applications": [{"name": sv.app_name, "route_prefix": sv.route_prefix,
                           "import_path": "ptm_ray.serve:build_app", "args": args}],
@@ -373,7 +373,7 @@ def deploy(cfg: Config) -> tuple[str, Path]:
     args = app_args(cfg)  # registry lookups and validation before any Ray work
     init_ray()
     sv = cfg.serve
-    serve.start(http_options={"host": sv.host, "port": sv.port})
+    serve.start(proxy_location=sv.proxy_location, http_options={"host": sv.host, "port": sv.port})
     registry = ModelRegistry(sv.registry)
     bridge = {"models": [dict(m, versions=list(m["versions"])) for m in args["models"]], "settings": args["settings"]}
     retiring = False

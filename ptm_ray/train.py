@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +134,16 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
         # its stride of batches, so the metrics cover every validation row exactly once.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    # Ray installs a SIGINT handler that holds the run's controller actor (and with it the workers'
+    # placement group) for as long as the handler stays installed: put the caller's back, so the next
+    # job in this process (a search after a fine-tune, say) gets those CPUs.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigint = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        result = trainer.fit()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_sigint)
     if not result.best_checkpoints:
         raise RuntimeError(f"run {name} produced no checkpoint (see the worker logs above)")
     sign = 1 if cfg.train.mode == "max" else -1

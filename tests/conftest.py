@@ -41,14 +41,10 @@ def ray_cluster():
     """A real local Ray cluster: 2 CPUs, node IP and dashboard on 127.0.0.1. Yields the dashboard URL."""
     import ray
 
+    from ptm_ray.runtime import start_local_ray
+
     port = free_port()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        _node_ip_address="127.0.0.1",
-    )
+    start_local_ray(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()
 

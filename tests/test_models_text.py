@@ -121,3 +121,17 @@ def test_minilm_short_name_loads_real_weights():
         out = model.bert(**pre(["where is my parcel", "where is my package", "the cat sat on the mat"]))
     emb = F.normalize(out.last_hidden_state.mean(1), dim=-1)
     assert (emb[0] @ emb[1]) > (emb[0] @ emb[2]) + 0.2
+
+
+def test_minilm_l3_is_the_lower_half_of_minilm_l6_with_its_weights():
+    base = ModelConfig(name="minilm-l6")
+    six_adapter, six_ref = resolve_model(base)
+    three_adapter, three_ref = resolve_model(ModelConfig(name="minilm-l3"))
+    six = six_adapter.build(six_ref, LABELS, base)
+    three = three_adapter.build(three_ref, LABELS, base)
+    assert len(three_adapter.blocks(three)) == 4  # embeddings + 3 layers
+    six_state, three_state = six.state_dict(), three.state_dict()
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.2.output.dense.weight"):
+        assert torch.equal(six_state[key], three_state[key])
+    assert "bert.encoder.layer.3.output.dense.weight" not in three_state
+    assert resolve_model(ModelConfig(name="minilm-l3"))[1].location == three_ref.location  # built once, reused

@@ -75,3 +75,34 @@ def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(local_cluster):
     assert proc.returncode != 0
     assert "scaling.num_workers=0 must be >= 1" in out
     assert "failed" in out.lower()  # the job status, as `ray job submit` reports it
+
+
+def test_search_then_deploy_as_submitted_jobs_serve_predictions_over_http(local_cluster, tiny_text, tmp_path):
+    """The README's cluster sequence after fine-tuning: search (promotes to a registry), deploy, predict."""
+    import requests
+
+    address, env, _ = local_cluster
+    registry, port = tmp_path / "registry", free_port()
+    space = "search.space={model.freeze_depth: {grid: [0, 1]}, optim.lr: {loguniform: [1.0e-3, 3.0e-3]}}"
+    base = tiny_overrides(tiny_text["bert"], tmp_path, "unused", train__epochs=2, scaling__num_workers=1)
+    proc = _submit(address, env, ["jobs/search.py", "--config", "jobs/configs/text_search.yaml", *base, space,
+                                  "search.num_samples=1", "search.name=submitted", f"search.registry={registry}",
+                                  "search.registry_name=intents", "search.grace_period=2"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "promoted to the model registry:" in out and (registry / "intents" / "v1" / "lineage.json").is_file()
+
+    proc = _submit(address, env, ["jobs/deploy.py", "--config", "jobs/configs/serve.yaml", f"serve.registry={registry}",
+                                  "serve.models=[{name: intents}]", f"serve.port={port}", "serve.proxy_location=HeadOnly",
+                                  "serve.num_cpus=0.25", f"serve.config_out={tmp_path / 'serve_config.yaml'}"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    # the job has ended; the application lives on in the cluster
+    answer = requests.post(f"http://127.0.0.1:{port}/v1/models/intents/predict",
+                           json={"inputs": ["where is my parcel"]}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"] == "intents" and body["version"] == 1
+    described = requests.get(f"http://127.0.0.1:{port}/v1/models/intents", timeout=30).json()
+    labels = set(described["versions"][0]["labels"])
+    assert body["predictions"][0]["label"] in labels

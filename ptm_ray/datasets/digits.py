@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_digits_folder"]
+__all__ = ["make_digits_folder", "make_digits_split"]
 
 
 def make_digits_folder(out_dir: str | Path, size: int = 32, per_class: int | None = None) -> Path:
@@ -41,6 +41,32 @@ def make_digits_folder(out_dir: str | Path, size: int = 32, per_class: int | Non
         Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).save(folder / f"{index:04d}.png")
     marker.touch()
     return out
+
+
+def make_digits_split(root: str | Path, shots: int, val_per_class: int = 30, size: int = 32) -> tuple[Path, Path]:
+    """A few-shot split: ``root/train_<shots>`` with the first ``shots`` digits of each class and
+    ``root/val`` with the last ``val_per_class`` of each class (never trained on, the same for every
+    ``shots``); returns (train folder, validation folder). Reused when already written."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    train, val = root / f"train_{shots}", root / "val"
+    digits = load_digits()
+    if not 0 < shots <= len(digits.target) // 10 - val_per_class:
+        raise ValueError(f"shots={shots}: digits has about {len(digits.target) // 10} images per class and "
+                         f"{val_per_class} are held out for validation")
+    for split, pick in ((train, slice(None, shots)), (val, slice(-val_per_class, None))):
+        marker = split / f".complete-{size}"
+        if marker.exists():
+            continue
+        for label in range(10):
+            (split / str(label)).mkdir(parents=True, exist_ok=True)
+            for i in np.flatnonzero(digits.target == label)[pick]:
+                pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).save(split / str(label) / f"{i}.png")
+        marker.touch()
+    return train, val
 
 
 if __name__ == "__main__":

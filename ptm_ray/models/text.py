@@ -8,6 +8,7 @@ T5's classification head) is the task head.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
 from ptm_ray.models.registry import ModelRef
 
-__all__ = ["HFTextAdapter", "TEXT_MODEL_TYPES", "TextPreprocessor", "hf_config"]
+__all__ = ["HFTextAdapter", "TEXT_MODEL_TYPES", "TextPreprocessor", "hf_config", "lower_layers_of"]
 
 # model_type -> (embedding modules, [(layer list, modules appended to its last layer)]), relative to
 # the base model (``model.base_model``).
@@ -44,6 +45,33 @@ def hf_config(location: str, trust_remote_code: bool = False) -> Any:
             f"model.name=hf:{location}: no Hugging Face model there (a local folder with config.json, or a hub id "
             f"when a network exists): {str(e).splitlines()[0]}"
         ) from None
+
+
+def lower_layers_of(source: str, num_layers: int, name: str) -> str:
+    """A Hugging Face folder holding the embeddings and lowest ``num_layers`` layers of the model at ``source``.
+
+    Layer dropping from the top keeps real pretrained weights in a smaller, faster model (Sajjad et al.,
+    "On the effect of dropping layers of pre-trained transformer models"); used for the ``minilm-l3``
+    candidate. Written once under ``$PTM_RAY_CACHE`` (default ``~/.cache/ptm_ray``) and reused.
+    """
+    import shutil
+
+    from transformers import AutoModel
+
+    target = Path(os.environ.get("PTM_RAY_CACHE", "~/.cache/ptm_ray")).expanduser() / name
+    if (target / "config.json").is_file():
+        return str(target)
+    partial = target.with_name(f"{name}.{os.getpid()}.tmp")
+    model = AutoModel.from_pretrained(source, num_hidden_layers=num_layers, use_safetensors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    for f in Path(source).iterdir():  # the tokenizer files
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")) and f.is_file():
+            shutil.copy(f, partial / f.name)
+    try:
+        os.replace(partial, target)  # atomic: a concurrent worker sees no folder or a complete one
+    except OSError:  # another process won the race
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
 
 
 class TextPreprocessor:

@@ -1,0 +1,159 @@
+"""The quickstart: the whole product on one machine, with real pretrained weights and no network.
+
+Stages, each a plain ptm_ray job on the same Ray:
+
+1. fine-tune MiniLM-L6 on the bundled support intents (learning curves, early stopping);
+2. the same run from random initialisation (pretrained vs from scratch, same data and budget);
+3. EfficientNet-Lite0 (ImageNet weights) vs the same network from scratch on few labelled digits per
+   class (data efficiency);
+4. a Ray Tune search over two text candidates x freeze depths x learning rates, the winner promoted to
+   the model registry;
+5. the winner deployed on Ray Serve, a few live HTTP predictions and a latency measurement;
+6. the HTML report (``ptm_ray.report``) over everything above.
+
+Everything lands in one folder: ``runs/``, ``search/``, ``registry/``, ``serve_config.yaml``,
+``study.json`` (what the report reads) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptm_ray.config import Config, load_config, with_overrides
+
+__all__ = ["QuickstartConfigs", "run_quickstart"]
+
+EXAMPLES = ["where is my parcel, it was due yesterday", "I want my money back for this broken kettle",
+            "how do I change the password on my account", "please cancel my subscription"]
+
+
+@dataclass
+class QuickstartConfigs:
+    """The YAML config of each stage and extra dotted overrides per stage (tests shrink them)."""
+
+    text: str = "jobs/configs/text_quickstart.yaml"
+    search: str = "jobs/configs/quickstart_search.yaml"
+    vision: str = "jobs/configs/vision_digits.yaml"
+    serve: str = "jobs/configs/serve.yaml"
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # keys: text, search, vision, serve
+    shots: tuple[int, ...] = (5, 20)  # labelled digits per class in the data-efficiency sweep
+
+
+def _stage_configs(out: Path, c: QuickstartConfigs, port: int) -> dict[str, Any]:
+    """Every stage's config, loaded and checked before Ray starts (a bad key fails in a second)."""
+    from ptm_ray.datasets.digits import make_digits_split
+
+    runs = out / "runs"
+    text = load_config(c.text, [f"storage.path={runs}", "storage.name=text-pretrained", *c.overrides.get("text", [])])
+    vision = []
+    for shots in c.shots:
+        train, val = make_digits_split(out / "digits", shots)
+        base = load_config(c.vision, [f"data.train={train}", f"data.validation={val}", f"storage.path={runs}",
+                                      *c.overrides.get("vision", [])])
+        for init, weights in (("pretrained", base.model.weights), ("scratch", "none")):
+            vision.append((shots, init, with_overrides(base, {"model.weights": weights,
+                                                              "storage.name": f"digits-{shots}-{init}"})))
+    search = load_config(c.search, [f"storage.path={out}", "search.name=search", f"search.registry={out / 'registry'}",
+                                    *c.overrides.get("search", [])])
+    serve = load_config(c.serve, [f"serve.registry={out / 'registry'}", f"serve.port={port}",
+                                  f"serve.models=[{{name: {search.search.registry_name or 'search'}}}]",
+                                  f"serve.config_out={out / 'serve_config.yaml'}", *c.overrides.get("serve", [])])
+    scratch = with_overrides(text, {"model.weights": "none", "model.freeze_depth": 0, "storage.name": "text-scratch"})
+    return {"text": text, "scratch": scratch, "vision": vision, "search": search, "serve": serve}
+
+
+def _measure_endpoint(url: str, model: str, n: int = 30) -> dict[str, Any]:
+    """Predictions for the example inputs, then ``n`` sequential one-input requests timed end to end."""
+    import requests
+
+    endpoint = f"{url}/v1/models/{model}/predict"
+    answer = requests.post(endpoint, json={"inputs": EXAMPLES}, timeout=60)
+    answer.raise_for_status()
+    predictions = [{"input": text, "label": p["label"], "probability": p["probability"]}
+                   for text, p in zip(EXAMPLES, answer.json()["predictions"])]
+    latencies = []
+    for i in range(n):
+        started = time.perf_counter()
+        requests.post(endpoint, json={"inputs": [EXAMPLES[i % len(EXAMPLES)]]}, timeout=60).raise_for_status()
+        latencies.append((time.perf_counter() - started) * 1000)
+    latencies.sort()
+    return {"url": url, "model": model, "version": answer.json()["version"], "predictions": predictions,
+            "latency_ms": {"n": n, "p50": statistics.median(latencies), "p95": latencies[int(0.95 * (n - 1))],
+                           "mean": statistics.fmean(latencies)}}
+
+
+def run_quickstart(out: str | Path, configs: QuickstartConfigs | None = None, port: int = 8000) -> dict[str, Any]:
+    """Run every stage into ``out`` and write ``study.json`` and ``report.html`` there; returns the study."""
+    from ptm_ray.report import write_report
+    from ptm_ray.runtime import init_ray
+    from ptm_ray.serve import deploy
+    from ptm_ray.train import fit
+    from ptm_ray.tune import format_leaderboard, run_search
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = _stage_configs(out, configs or QuickstartConfigs(), port)
+    text: Config = cfgs["text"]
+    study: dict[str, Any] = {"title": "ptm_ray quickstart", "metric": text.train.metric, "runs": [],
+                             "timings_s": {}, "main_run": "text-pretrained"}
+    started = time.perf_counter()
+    stages = 5
+
+    def stage(i: int, title: str) -> None:
+        print(f"\n[quickstart {i}/{stages}] {title}  (t={time.perf_counter() - started:.0f}s)", flush=True)
+
+    def timed(key: str, fn, *args):
+        t0 = time.perf_counter()
+        value = fn(*args)
+        study["timings_s"][key] = time.perf_counter() - t0
+        return value
+
+    def add_run(name: str, cfg: Config, result, **extra) -> None:
+        study["runs"].append({"name": name, "path": result.run_path, "model": cfg.model.name,
+                              "weights": cfg.model.weights or "pretrained", **extra})
+
+    init_ray()
+    stage(1, f"fine-tune {text.model.name} on {Path(text.data.train).name}, then the same from scratch")
+    add_run("text-pretrained", text, timed("text fine-tune", fit, text))
+    add_run("text-scratch", cfgs["scratch"], timed("text from scratch", fit, cfgs["scratch"]))
+    study["comparisons"] = [{"task": "support intents (text)", "pretrained": "text-pretrained",
+                             "scratch": "text-scratch"}]
+
+    vision = cfgs["vision"]
+    stage(2, f"{vision[0][2].model.name} vs from scratch on {sorted({s for s, _, _ in vision})} digits per class")
+    sweep: dict[int, dict[str, Any]] = {}
+    for shots, init, cfg in vision:
+        name = f"digits-{shots}-{init}"
+        add_run(name, cfg, timed(f"digits {shots}/class {init}", fit, cfg), shots=shots)
+        sweep.setdefault(shots, {"shots": shots})[init] = name
+    study["data_efficiency"] = {"task": "handwritten digits (images)", "runs": list(sweep.values())}
+
+    search = cfgs["search"]
+    stage(3, f"search {', '.join(f'{k}' for k in search.search.space)} (Ray Tune, ASHA)")
+    result = timed("search", run_search, search)
+    print(format_leaderboard(result.leaderboard, result.metric))
+    study["search"] = {"path": result.experiment_path}
+    study["promoted"] = [{"name": m.name, "version": m.version, "path": m.path} for m in result.promoted]
+    if not result.promoted:
+        raise RuntimeError(f"the search at {result.experiment_path} produced no checkpoint to promote")
+
+    serve_cfg = cfgs["serve"]
+    stage(4, f"deploy {result.promoted[0].name} v{result.promoted[0].version} on Ray Serve")
+    url, config_path = timed("deploy", deploy, serve_cfg)
+    served = timed("predict + latency", _measure_endpoint, url, result.promoted[0].name)
+    study["serve"] = served | {"serve_config": str(config_path)}
+    for p in served["predictions"]:
+        print(f"  {p['input']!r:50} -> {p['label']} ({p['probability']:.2f})")
+    lat = served["latency_ms"]
+    print(f"  latency over {lat['n']} requests: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms")
+
+    stage(5, "report")
+    study["total_s"] = time.perf_counter() - started
+    (out / "study.json").write_text(json.dumps(study, indent=2))
+    study["report"] = str(write_report(out))
+    return study
