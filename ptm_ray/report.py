@@ -129,7 +129,7 @@ def claims(study: Study, histories: dict[str, list[dict[str, Any]]]) -> list[dic
         rows = [(r["shots"], _best(histories[r["pretrained"]], metric)[metric],
                  _best(histories[r["scratch"]], metric)[metric]) for r in sweep["runs"]]
         most = max(rows)
-        enough = [shots for shots, p, _ in rows if p >= most[2]]
+        enough = [shots for shots, p, _ in rows if p >= most[2] and shots < most[0]]
         held = all(p > s for _, p, s in rows)
         evidence = "; ".join(f"{shots}/class: pretrained {p:.3f} vs scratch {s:.3f}" for shots, p, s in sorted(rows))
         if enough:
