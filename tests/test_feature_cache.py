@@ -55,7 +55,7 @@ def test_text_cached_run_matches_uncached(ray_cluster, tiny_text, tmp_path, dept
 
 def test_vision_cached_run_matches_uncached(ray_cluster, digits_dir, tmp_path):
     def make(name, setting):
-        return load_config(None, [f"model.name=timm:test_efficientnet", "model.weights=none", f"data.train={digits_dir}",
+        return load_config(None, ["model.name=timm:test_efficientnet", "model.weights=none", f"data.train={digits_dir}",
                                   "data.image_size=32", "train.batch_size=32", "model.freeze_depth=4", "optim.lr=3e-3",
                                   "train.max_steps_per_epoch=10", f"train.feature_cache={setting}",
                                   f"storage.path={tmp_path / 'runs'}", f"storage.name={name}", *MEDIA])
@@ -112,8 +112,9 @@ def test_auto_falls_back_and_on_refuses_where_the_cache_is_invalid(tiny_text, di
     plan = plan_run(load_config(None, gpt2))
     assert not plan.feature_cache and "cache not supported for hf-text 'gpt2'" in plan.feature_cache_reason
     assert not plan_run(load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "z"))).feature_cache  # depth 0
-    assert plan_run(load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "b", model__freeze_depth=1))).feature_cache
-    augmented = [f"model.name=timm:test_efficientnet", "model.weights=none", f"data.train={digits_dir}",
+    bert = tiny_overrides(tiny_text["bert"], tmp_path, "b", model__freeze_depth=1)
+    assert plan_run(load_config(None, bert)).feature_cache
+    augmented = ["model.name=timm:test_efficientnet", "model.weights=none", f"data.train={digits_dir}",
                  "model.freeze_depth=2", "data.augment=light", "train.feature_cache=on"]
     with pytest.raises(ValueError, match="train.feature_cache=on but .*data.augment=light"):
         plan_run(load_config(None, augmented))
