@@ -159,7 +159,7 @@ def _feature_cache(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]
     how = f"built in {info.build_s:.1f} s" if info.built else "reused"
     print(f"[ptm_ray] feature cache {how}: {info.path} ({info.size_bytes / 1e6:.1f} MB), "
           f"{plan.freeze_blocks}/{plan.num_blocks} frozen blocks computed once")
-    return {"feature_cache": info.path, "feature_cache_bytes": info.size_bytes, "feature_cache_built": info.built}
+    return {"feature_cache": info.path, "feature_cache_bytes": info.size_bytes}
 
 
 class _CachedSuffix(torch.nn.Module):
@@ -326,6 +326,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def forward(module, batch, train):
         return _forward(module, batch, adapter, preprocessor, store, label_index, device, train)
+
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
     def autocast():
