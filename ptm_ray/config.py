@@ -130,6 +130,11 @@ class TrainConfig:
     """Cap on micro-batches per epoch per worker (0: the whole shard). For smoke tests and benchmarks."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer."""
+    feature_cache: Union[bool, str] = "auto"
+    """Train on cached outputs of the frozen blocks (``ptm_ray.feature_cache``): ``auto`` where valid (frozen
+    depth > 0, ``data.augment=none``, a family that supports it, a local/NFS ``storage.path``), ``on`` (an
+    error where invalid) or ``off``. Stored under ``<storage.path>/feature_cache/`` and shared by every run
+    and search trial with the same model, depth, preprocessing and data."""
 
 
 @dataclass
@@ -254,6 +259,7 @@ _CHOICES = {
     "optim.scheduler": ("linear", "cosine", "constant"),
     "train.mode": ("max", "min"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.feature_cache": ("auto", "on", "off"),
     "search.scheduler": ("asha", "fifo"),
 }
 
@@ -415,6 +421,8 @@ def _type_name(kind: Any) -> str:
 
 def _check_values(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
+    if isinstance(cfg.train.feature_cache, bool):  # YAML reads a bare on/off as a boolean
+        cfg.train.feature_cache = "on" if cfg.train.feature_cache else "off"
     for key, allowed in _CHOICES.items():
         group, name = key.split(".")
         value = getattr(getattr(cfg, group), name)

@@ -317,6 +317,8 @@ def ray_datasets(summary: DataSummary, cfg: DataConfig, seed: int) -> dict[str, 
 
     # Per-operator progress bars from every worker drown the per-epoch lines in a job's log.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Rows keep their order through the parallel file reads, so a seed fixes the batches a run sees.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     if summary.train_files is not None:
         train, val = _media_dataset(summary.train_files), _media_dataset(summary.val_files or [])
     else:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ptm_ray.checkpoint import load_train_state, read_meta, save_checkpoint
 from ptm_ray.config import Config, config_from_dict, config_to_dict, parse_freeze_depth
 from ptm_ray.data import DataSummary, inspect_data, ray_datasets
+from ptm_ray.feature_cache import FeatureStore, cache_decision, prepare_cache
 from ptm_ray.freeze import freeze, param_groups, parameter_counts, set_train_mode
 from ptm_ray.models import resolve_model
 
@@ -54,6 +55,9 @@ class RunPlan:
     data: DataSummary
     num_blocks: int
     freeze_blocks: int
+    feature_cache: bool = False
+    """Whether the run trains on cached frozen-prefix outputs (``train.feature_cache``)."""
+    feature_cache_reason: str = ""
 
     @property
     def labels(self) -> list[str]:
@@ -72,7 +76,8 @@ def plan_run(cfg: Config) -> RunPlan:
         skeleton = adapter.build(ref, summary.labels, cfg.model, pretrained=False)
     num_blocks = len(adapter.blocks(skeleton))
     depth = parse_freeze_depth(cfg.model.freeze_depth, num_blocks)
-    return RunPlan(summary, num_blocks, depth)
+    use_cache, reason = cache_decision(cfg, adapter, skeleton, depth)
+    return RunPlan(summary, num_blocks, depth, use_cache, reason)
 
 
 def storage_path(cfg: Config) -> str:
@@ -109,7 +114,7 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
         "cfg": config_to_dict(cfg),
         "labels": plan.labels,
         "num_train_rows": datasets["train"].count(),
-    }
+    } | _feature_cache(cfg, plan, datasets)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -153,6 +158,35 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
     return FitResult(best.path, metrics, history, result.path)
 
 
+def _feature_cache(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:
+    """Build or reuse the frozen-prefix cache when the plan allows it; what the loop needs to read it."""
+    if not plan.feature_cache:
+        if plan.freeze_blocks > 0:
+            print(f"[ptm_ray] feature cache off: {plan.feature_cache_reason}")
+        return {"feature_cache": None, "feature_cache_bytes": 0}
+    adapter, ref = resolve_model(cfg.model)
+    info = prepare_cache(cfg, adapter, ref, plan.labels, plan.freeze_blocks, plan.num_blocks, plan.data, datasets,
+                         f"{storage_path(cfg)}/feature_cache")
+    how = f"built in {info.build_s:.1f} s" if info.built else "reused"
+    print(f"[ptm_ray] feature cache {how}: {info.path} ({info.size_bytes / 1e6:.1f} MB), "
+          f"{plan.freeze_blocks}/{plan.num_blocks} frozen blocks computed once")
+    return {"feature_cache": info.path, "feature_cache_bytes": info.size_bytes}
+
+
+class _CachedSuffix(torch.nn.Module):
+    """The model seen from cached prefix outputs: its forward runs only the unfrozen top.
+
+    A module of its own so that DDP wraps (and synchronises gradients through) the forward actually run.
+    """
+
+    def __init__(self, adapter: Any, model: torch.nn.Module, depth: int) -> None:
+        super().__init__()
+        self.adapter, self.model, self.depth = adapter, model, depth
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.adapter.suffix_logits(self.model, features, self.depth)
+
+
 def _warn_local_storage_on_many_nodes(cfg: Config) -> None:
     import ray
 
@@ -193,14 +227,18 @@ def _batches(shard: Any, cfg: Config, shuffle_seed: int | None = None):
     return shard.iter_batches(**kwargs)
 
 
-def _to_inputs(batch: dict, preprocessor: Any, label_index: dict[str, int], device: torch.device, train: bool):
-    inputs = {k: v.to(device) for k, v in preprocessor(list(batch["input"]), train=train).items()}
+def _forward(net: Any, batch: dict, adapter: Any, preprocessor: Any, store: FeatureStore | None,
+             label_index: dict[str, int], device: torch.device, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of a batch: the whole model on preprocessed inputs, or its top on cached features."""
     targets = torch.tensor([label_index[str(v)] for v in batch["label"]], device=device)
-    return inputs, targets
+    if store is not None:
+        return net(store.lookup(batch["input"], device)), targets
+    inputs = {k: v.to(device) for k, v in preprocessor(list(batch["input"]), train=train).items()}
+    return adapter.logits(net, inputs), targets
 
 
 @torch.no_grad()
-def _evaluate(adapter, model, shard, cfg, preprocessor, label_index, device, autocast) -> dict[str, float]:
+def _evaluate(forward, model, shard, cfg, label_index, device, autocast) -> dict[str, float]:
     """Validation loss, accuracy and macro-F1 over the whole validation set, shared out by batch stride."""
     import ray.train
 
@@ -213,9 +251,9 @@ def _evaluate(adapter, model, shard, cfg, preprocessor, label_index, device, aut
     for i, batch in enumerate(_batches(shard, cfg)):
         if i % world != rank:
             continue
-        inputs, targets = _to_inputs(batch, preprocessor, label_index, device, train=False)
         with autocast():
-            logits = adapter.logits(model, inputs).float()
+            logits, targets = forward(model, batch, train=False)
+            logits = logits.float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         confusion += torch.bincount(targets * n + logits.argmax(-1), minlength=n * n).view(n, n)
     _all_reduce(confusion)
@@ -283,10 +321,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
 
+    # With a feature cache the frozen prefix already ran once for every row: each step looks its outputs
+    # up by the row's raw input and runs only the unfrozen top. Same rows, order and random draws as without.
+    store = FeatureStore(loop_config["feature_cache"]) if loop_config.get("feature_cache") else None
+    net = _CachedSuffix(adapter, model, depth) if store else model
+    if rank == 0 and store:
+        print(f"[ptm_ray] training the top {len(blocks) - depth} block(s) and head on cached features "
+              f"({loop_config['feature_cache_bytes'] / 1e6:.1f} MB at {loop_config['feature_cache']})")
+
     # moves to device; DDP when world > 1 (told about layers a family may skip in a step, e.g. LayerDrop)
     ddp_kwargs = {"find_unused_parameters": getattr(adapter, "ddp_find_unused_parameters", False)}
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
-    unwrapped = getattr(model, "module", model)
+    net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_kwargs)
+    unwrapped_net = getattr(net, "module", net)
+    unwrapped = unwrapped_net.model if store else unwrapped_net
+
+    def forward(module, batch, train):
+        return _forward(module, batch, adapter, preprocessor, store, label_index, device, train)
+
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
     def autocast():
@@ -302,19 +353,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resumed_from = state["epoch"]  # 0 for a fresh run; the restored epoch after a restart
     for epoch in range(state["epoch"], cfg.train.epochs):
         # --- train one epoch on this worker's shard ----------------------------------------------
-        set_train_mode(model, frozen)
+        set_train_mode(net, frozen)
         optimizer.zero_grad(set_to_none=True)
         started = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
         for step, batch in enumerate(_batches(train_shard, cfg, shuffle_seed=cfg.train.seed * 100_003 + epoch)):
             if step >= steps_per_epoch:
                 break
-            inputs, targets = _to_inputs(batch, preprocessor, label_index, device, train=True)
             sync = (step + 1) % cfg.train.grad_accum_steps == 0 or step + 1 == steps_per_epoch
-            no_sync = model.no_sync if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext
+            no_sync = net.no_sync if (not sync and hasattr(net, "no_sync")) else contextlib.nullcontext
             with no_sync():
                 with autocast():
-                    logits = adapter.logits(model, inputs).float()
+                    logits, targets = forward(net, batch, train=True)
+                    logits = logits.float()
                 loss = F.cross_entropy(logits, targets)
                 (loss / cfg.train.grad_accum_steps).backward()
             if sync:
@@ -329,7 +380,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _all_reduce(sums)
 
         # --- validate across all workers, then decide on early stopping ----------------------------
-        val = _evaluate(adapter, unwrapped, val_shard, cfg, preprocessor, label_index, device, autocast)
+        val = _evaluate(forward, unwrapped_net, val_shard, cfg, label_index, device, autocast)
         train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
         value = val[cfg.train.metric] if cfg.train.metric in val else None
         if value is None:
@@ -355,6 +406,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "trainable_params": trainable,
             "total_params": total,
             "frozen_blocks": depth,
+            "feature_cache_bytes": loop_config.get("feature_cache_bytes", 0),  # 0: trained without the cache
             "num_blocks": len(blocks),
             "resumed_from_epoch": resumed_from,
             "stop_reason": "early_stopping" if stop_early else ("max_epochs" if epoch + 1 == cfg.train.epochs else ""),

@@ -129,6 +129,40 @@ class HFAudioAdapter:
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits
 
+    # --- frozen-prefix feature cache (ptm_ray.feature_cache) ---------------------------------------------
+    # Two depths split cleanly: the feature encoder alone (block 1: what follows it, SpecAugment masking
+    # and LayerDrop, runs in the suffix with the same random draws), and everything (the whole base model
+    # is then in eval mode, so neither applies). In between, LayerDrop and masking act inside the prefix.
+    def cache_unsupported(self, model: nn.Module, depth: int) -> str | None:
+        """Why the prefix of ``depth`` blocks cannot be cached, or None."""
+        config = model.config
+        if depth not in (1, len(self.blocks(model))):
+            return (f"hf-audio caches the feature encoder (depth 1) or every block (depth all), not depth {depth}: "
+                    "LayerDrop and SpecAugment masking act inside that prefix during training")
+        if getattr(config, "use_weighted_layer_sum", False) or getattr(config, "add_adapter", False):
+            return "hf-audio with use_weighted_layer_sum or add_adapter: cache not supported"
+        if getattr(config, "feat_extract_norm", "group") == "layer":
+            return "hf-audio models fed an attention mask (feat_extract_norm=layer): cache not supported"
+        return None
+
+    def prefix_forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+        """Depth 1: the convolutional features; depth all: the last hidden state averaged over time."""
+        base = model.base_model
+        if depth == 1:
+            return {"conv_features": base.feature_extractor(inputs["input_values"]).transpose(1, 2)}
+        return {"pooled": base(inputs["input_values"]).last_hidden_state.mean(dim=1)}
+
+    def suffix_logits(self, model: nn.Module, features: dict[str, torch.Tensor], depth: int) -> torch.Tensor:
+        """What the model's forward runs after the prefix: projection, masking, encoder, projector, pooling."""
+        if "pooled" in features:  # mean pooling commutes with the (linear) projector
+            return model.classifier(model.projector(features["pooled"]))
+        base = model.base_model
+        projected = base.feature_projection(features["conv_features"])
+        hidden = projected[0] if isinstance(projected, tuple) else projected  # wav2vec2 returns a pair
+        hidden = base._mask_hidden_states(hidden)
+        hidden = base.encoder(hidden).last_hidden_state
+        return model.classifier(model.projector(hidden).mean(dim=1))
+
     def save(self, model: nn.Module, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)
 

@@ -32,6 +32,7 @@ _LAYOUTS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
 
 
 TEXT_MODEL_TYPES = frozenset(_LAYOUTS)
+_CACHEABLE = frozenset({"bert"})  # encoders whose prefix/suffix split is implemented and checked
 
 
 def hf_config(location: str, trust_remote_code: bool = False) -> Any:
@@ -149,6 +150,46 @@ class HFTextAdapter:
 
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits
+
+    # --- frozen-prefix feature cache (ptm_ray.feature_cache): BERT encoders ----------------
+    cache_sequence_features = ("hidden", "attention_mask")  # padded to model.max_length in the cache
+
+    def cache_unsupported(self, model: nn.Module, depth: int) -> str | None:
+        """Why the prefix of ``depth`` blocks cannot be cached, or None."""
+        if model.config.model_type not in _CACHEABLE:
+            return (f"cache not supported for hf-text {model.config.model_type!r} (only {sorted(_CACHEABLE)}), "
+                    "falling back to uncached")
+        if model.config.is_decoder:
+            return "a decoder BERT/RoBERTa uses causal masks; cache not supported"
+        return None
+
+    def prefix_forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+        """Embeddings and the first ``depth - 1`` layers; with every block frozen, only the first token's state."""
+        base = model.base_model
+        hidden = base.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
+        mask = inputs["attention_mask"]
+        layers = base.encoder.layer
+        if depth > 1:
+            extended, _ = base._create_attention_masks(mask, None, hidden, None, None)
+            for layer in layers[: depth - 1]:
+                hidden = layer(hidden, extended)
+        if depth - 1 == len(layers):  # feature extraction: the head reads the first token only
+            return {"first_token": hidden[:, 0]}
+        return {"hidden": hidden, "attention_mask": mask}
+
+    def suffix_logits(self, model: nn.Module, features: dict[str, torch.Tensor], depth: int) -> torch.Tensor:
+        """The layers above the prefix and the classification head, as the model's own forward runs them."""
+        base = model.base_model
+        if "first_token" in features:
+            sequence = features["first_token"].unsqueeze(1)
+        else:
+            mask = features["attention_mask"]
+            length = int(mask.sum(1).max())  # trim the cache's padding to this batch's longest row
+            sequence, mask = features["hidden"][:, :length], mask[:, :length]
+            extended, _ = base._create_attention_masks(mask, None, sequence, None, None)
+            for layer in base.encoder.layer[depth - 1:]:
+                sequence = layer(sequence, extended)
+        return model.classifier(model.dropout(base.pooler(sequence)))
 
     def save(self, model: nn.Module, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)

@@ -124,6 +124,37 @@ class TimmAdapter:
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(inputs["pixel_values"])
 
+    # --- frozen-prefix feature cache (ptm_ray.feature_cache): EfficientNet/MobileNet-style and ResNet ----
+    def cache_unsupported(self, model: nn.Module, depth: int) -> str | None:
+        """Why the prefix of ``depth`` blocks cannot be cached, or None."""
+        stages = _stages(model)
+        if stages is None:
+            return (f"cache not supported for timm {type(model).__name__} (only EfficientNet and ResNet), "
+                    "falling back to uncached")
+        if len(stages) != len(self.blocks(model)):
+            return f"timm {type(model).__name__}: {len(stages)} stages do not line up with its blocks"
+        return None
+
+    def prefix_forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+        """The first ``depth`` stages; with every stage frozen, the pooled features the classifier reads."""
+        x = inputs["pixel_values"]
+        stages = _stages(model)
+        for stage in stages[:depth]:
+            x = stage(x)
+        if depth == len(stages):
+            return {"pooled": model.forward_head(x, pre_logits=True)}  # eval mode: no head dropout here
+        return {"features": x}
+
+    def suffix_logits(self, model: nn.Module, features: dict[str, torch.Tensor], depth: int) -> torch.Tensor:
+        """The stages above the prefix, then ``forward_head`` (pooling, dropout, classifier)."""
+        if "pooled" in features:  # the rest of forward_head: dropout (training only), classifier
+            x = torch.nn.functional.dropout(features["pooled"], p=model.drop_rate, training=model.training)
+            return model.get_classifier()(x)
+        x = features["features"]
+        for stage in _stages(model)[depth:]:
+            x = stage(x)
+        return model.forward_head(x)
+
     def save(self, model: nn.Module, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         arch = {"arch": model._ptm_arch, "num_classes": model.num_classes, "kwargs": model._ptm_kwargs}
@@ -138,6 +169,20 @@ class TimmAdapter:
         model.load_state_dict(load_file(path / "model.safetensors"))
         model._ptm_arch, model._ptm_kwargs = arch["arch"], arch["kwargs"]
         return model
+
+
+def _stages(model: nn.Module) -> list | None:
+    """The model's forward_features as callables, one per depth block (timm's coarse groups), or None."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+
+    if isinstance(model, EfficientNet):  # groups: stem, blocks.i (the last one with conv_head and bn2)
+        *lower, last = model.blocks
+        return [lambda x: model.bn1(model.conv_stem(x)), *lower, lambda x: model.bn2(model.conv_head(last(x)))]
+    if isinstance(model, ResNet):  # groups: stem, layer1..4
+        return [lambda x: model.maxpool(model.act1(model.bn1(model.conv1(x)))),
+                model.layer1, model.layer2, model.layer3, model.layer4]
+    return None
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:

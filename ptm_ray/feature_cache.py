@@ -1,0 +1,280 @@
+"""A cache of frozen-prefix outputs, shared by every epoch of a run and every trial of a search.
+
+When the first k blocks of a model are frozen and preprocessing is deterministic (no augmentation),
+those blocks compute the same output for an example in every epoch and in every trial that shares the
+model, k and preprocessing. ``prepare_cache`` computes those outputs once, with Ray Data actors
+(batched, on the workers' kind of device), and stores them under
+``<storage.path>/feature_cache/<key>/``; the training loop then feeds the cached features to the
+unfrozen top (``adapter.suffix_logits``) instead of running the whole model.
+
+The key is a sha256 over the model (name, weights fingerprint, constructor kwargs), k, the preprocessing
+settings and the data files (paths, sizes, mtimes): a different key never reuses a cache, the same key
+always does. Rows are looked up by a digest of their raw input, so the training loop keeps its own Ray
+Data pipeline (same shards, same shuffle order as without the cache) and only swaps the model's forward.
+
+On disk: one ``.npy`` array per feature (memory-mapped by the readers, so no process holds all
+activations), ``keys.npy`` (one 20-byte digest per row) and ``meta.json``. Written into a temporary
+folder and renamed into place, so trials building the same key at once never see half a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ptm_ray.config import Config, config_from_dict, config_to_dict
+from ptm_ray.data import DataSummary, resolve_path
+
+if TYPE_CHECKING:
+    import ray.data
+
+__all__ = ["CacheInfo", "FeatureStore", "cache_key", "cache_decision", "prepare_cache", "row_digests"]
+
+_FORMAT = 1  # bump when the layout of a cache folder changes
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A complete cache folder and what it cost."""
+
+    path: str
+    key: str
+    size_bytes: int
+    built: bool  # False: an existing cache was reused
+    build_s: float
+
+
+def cache_decision(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int) -> tuple[bool, str]:
+    """Whether this run can train on cached prefix outputs, and why (or why not).
+
+    ``model`` may live on the meta device: only its architecture is inspected.
+
+    Raises:
+        ValueError: for ``train.feature_cache=on`` when the cache would be invalid, naming the reason.
+    """
+    setting = cfg.train.feature_cache
+    if setting == "off":
+        return False, "train.feature_cache=off"
+    reason = _invalid_reason(cfg, adapter, model, depth)
+    if reason is None:
+        return True, f"frozen prefix of {depth} block(s) is deterministic"
+    if setting == "on":
+        raise ValueError(f"train.feature_cache=on but the cache is not valid for this run: {reason}; "
+                         "set train.feature_cache=auto (falls back to no cache) or off")
+    return False, reason
+
+
+def _invalid_reason(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int) -> str | None:
+    if depth == 0:
+        return "model.freeze_depth is 0: nothing is frozen, so there is no prefix to cache"
+    if cfg.data.augment != "none":
+        return f"data.augment={cfg.data.augment} makes the prefix's input random in every epoch"
+    if "://" in cfg.storage.path:
+        return f"storage.path={cfg.storage.path} is a URI; the cache is memory-mapped from a local or NFS path"
+    check = getattr(adapter, "cache_unsupported", None)
+    if check is None:
+        return f"cache not supported for the {adapter.family} family"
+    return check(model, depth)
+
+
+def cache_key(cfg: Config, adapter: Any, ref: Any, depth: int, num_blocks: int, summary: DataSummary) -> str:
+    """sha256 over model and weights fingerprint, frozen depth, preprocessing and data fingerprint."""
+    weights = ref.weights if ref.weights else ref.location
+    description = {
+        "format": _FORMAT,
+        "family": adapter.family,
+        "model": ref.location,
+        "weights": _weights_fingerprint(weights, cfg.train.seed),
+        "kwargs": cfg.model.kwargs,
+        "depth": [depth, num_blocks],
+        "preprocessing": {"max_length": cfg.model.max_length, "image_size": cfg.data.image_size,
+                          "max_seconds": cfg.data.max_seconds, "augment": cfg.data.augment},
+        "data": _data_fingerprint(cfg, summary),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _weights_fingerprint(weights: str, seed: int) -> str:
+    """Content hash of the weight files; random init (``none``) is fixed by the run's seed."""
+    if weights == "none":
+        return f"random-init-seed-{seed}"
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+    elif path.is_file():
+        files = [path]
+    else:
+        return f"source:{weights}"  # a hub id or timm tag: its own (immutable) published weights
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(_file_sha256(str(file), file.stat().st_size, file.stat().st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    if (path, size, mtime_ns) not in _HASHED:  # a process hashes each unchanged file once
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _HASHED[(path, size, mtime_ns)] = digest.hexdigest()
+    return _HASHED[(path, size, mtime_ns)]
+
+
+def _stat(path: str) -> list:
+    if "://" in path:
+        return [path]
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def _data_fingerprint(cfg: Config, summary: DataSummary) -> list:
+    """Paths, sizes and mtimes of every input file (rows are keyed by content, so the split does not matter)."""
+    if summary.train_files is not None:
+        return [_stat(p) for p, _ in summary.train_files + (summary.val_files or [])]
+    files = [cfg.data.train] + ([cfg.data.validation] if cfg.data.validation else [])
+    return [_stat(resolve_path(f)) + [cfg.data.text_column] for f in files]
+
+
+def row_digests(inputs: Any) -> list[bytes]:
+    """20-byte digests of raw inputs (text or encoded bytes): the row keys of a cache."""
+    return [hashlib.sha1(v.encode() if isinstance(v, str) else bytes(v)).digest() for v in inputs]
+
+
+class _PrefixFn:
+    """Ray Data actor: builds the model once (as a training worker does), then runs the frozen prefix per batch."""
+
+    def __init__(self, cfg: dict, labels: list[str], depth: int, threads: int, pad_to: int | None) -> None:
+        from ptm_ray.models import resolve_model
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = config_from_dict(cfg)
+        self.adapter, ref = resolve_model(self.cfg.model)
+        torch.manual_seed(self.cfg.train.seed)  # random-init weights come out as in the training workers
+        self.device = torch.device("cuda" if self.cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = self.adapter.build(ref, labels, self.cfg.model).to(self.device).eval()
+        self.preprocessor = self.adapter.preprocessor(ref, self.model, self.cfg)
+        self.depth, self.pad_to = depth, pad_to
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {k: v.to(self.device) for k, v in self.preprocessor(list(batch["input"]), train=True).items()}
+        features = self.adapter.prefix_forward(self.model, inputs, self.depth)
+        digests = b"".join(row_digests(batch["input"]))
+        out = {"row_key": np.frombuffer(digests, dtype=np.uint8).reshape(-1, 20)}
+        for name, tensor in features.items():
+            array = tensor.float().cpu().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
+            if self.pad_to and name in getattr(self.adapter, "cache_sequence_features", ()):
+                widths = [(0, 0), (0, self.pad_to - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+                array = np.pad(array, widths)
+            out[name] = array
+        return out
+
+
+def prepare_cache(cfg: Config, adapter: Any, ref: Any, labels: list[str], depth: int, num_blocks: int,
+                  summary: DataSummary, datasets: dict[str, "ray.data.Dataset"], root: str) -> CacheInfo:
+    """Reuse the cache for this run's key under ``root``, or build it from ``datasets`` (all splits).
+
+    Building streams: Ray Data actors compute the prefix batch by batch and this process appends each
+    batch to memory-mapped arrays, so no process ever holds the whole dataset's activations.
+    """
+    key = cache_key(cfg, adapter, ref, depth, num_blocks, summary)
+    final = Path(root) / key
+    if (final / "meta.json").is_file():
+        meta = json.loads((final / "meta.json").read_text())
+        return CacheInfo(str(final), key, meta["size_bytes"], False, 0.0)
+    started = time.perf_counter()
+    tmp = Path(root) / f".building-{key}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        rows = _write_features(cfg, labels, depth, datasets, tmp, adapter)
+        size = sum(p.stat().st_size for p in tmp.iterdir())
+        meta = {"key": key, "rows": rows, "depth": depth, "num_blocks": num_blocks, "model": cfg.model.name,
+                "size_bytes": size, "build_s": time.perf_counter() - started}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, final)  # atomic; fails if another trial completed the same key first
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return CacheInfo(str(final), key, json.loads((final / "meta.json").read_text())["size_bytes"], False, 0.0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CacheInfo(str(final), key, size, True, meta["build_s"])
+
+
+def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, folder: Path, adapter: Any) -> int:
+    import ray.data
+    from numpy.lib.format import open_memmap
+
+    splits = list(datasets.values())
+    total = sum(ds.count() for ds in splits)
+    everything = splits[0].union(*splits[1:]) if len(splits) > 1 else splits[0]
+    threads = int(cfg.scaling.resources_per_worker.get("CPU", 1) or 1)
+    features = everything.map_batches(
+        _PrefixFn,
+        fn_constructor_kwargs={"cfg": config_to_dict(cfg), "labels": labels, "depth": depth, "threads": threads,
+                               "pad_to": cfg.model.max_length if adapter.modality == "text" else None},
+        batch_size=max(cfg.train.batch_size, 32),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.scaling.num_workers),
+        # a fraction of a CPU, as for reads: a search's trial drivers may hold the whole CPUs of a small node
+        num_cpus=0.25,
+        num_gpus=1 if cfg.scaling.use_gpu else 0,
+    )
+    arrays: dict[str, np.memmap] = {}
+    row = 0
+    for batch in features.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        n = len(batch["row_key"])
+        for name, values in batch.items():
+            if name not in arrays:
+                arrays[name] = open_memmap(folder / f"{name}.npy", mode="w+", dtype=values.dtype,
+                                           shape=(total, *values.shape[1:]))
+            arrays[name][row:row + n] = values
+        row += n
+    for array in arrays.values():
+        array.flush()
+    if row != total:
+        raise RuntimeError(f"feature cache: wrote {row} rows, expected {total}")
+    return total
+
+
+class FeatureStore:
+    """Read side of a cache folder: features of a batch of raw inputs, gathered from memory-mapped arrays."""
+
+    def __init__(self, path: str) -> None:
+        folder = Path(path)
+        keys = np.load(folder / "row_key.npy")
+        self.index = {k.tobytes(): i for i, k in enumerate(keys)}  # 20 bytes + an int per row; no activations
+        self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy") if p.stem != "row_key"}
+
+    def lookup(self, inputs: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """The cached features of each raw input, stacked in order, on ``device``."""
+        try:
+            rows = np.array([self.index[d] for d in row_digests(inputs)])
+        except KeyError:
+            raise RuntimeError("feature cache: an input row is missing from the cache (data changed "
+                               "without its mtime changing?); rerun with train.feature_cache=off") from None
+        order = np.argsort(rows)  # memory maps read fastest in file order
+        out = {}
+        for name, array in self.arrays.items():
+            gathered = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+            gathered[order] = array[rows[order]]
+            out[name] = torch.from_numpy(gathered).to(device)
+        return out

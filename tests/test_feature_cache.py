@@ -1,0 +1,122 @@
+"""Frozen-prefix feature cache: same validation metrics as without it, per family; keys; reuse; fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ptm_ray.config import load_config
+from ptm_ray.feature_cache import cache_key
+from ptm_ray.models import resolve_model
+from ptm_ray.train import fit, plan_run
+
+from conftest import tiny_overrides
+
+# One worker: Ray Data hands it the whole (materialized) training set in a fixed order, so the same seed
+# gives the same batches with and without the cache and any metric difference would be the cache's.
+ONE_WORKER = {"scaling__num_workers": 1, "scaling__resources_per_worker": "{CPU: 1}", "train__epochs": 2}
+MEDIA = ["data.validation=null", "data.val_fraction=0.2", "optim.scheduler=constant", "optim.warmup_ratio=0.0",
+         "scaling.num_workers=1", "scaling.resources_per_worker={CPU: 1}", "train.epochs=2"]
+
+
+def _pair(make_cfg) -> tuple:
+    """The same run without and with the cache."""
+    off = fit(make_cfg("uncached", "off"))
+    on = fit(make_cfg("cached", "on"))
+    return off, on
+
+
+def _assert_same_metrics(off, on) -> None:
+    assert off.history[-1]["feature_cache_bytes"] == 0
+    assert on.history[-1]["feature_cache_bytes"] > 0
+    for a, b in zip(off.history, on.history, strict=True):
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6), (off.history, on.history)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3, abs=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("depth", [2, "all"])
+def test_text_cached_run_matches_uncached(ray_cluster, tiny_text, tmp_path, depth):
+    def make(name, setting):
+        return load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, f"{name}", model__freeze_depth=depth,
+                                                train__feature_cache=setting, **ONE_WORKER))
+
+    off, on = _pair(make)
+    _assert_same_metrics(off, on)
+    # the cache sits under storage.path, sized as reported
+    caches = [p for p in (tmp_path / "runs" / "feature_cache").iterdir() if not p.name.startswith(".")]
+    assert len(caches) == 1
+    meta = json.loads((caches[0] / "meta.json").read_text())
+    assert meta["size_bytes"] == sum(p.stat().st_size for p in caches[0].glob("*.npy"))
+    assert meta["size_bytes"] == on.history[-1]["feature_cache_bytes"]
+
+
+def test_vision_cached_run_matches_uncached(ray_cluster, digits_dir, tmp_path):
+    def make(name, setting):
+        return load_config(None, ["model.name=timm:test_efficientnet", "model.weights=none", f"data.train={digits_dir}",
+                                  "data.image_size=32", "train.batch_size=32", "model.freeze_depth=4", "optim.lr=3e-3",
+                                  "train.max_steps_per_epoch=10", f"train.feature_cache={setting}",
+                                  f"storage.path={tmp_path / 'runs'}", f"storage.name={name}", *MEDIA])
+
+    _assert_same_metrics(*_pair(make))
+
+
+def test_speech_cached_run_matches_uncached(ray_cluster, speech_dir, tiny_audio, tmp_path):
+    def make(name, setting):
+        return load_config(None, [f"model.name=hf:{tiny_audio['wav2vec2']}", f"data.train={speech_dir}",
+                                  "data.max_seconds=1.0", "train.batch_size=8", "model.freeze_depth=all",
+                                  "optim.lr=2e-3", f"train.feature_cache={setting}",
+                                  f"storage.path={tmp_path / 'runs'}", f"storage.name={name}", *MEDIA])
+
+    _assert_same_metrics(*_pair(make))
+
+
+def test_second_run_with_same_key_reuses_the_cache(ray_cluster, tiny_text, tmp_path, capsys):
+    def make(name, **extra):
+        return load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, name, model__freeze_depth="all",
+                                                **(ONE_WORKER | {"train__epochs": 1} | extra)))
+
+    fit(make("first"))
+    assert "feature cache built" in capsys.readouterr().out
+    fit(make("second", optim__lr=1e-2))  # a different learning rate: same prefix, same cache
+    assert "feature cache reused" in capsys.readouterr().out
+    fit(make("third", model__max_length=16))  # different preprocessing: a new cache
+    assert "feature cache built" in capsys.readouterr().out
+    caches = [p for p in (tmp_path / "runs" / "feature_cache").iterdir()]
+    assert len(caches) == 2 and not any(p.name.startswith(".building") for p in caches)
+
+
+def _key(overrides: list[str]) -> str:
+    cfg = load_config(None, overrides)
+    adapter, ref = resolve_model(cfg.model)
+    plan = plan_run(cfg)
+    return cache_key(cfg, adapter, ref, plan.freeze_blocks, plan.num_blocks, plan.data)
+
+
+def test_key_changes_with_model_depth_preprocessing_and_data(tiny_text, tmp_path):
+    base = tiny_overrides(tiny_text["bert"], tmp_path, "k", model__freeze_depth=1)
+    key = _key(base)
+    assert _key(base + ["optim.lr=0.5", "storage.name=other", "train.epochs=1"]) == key  # not part of the prefix
+    other_data = tmp_path / "train.csv"
+    other_data.write_text(Path(base[2].split("=", 1)[1]).read_text() + "refund my order please,refund\n")
+    changed = [["model.freeze_depth=2"], ["model.max_length=16"], [f"model.name=hf:{tiny_text['roberta']}"],
+               [f"data.train={other_data}"]]
+    keys = {_key(base + c) for c in changed}
+    assert key not in keys and len(keys) == len(changed)
+
+
+def test_auto_falls_back_and_on_refuses_where_the_cache_is_invalid(tiny_text, digits_dir, tmp_path):
+    gpt2 = tiny_overrides(tiny_text["gpt2"], tmp_path, "g", model__freeze_depth=1)
+    plan = plan_run(load_config(None, gpt2))
+    assert not plan.feature_cache and "cache not supported for hf-text 'gpt2'" in plan.feature_cache_reason
+    assert not plan_run(load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "z"))).feature_cache  # depth 0
+    bert = tiny_overrides(tiny_text["bert"], tmp_path, "b", model__freeze_depth=1)
+    assert plan_run(load_config(None, bert)).feature_cache
+    augmented = ["model.name=timm:test_efficientnet", "model.weights=none", f"data.train={digits_dir}",
+                 "model.freeze_depth=2", "data.augment=light", "train.feature_cache=on"]
+    with pytest.raises(ValueError, match="train.feature_cache=on but .*data.augment=light"):
+        plan_run(load_config(None, augmented))
+    with pytest.raises(ValueError, match="train.feature_cache"):
+        load_config(None, gpt2 + ["train.feature_cache=sometimes"])
