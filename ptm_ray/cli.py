@@ -13,6 +13,18 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _serve_until_interrupted() -> None:
+    """Keep this process (and a Ray it started, with Serve in it) alive until Ctrl-C."""
+    import time
+
+    print("serving until interrupted (Ctrl-C)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from ptm_ray.config import load_config
     from ptm_ray.train import fit
@@ -53,8 +65,6 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    import time
-
     from ptm_ray.config import load_config
     from ptm_ray.serve import deploy
 
@@ -68,18 +78,11 @@ def _deploy(args: argparse.Namespace) -> int:
     print(f'try: curl -s -X POST {url}/v1/models/{cfg.serve.models[0]["name"]}/predict '
           "-H 'Content-Type: application/json' -d '{\"inputs\": [\"where is my order\"]}'")
     if args.block:
-        print("serving until interrupted (Ctrl-C)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        _serve_until_interrupted()
     return 0
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    import time
-
     from ptm_ray.quickstart import QuickstartConfigs, run_quickstart
 
     study = run_quickstart(args.out, QuickstartConfigs(shots=tuple(args.shots)), port=args.port)
@@ -90,12 +93,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     print(f"registry:  {Path(args.out).expanduser().resolve() / 'registry'}  ({promoted})")
     print(f"endpoint:  POST {served['url']}/v1/models/{served['model']}/predict   (OpenAPI: {served['url']}/docs)")
     if args.keep_serving:
-        print("serving until interrupted (Ctrl-C)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        _serve_until_interrupted()
     else:
         print("the endpoint stops with this process; serve the winner again with:\n"
               f"  .venv/bin/python jobs/deploy.py --config jobs/configs/serve.yaml "
