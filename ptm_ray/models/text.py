@@ -17,7 +17,7 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.registry import ModelRef
+from ptm_ray.models.registry import ModelRef, weights_cache_dir
 
 __all__ = ["HFTextAdapter", "TEXT_MODEL_TYPES", "TextPreprocessor", "hf_config", "lower_layers_of"]
 
@@ -59,7 +59,7 @@ def lower_layers_of(source: str, num_layers: int, name: str) -> str:
 
     from transformers import AutoModel
 
-    target = Path(os.environ.get("PTM_RAY_CACHE", "~/.cache/ptm_ray")).expanduser() / name
+    target = weights_cache_dir() / name
     if (target / "config.json").is_file():
         return str(target)
     partial = target.with_name(f"{name}.{os.getpid()}.tmp")

