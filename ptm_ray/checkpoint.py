@@ -90,22 +90,22 @@ class Artifact:
     config: Config
     meta: dict[str, Any] = field(default_factory=dict)
 
-    @torch.no_grad()
-    def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
-        """Class probabilities (len(inputs), num_labels) for raw inputs (strings, or encoded image/audio bytes)."""
-        batch = self.preprocessor(inputs)
-        return torch.softmax(self.adapter.logits(self.model, batch).float(), dim=-1)
+    @property
+    def task(self) -> Any:
+        """The ``ptm_ray.tasks`` task this checkpoint was fine-tuned for."""
+        from ptm_ray.tasks import task_for
 
-    def predict(self, inputs: list[Any], top_k: int = 3) -> list[dict[str, Any]]:
-        """For each input: its top label, that label's probability and the top-k labels."""
-        probs = self.predict_proba(inputs)
-        k = min(top_k, len(self.labels))
-        out = []
-        for row in probs:
-            values, indices = row.topk(k)
-            top = [{"label": self.labels[i], "probability": float(p)} for p, i in zip(values, indices.tolist())]
-            out.append({"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
-        return out
+        return task_for(self.meta.get("task", "classification"))
+
+    def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
+        """Class probabilities (len(inputs), num_labels) for raw inputs (classification checkpoints)."""
+        return self.task.probabilities(self, inputs)
+
+    def predict(self, inputs: list[Any], **options: Any) -> list[dict[str, Any]]:
+        """One prediction per raw input (strings, or encoded image/audio bytes), shaped by the task:
+        ``{label, probability, top_k}`` for classification (``top_k=3``); boxes, a transcript or generated
+        text for the others, with their options (``score_threshold``, ``max_new_tokens``, ...)."""
+        return self.task.predict(self, inputs, **options)
 
 
 def load_artifact(path: str | Path) -> Artifact:

@@ -30,6 +30,7 @@ __all__ = [
     "SearchConfig",
     "ServeConfig",
     "StorageConfig",
+    "TASK_METRICS",
     "TrainConfig",
     "config_to_dict",
     "format_overrides",
@@ -44,7 +45,8 @@ class ModelConfig:
     name: str = ""
     """Registry name with its source: ``hf:<hub id or local dir>`` or a short name such as ``minilm-l6``."""
     task: str = "classification"
-    """What the head predicts. Only ``classification`` for now."""
+    """What the model is fine-tuned to predict (``ptm_ray.tasks``): ``classification``, ``detection``,
+    ``speech_recognition`` (CTC), ``text2text`` (T5) or ``text_generation`` (GPT-2)."""
     weights: str = ""
     """Pretrained weights: empty for the source's own (an hf folder, the timm hub), a local file or folder,
     or ``none`` for random initialisation (training from scratch)."""
@@ -67,13 +69,16 @@ class DataConfig:
     val_fraction: float = 0.2
     """Share of ``train`` held out for validation when no validation file is given."""
     format: str = "auto"
-    """``csv``, ``jsonl``, ``parquet`` or ``auto`` (from the file extension)."""
+    """``csv``, ``jsonl``, ``parquet`` or ``auto`` (from the file extension); for detection ``coco`` (a JSON
+    file) or ``yolo`` (a folder with ``images/<split>``, ``labels/<split>`` and ``data.yaml``)."""
     text_column: str = "text"
     """Column holding the input text (text models)."""
     path_column: str = "path"
     """Manifest column holding image or audio file paths, relative to the manifest's folder or absolute."""
     label_column: str = "label"
     """Column holding the class label."""
+    target_column: str = "target"
+    """Column holding the target text: the transcript (speech_recognition) or the output text (text2text)."""
     on_bad_file: str = "fail"
     """An unreadable image or audio file: ``fail`` naming it, or ``skip`` it and report how many were skipped."""
     augment: str = "none"
@@ -114,10 +119,12 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     seed: int = 0
     """Seed for initialisation, shuffling and the train/validation split."""
-    metric: str = "val_accuracy"
-    """Validation metric that ranks checkpoints and drives early stopping."""
-    mode: str = "max"
-    """``max`` or ``min``: which direction of ``metric`` is better."""
+    metric: str = ""
+    """Validation metric that ranks checkpoints and drives early stopping; empty: the task's own
+    (``TASK_METRICS``: val_accuracy, val_map, val_wer, val_chrf or val_perplexity)."""
+    mode: str = ""
+    """``max`` or ``min``: which direction of ``metric`` is better; empty: ``min`` for losses, error rates
+    and perplexity, else ``max``."""
     early_stopping_patience: int = 0
     """Stop after this many epochs without improvement of ``metric``; 0 never stops early."""
     early_stopping_min_delta: float = 0.0
@@ -229,6 +236,12 @@ class ServeConfig:
     """Largest request body accepted."""
     top_k: int = 3
     """Labels returned per input unless the request asks for fewer or more (up to the label count)."""
+    max_new_tokens: int = 64
+    """Generation (text2text, text_generation): the most new tokens a request may ask for."""
+    max_num_beams: int = 4
+    """Generation: the widest beam search a request may ask for."""
+    max_boxes: int = 300
+    """Detection: the most boxes per image a request may ask for."""
     api_key_env: str = ""
     """Environment variable holding a bearer token required on every route but health (empty: no key)."""
     api_key_file: str = ""
@@ -251,9 +264,19 @@ class Config:
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
+# task -> its default train.metric and mode
+TASK_METRICS = {
+    "classification": ("val_accuracy", "max"),
+    "detection": ("val_map", "max"),
+    "speech_recognition": ("val_wer", "min"),
+    "text2text": ("val_chrf", "max"),
+    "text_generation": ("val_perplexity", "min"),
+}
+_LOWER_IS_BETTER = ("loss", "wer", "cer", "perplexity")
+
 _CHOICES = {
-    "model.task": ("classification",),
-    "data.format": ("auto", "csv", "jsonl", "parquet"),
+    "model.task": tuple(TASK_METRICS),
+    "data.format": ("auto", "csv", "jsonl", "parquet", "coco", "yolo"),
     "data.on_bad_file": ("fail", "skip"),
     "data.augment": ("none", "light"),
     "optim.scheduler": ("linear", "cosine", "constant"),
@@ -423,6 +446,10 @@ def _check_values(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
     if isinstance(cfg.train.feature_cache, bool):  # YAML reads a bare on/off as a boolean
         cfg.train.feature_cache = "on" if cfg.train.feature_cache else "off"
+    if not cfg.train.metric:
+        cfg.train.metric = TASK_METRICS.get(cfg.model.task, ("val_loss",))[0]
+    if not cfg.train.mode:
+        cfg.train.mode = "min" if cfg.train.metric.endswith(_LOWER_IS_BETTER) else "max"
     for key, allowed in _CHOICES.items():
         group, name = key.split(".")
         value = getattr(getattr(cfg, group), name)
@@ -449,7 +476,9 @@ def _check_values(cfg: Config) -> None:
     sv = cfg.serve
     for key, value in {"serve.max_batch_size": sv.max_batch_size, "serve.max_replicas": sv.max_replicas,
                        "serve.target_ongoing_requests": sv.target_ongoing_requests, "serve.max_items": sv.max_items,
-                       "serve.max_body_bytes": sv.max_body_bytes, "serve.top_k": sv.top_k, "serve.port": sv.port}.items():
+                       "serve.max_body_bytes": sv.max_body_bytes, "serve.top_k": sv.top_k, "serve.port": sv.port,
+                       "serve.max_new_tokens": sv.max_new_tokens, "serve.max_num_beams": sv.max_num_beams,
+                       "serve.max_boxes": sv.max_boxes}.items():
         if value <= 0:
             raise ValueError(f"serve.{key.split('.')[1]}={value} must be > 0")
     if not 0 <= sv.min_replicas <= sv.max_replicas:

@@ -27,8 +27,9 @@ from ptm_ray.config import DataConfig
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["DataSummary", "MEDIA_EXTENSIONS", "inspect_data", "ray_datasets", "read_bytes", "read_table",
-           "resolve_format", "resolve_path"]
+__all__ = ["DataSummary", "MEDIA_EXTENSIONS", "check_media_files", "inspect_data", "inspect_table", "list_media_files",
+           "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path", "split_counts",
+           "table_datasets"]
 
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 MEDIA_EXTENSIONS = {
@@ -168,7 +169,7 @@ def _check_labels(train_labels: list[str], val_labels: list[str] | None, cfg: Da
     return labels
 
 
-def _split_counts(num_rows: int, cfg: DataConfig) -> tuple[int, int]:
+def split_counts(num_rows: int, cfg: DataConfig) -> tuple[int, int]:
     num_val = max(1, round(num_rows * cfg.val_fraction))
     if num_rows - num_val < 1:
         raise ValueError(f"data.train: {cfg.train} has {num_rows} rows, too few to split off validation")
@@ -181,14 +182,49 @@ def _inspect_text(cfg: DataConfig) -> DataSummary:
     _check_columns(train, cfg.train, "data.train", columns, cfg.text_column)
     if cfg.validation is None:
         labels = _check_labels(_labels_of(train, cfg.label_column), None, cfg)
-        return DataSummary(labels, *_split_counts(train.num_rows, cfg))
+        return DataSummary(labels, *split_counts(train.num_rows, cfg))
     val = read_table(cfg.validation, cfg.format, "data.validation")
     _check_columns(val, cfg.validation, "data.validation", columns, cfg.text_column)
     labels = _check_labels(_labels_of(train, cfg.label_column), _labels_of(val, cfg.label_column), cfg)
     return DataSummary(labels, train.num_rows, val.num_rows)
 
 
-def _list_media(path: str, cfg: DataConfig, key: str, modality: str) -> list[tuple[str, str]]:
+def inspect_table(cfg: DataConfig, columns: dict[str, str], text_columns: tuple[str, ...]) -> DataSummary:
+    """Check the ``columns`` (name -> config key) of the training and validation files: they exist, no value
+    is missing, and ``text_columns`` hold strings. For tasks whose target is text; the summary has no labels."""
+    train = read_table(cfg.train, cfg.format, "data.train")
+    for text_column in text_columns:
+        _check_columns(train, cfg.train, "data.train", columns, text_column)
+    if cfg.validation is None:
+        return DataSummary([], *split_counts(train.num_rows, cfg))
+    val = read_table(cfg.validation, cfg.format, "data.validation")
+    for text_column in text_columns:
+        _check_columns(val, cfg.validation, "data.validation", columns, text_column)
+    return DataSummary([], train.num_rows, val.num_rows)
+
+
+def table_datasets(cfg: DataConfig, rename: dict[str, str], seed: int) -> dict[str, "ray.data.Dataset"]:
+    """Ray Data ``train`` and ``validation`` of the file columns in ``rename``, renamed (e.g. text -> input);
+    validation split off ``train`` with a seeded shuffle when not given. Materialized, as ``ray_datasets``."""
+    _quiet_ray_data()
+    train = _ray_read(cfg.train, cfg.format).select_columns(list(rename)).rename_columns(rename)
+    if cfg.validation is not None:
+        val = _ray_read(cfg.validation, cfg.format).select_columns(list(rename)).rename_columns(rename)
+    else:
+        train, val = train.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
+    return {"train": train.materialize(), "validation": val.materialize()}
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    # Per-operator progress bars from every worker drown the per-epoch lines in a job's log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Rows keep their order through the parallel file reads, so a seed fixes the batches a run sees.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
+def list_media_files(path: str, cfg: DataConfig, key: str, modality: str) -> list[tuple[str, str]]:
     """(file, label) pairs from a folder ``root/<label>/<file>`` or a manifest of path and label columns."""
     root = Path(resolve_path(path))
     if "://" not in path and root.is_dir():
@@ -235,7 +271,7 @@ def _decoder(modality: str) -> Callable[[bytes], object]:
     return lambda data: decode_audio(data, 16000)
 
 
-def _readable(rows: list[tuple[str, str]], cfg: DataConfig, key: str, modality: str) -> tuple[list, list[str]]:
+def check_media_files(rows: list[tuple[str, str]], cfg: DataConfig, key: str, modality: str) -> tuple[list, list[str]]:
     """Decode every file once; fail on the first bad one, or (``on_bad_file=skip``) leave them out."""
     decode = _decoder(modality)
     good, bad = [], []
@@ -254,16 +290,16 @@ def _readable(rows: list[tuple[str, str]], cfg: DataConfig, key: str, modality: 
 
 
 def _inspect_media(cfg: DataConfig, modality: str) -> DataSummary:
-    train, skipped_train = _readable(_list_media(cfg.train, cfg, "data.train", modality), cfg, "data.train", modality)
+    train, skipped_train = check_media_files(list_media_files(cfg.train, cfg, "data.train", modality), cfg, "data.train", modality)
     skipped = {"data.train": skipped_train} if skipped_train else {}
     if cfg.validation is None:
         _check_labels([label for _, label in train], None, cfg)
         order = np.random.default_rng(0).permutation(len(train))  # the split is part of the data, fixed
-        num_train, _ = _split_counts(len(train), cfg)
+        num_train, _ = split_counts(len(train), cfg)
         val = [train[i] for i in order[num_train:]]
         train = [train[i] for i in order[:num_train]]
     else:
-        val, skipped_val = _readable(_list_media(cfg.validation, cfg, "data.validation", modality), cfg,
+        val, skipped_val = check_media_files(list_media_files(cfg.validation, cfg, "data.validation", modality), cfg,
                                      "data.validation", modality)
         if skipped_val:
             skipped["data.validation"] = skipped_val
@@ -313,19 +349,8 @@ def ray_datasets(summary: DataSummary, cfg: DataConfig, seed: int) -> dict[str, 
     Both are materialized: on a small node the Train workers hold the CPUs, and a lazy read would wait
     forever for one. Blocks live in the object store (spilled to disk if large).
     """
-    import ray.data
-
-    # Per-operator progress bars from every worker drown the per-epoch lines in a job's log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # Rows keep their order through the parallel file reads, so a seed fixes the batches a run sees.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    if summary.train_files is not None:
-        train, val = _media_dataset(summary.train_files), _media_dataset(summary.val_files or [])
-    else:
-        rename = {cfg.text_column: "input", cfg.label_column: "label"}
-        train = _ray_read(cfg.train, cfg.format).select_columns(list(rename)).rename_columns(rename)
-        if cfg.validation is not None:
-            val = _ray_read(cfg.validation, cfg.format).select_columns(list(rename)).rename_columns(rename)
-        else:
-            train, val = train.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
+    if summary.train_files is None:
+        return table_datasets(cfg, {cfg.text_column: "input", cfg.label_column: "label"}, seed)
+    _quiet_ray_data()
+    train, val = _media_dataset(summary.train_files), _media_dataset(summary.val_files or [])
     return {"train": train.materialize(), "validation": val.materialize()}

@@ -75,6 +75,8 @@ def cache_decision(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int
 
 
 def _invalid_reason(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int) -> str | None:
+    if cfg.model.task != "classification":
+        return f"model.task={cfg.model.task}: the cache serves classification heads only"
     if depth == 0:
         return "model.freeze_depth is 0: nothing is frozen, so there is no prefix to cache"
     if cfg.data.augment != "none":

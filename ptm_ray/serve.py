@@ -31,6 +31,8 @@ from ray import serve
 from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import Config, ServeConfig
 from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.tasks import task_for
+from ptm_ray.tasks.classification import format_prediction
 
 __all__ = ["Ingress", "ModelServer", "app_args", "build_app", "deploy", "write_serve_config"]
 
@@ -41,6 +43,9 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list[StrictStr] = Field(min_length=1, description="texts, or base64 image/audio files")
     top_k: int | None = Field(default=None, ge=1, le=1000, description="labels per input (default: serve.top_k)")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="task options, e.g. {score_threshold, max_boxes} (detection) or {max_new_tokens, "
+        "num_beams, do_sample, temperature, top_k, top_p, seed} (generation); bounded by the server's limits")
 
 
 class ApiError(Exception):
@@ -83,6 +88,12 @@ class ModelServer:
         import asyncio
 
         return list(await asyncio.gather(*(self.predict_batch(item) for item in items)))
+
+    def run(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+        """Predictions of a non-classification task (boxes, transcripts, generated text): the same call as
+        offline ``load_artifact(path).predict(items, **options)``, one request at a time, since requests
+        differ in their options (beams, sampling, thresholds)."""
+        return self.artifact.predict(items, **options)
 
 
 def _api_key(sv: dict[str, Any]) -> str | None:
@@ -173,22 +184,34 @@ class Ingress:
             entry = self._model(name)
             chosen = self._choose_version(name, entry, version)
             meta = entry["versions"][chosen]["meta"]
-            inputs, top_k = await self._read_inputs(request, meta["modality"])
-            results = await self.handles[f"{name}:{chosen}"].predict.remote(inputs)
+            inputs, top_k, parameters = await self._read_inputs(request, meta["modality"])
+            handle = self.handles[f"{name}:{chosen}"]
+            if meta["task"] != "classification":
+                if top_k is not None:
+                    raise ApiError(422, f"top_k is a classification option; this is a {meta['task']} model: "
+                                        "send its options in 'parameters'")
+                options = self._task_options(meta["task"], parameters)
+                predictions = await handle.run.remote(inputs, options)
+                return {"model": name, "version": chosen, "predictions": predictions}
+            if parameters:
+                raise ApiError(422, f"classification takes no parameters (got {sorted(parameters)}); use top_k")
+            results = await handle.predict.remote(inputs)
         except ApiError as e:
             return self._error(e)
-        labels = meta["labels"]
-        k = min(top_k or self.settings["top_k"], len(labels))
         predictions = []
         for probs, cut in results:
-            ranked = sorted(range(len(probs)), key=lambda i: -probs[i])[:k]
-            top = [{"label": labels[i], "probability": probs[i]} for i in ranked]
-            item = {"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+            item = format_prediction(probs, meta["labels"], top_k or self.settings["top_k"])
             if cut:
                 item["truncated"] = True
                 item["warning"] = f"input longer than the model's {meta['max_length']} tokens was truncated"
             predictions.append(item)
         return {"model": name, "version": chosen, "predictions": predictions}
+
+    def _task_options(self, task: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+        try:
+            return task_for(task).request_options(parameters or {}, self.settings)
+        except ValueError as e:
+            raise ApiError(422, f"invalid parameters: {e}") from None
 
     def _choose_version(self, name: str, entry: dict[str, Any], version: str | None) -> int:
         versions = entry["versions"]
@@ -200,13 +223,14 @@ class Ingress:
         numbers = sorted(versions)
         return random.choices(numbers, weights=[versions[v]["weight"] for v in numbers])[0]  # canary split
 
-    async def _read_inputs(self, request: Request, modality: str) -> tuple[list[Any], int | None]:
+    async def _read_inputs(self, request: Request, modality: str) -> tuple[list[Any], int | None, dict | None]:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.settings["max_body_bytes"]:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {self.settings['max_body_bytes']}")
         content_type = request.headers.get("content-type", "")
+        parameters = None
         if content_type.startswith("multipart/form-data"):
-            inputs, top_k = await self._read_multipart(request, modality)
+            inputs, top_k, parameters = await self._read_multipart(request, modality)
         else:
             body = await request.body()
             if len(body) > self.settings["max_body_bytes"]:
@@ -219,7 +243,7 @@ class Ingress:
                 status = 400 if any(err["type"] == "json_invalid" for err in e.errors()) else 422
                 raise ApiError(status, "invalid request body: " + "; ".join(f"{x['field']}: {x['problem']}" for x in errors),
                                errors=errors) from None
-            inputs, top_k = list(parsed.inputs), parsed.top_k
+            inputs, top_k, parameters = list(parsed.inputs), parsed.top_k, parsed.parameters
             if modality != "text":
                 inputs = [self._decode_base64(i, item) for i, item in enumerate(inputs)]
         if len(inputs) > self.settings["max_items"]:
@@ -227,9 +251,9 @@ class Ingress:
         if modality != "text":
             for i, data in enumerate(inputs):
                 self._check_decodable(i, data, modality)
-        return inputs, top_k
+        return inputs, top_k, parameters
 
-    async def _read_multipart(self, request: Request, modality: str) -> tuple[list[bytes], int | None]:
+    async def _read_multipart(self, request: Request, modality: str) -> tuple[list[bytes], int | None, dict | None]:
         if modality == "text":
             raise ApiError(415, "this is a text model: send JSON {\"inputs\": [\"...\"]}")
         form = await request.form()
@@ -239,7 +263,17 @@ class Ingress:
         top_k = form.get("top_k")
         if top_k is not None and not str(top_k).isdigit():
             raise ApiError(422, f"top_k must be a positive integer, got {top_k!r}")
-        return files, int(top_k) if top_k else None
+        parameters = form.get("parameters")  # task options as a JSON object, e.g. {"score_threshold": 0.5}
+        if parameters is not None:
+            import json
+
+            try:
+                parameters = json.loads(str(parameters))
+            except json.JSONDecodeError:
+                raise ApiError(422, "the 'parameters' form field must be a JSON object") from None
+            if not isinstance(parameters, dict):
+                raise ApiError(422, "the 'parameters' form field must be a JSON object")
+        return files, int(top_k) if top_k else None, parameters
 
     @staticmethod
     def _decode_base64(index: int, item: str) -> bytes:

@@ -22,14 +22,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ptm_ray.checkpoint import load_train_state, read_meta, save_checkpoint
 from ptm_ray.config import Config, config_from_dict, config_to_dict, parse_freeze_depth
-from ptm_ray.data import DataSummary, inspect_data, ray_datasets
+from ptm_ray.data import DataSummary
 from ptm_ray.feature_cache import FeatureStore, cache_decision, prepare_cache
 from ptm_ray.freeze import freeze, param_groups, parameter_counts, set_train_mode
 from ptm_ray.models import resolve_model
+from ptm_ray.tasks import WorkerContext, all_reduce, task_for
+from ptm_ray.tasks.classification import classification_metrics
 
 __all__ = ["FitResult", "classification_metrics", "fit", "plan_run", "storage_path", "train_loop_per_worker"]
 
@@ -71,7 +72,11 @@ def plan_run(cfg: Config) -> RunPlan:
         ValueError: for bad data, an unknown model or a freeze depth beyond the model's depth.
     """
     adapter, ref = resolve_model(cfg.model)
-    summary = inspect_data(cfg.data, adapter.modality)
+    supported = getattr(adapter, "tasks", ("classification",))
+    if cfg.model.task not in supported:
+        raise ValueError(f"model.task={cfg.model.task} is not available for model.name={cfg.model.name} "
+                         f"({adapter.family} models do {', '.join(supported)})")
+    summary = task_for(cfg.model.task).inspect(cfg.data, adapter.modality)
     with torch.device("meta"):  # architecture only: no weights read, no memory used
         skeleton = adapter.build(ref, summary.labels, cfg.model, pretrained=False)
     num_blocks = len(adapter.blocks(skeleton))
@@ -109,7 +114,7 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
     init_ray()
     _warn_local_storage_on_many_nodes(cfg)
     name = _run_name(cfg)
-    datasets = ray_datasets(plan.data, cfg.data, cfg.train.seed)
+    datasets = task_for(cfg.model.task).datasets(plan.data, cfg.data, cfg.train.seed)
     loop_config = {
         "cfg": config_to_dict(cfg),
         "labels": plan.labels,
@@ -197,29 +202,6 @@ def _warn_local_storage_on_many_nodes(cfg: Config) -> None:
               "mount (NFS) on every node. Use storage.path=s3://<bucket>/<prefix> (or gs://, or an NFS path).")
 
 
-def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """Accuracy and macro-F1 from a (true, predicted) confusion matrix.
-
-    Macro-F1 averages over the classes that occur as a true or a predicted label.
-    """
-    tp = confusion.diag().double()
-    support = confusion.sum(1).double()
-    predicted = confusion.sum(0).double()
-    present = (support + predicted) > 0
-    f1 = 2 * tp / (support + predicted).clamp(min=1)
-    total = confusion.sum().item()
-    return {
-        "accuracy": (tp.sum() / max(total, 1)).item(),
-        "macro_f1": f1[present].mean().item() if present.any() else 0.0,
-    }
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 def _batches(shard: Any, cfg: Config, shuffle_seed: int | None = None):
     kwargs = {"batch_size": cfg.train.batch_size, "batch_format": "numpy"}
     if shuffle_seed is not None and cfg.train.shuffle_buffer > 0:
@@ -227,39 +209,12 @@ def _batches(shard: Any, cfg: Config, shuffle_seed: int | None = None):
     return shard.iter_batches(**kwargs)
 
 
-def _forward(net: Any, batch: dict, adapter: Any, preprocessor: Any, store: FeatureStore | None,
-             label_index: dict[str, int], device: torch.device, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets of a batch: the whole model on preprocessed inputs, or its top on cached features."""
-    targets = torch.tensor([label_index[str(v)] for v in batch["label"]], device=device)
-    if store is not None:
-        return net(store.lookup(batch["input"], device)), targets
-    inputs = {k: v.to(device) for k, v in preprocessor(list(batch["input"]), train=train).items()}
-    return adapter.logits(net, inputs), targets
-
-
-@torch.no_grad()
-def _evaluate(forward, model, shard, cfg, label_index, device, autocast) -> dict[str, float]:
-    """Validation loss, accuracy and macro-F1 over the whole validation set, shared out by batch stride."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model.eval()
-    n = len(label_index)
-    confusion = torch.zeros(n, n, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, batch in enumerate(_batches(shard, cfg)):
-        if i % world != rank:
-            continue
-        with autocast():
-            logits, targets = forward(model, batch, train=False)
-            logits = logits.float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
-        confusion += torch.bincount(targets * n + logits.argmax(-1), minlength=n * n).view(n, n)
-    _all_reduce(confusion)
-    _all_reduce(loss_sum)
-    metrics = classification_metrics(confusion.cpu())
-    return {"val_loss": (loss_sum / confusion.sum().clamp(min=1)).item()} | {f"val_{k}": v for k, v in metrics.items()}
+def _gaps(train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+    """Validation minus training loss (and training minus validation accuracy where both exist)."""
+    gaps = {"gap_loss": val["val_loss"] - train["train_loss"]}
+    if "train_accuracy" in train and "val_accuracy" in val:
+        gaps["gap_accuracy"] = train["train_accuracy"] - val["val_accuracy"]
+    return gaps
 
 
 def _is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -276,7 +231,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(loop_config["cfg"])
     labels: list[str] = loop_config["labels"]
-    label_index = {label: i for i, label in enumerate(labels)}
+    task = task_for(cfg.model.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -335,8 +290,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     unwrapped_net = getattr(net, "module", net)
     unwrapped = unwrapped_net.model if store else unwrapped_net
 
-    def forward(module, batch, train):
-        return _forward(module, batch, adapter, preprocessor, store, label_index, device, train)
+    task_ctx = WorkerContext(adapter, preprocessor, labels, cfg, device, store)
 
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
@@ -356,7 +310,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_train_mode(net, frozen)
         optimizer.zero_grad(set_to_none=True)
         started = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
+        sums = torch.zeros(len(task.stat_names), dtype=torch.float64, device=device)
+        examples = 0
         for step, batch in enumerate(_batches(train_shard, cfg, shuffle_seed=cfg.train.seed * 100_003 + epoch)):
             if step >= steps_per_epoch:
                 break
@@ -364,9 +319,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             no_sync = net.no_sync if (not sync and hasattr(net, "no_sync")) else contextlib.nullcontext
             with no_sync():
                 with autocast():
-                    logits, targets = forward(net, batch, train=True)
-                    logits = logits.float()
-                loss = F.cross_entropy(logits, targets)
+                    loss, stats = task.train_step(task_ctx, net, batch)
                 (loss / cfg.train.grad_accum_steps).backward()
             if sync:
                 if cfg.optim.max_grad_norm > 0:
@@ -374,17 +327,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            sums += torch.tensor([loss.item() * len(targets), (logits.argmax(-1) == targets).sum().item(), len(targets)],
-                                 dtype=torch.float64, device=device)
+            sums += stats
+            examples += len(next(iter(batch.values())))
         train_time = time.perf_counter() - started
-        _all_reduce(sums)
+        all_reduce(sums)
+        examples = int(all_reduce(torch.tensor(examples, device=device)).item())
 
         # --- validate across all workers, then decide on early stopping ----------------------------
-        val = _evaluate(forward, unwrapped_net, val_shard, cfg, label_index, device, autocast)
-        train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        unwrapped_net.eval()
+        val_batches = (b for i, b in enumerate(_batches(val_shard, cfg)) if i % world == rank)
+        val = task.evaluate(task_ctx, unwrapped_net, val_batches, autocast)
+        train_metrics = task.train_metrics(sums)
         value = val[cfg.train.metric] if cfg.train.metric in val else None
         if value is None:
-            raise ValueError(f"train.metric={cfg.train.metric!r} is not a validation metric; use one of {sorted(val)}")
+            raise ValueError(f"train.metric={cfg.train.metric!r} is not a validation metric of model.task="
+                             f"{cfg.model.task}; use one of {sorted(val)}")
         if _is_better(value, state["best"], cfg.train.mode):
             improved = _is_better(value, state["best"], cfg.train.mode, cfg.train.early_stopping_min_delta)
             state.update(best=value, best_epoch=epoch + 1, bad_epochs=0 if improved else state["bad_epochs"] + 1)
@@ -394,14 +351,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stop_early = patience > 0 and state["bad_epochs"] >= patience
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_accuracy": train_acc,
+            **train_metrics,
             **val,
-            "gap_loss": val["val_loss"] - train_loss,  # overfitting monitor: grows as the model memorises
-            "gap_accuracy": train_acc - val["val_accuracy"],
+            **_gaps(train_metrics, val),  # overfitting monitor: grows as the model memorises
             f"best_{cfg.train.metric}": state["best"],
             "best_epoch": state["best_epoch"],
-            "samples_per_s": sums[2].item() / max(train_time, 1e-9),
+            "samples_per_s": examples / max(train_time, 1e-9),  # all workers together
             "epoch_time_s": train_time,
             "trainable_params": trainable,
             "total_params": total,
@@ -413,13 +368,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         state["history"].append(metrics)
         if rank == 0:
-            gauges["samples_per_s"].set(metrics["samples_per_s"] * world, tags=run_tag)
+            gauges["samples_per_s"].set(metrics["samples_per_s"], tags=run_tag)
             gauges["val_score"].set(value, tags=run_tag)
         state["epoch"] = epoch + 1
         if rank == 0:
-            print(f"[ptm_ray] epoch {epoch + 1}/{cfg.train.epochs} train_loss={train_loss:.4f} "
-                  f"val_loss={val['val_loss']:.4f} val_accuracy={val['val_accuracy']:.4f} "
-                  f"val_macro_f1={val['val_macro_f1']:.4f} gap_loss={metrics['gap_loss']:+.4f} "
+            shown = " ".join(f"{k}={v:.4f}" for k, v in (train_metrics | val).items())
+            print(f"[ptm_ray] epoch {epoch + 1}/{cfg.train.epochs} {shown} gap_loss={metrics['gap_loss']:+.4f} "
                   f"{metrics['samples_per_s']:.1f} samples/s" + (" (early stop)" if stop_early else ""))
 
         # --- checkpoint: rank 0 writes it, every rank reports (report is a barrier) -----------------

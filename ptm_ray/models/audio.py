@@ -87,16 +87,24 @@ class AudioPreprocessor:
 
 
 class HFAudioAdapter:
-    """``hf:`` wav2vec 2.0 and HuBERT, loaded with ``AutoModelForAudioClassification``."""
+    """``hf:`` wav2vec 2.0 and HuBERT: ``AutoModelForAudioClassification`` (classification) or
+    ``AutoModelForCTC`` (speech_recognition, its ``lm_head`` sized to the character vocabulary)."""
 
     family = "hf-audio"
     modality = "audio"
+    tasks = ("classification", "speech_recognition")
     ddp_find_unused_parameters = True  # LayerDrop skips whole encoder layers in some training steps
 
     def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-        from transformers import AutoModelForAudioClassification
+        from transformers import AutoModelForAudioClassification, AutoModelForCTC
 
         config = hf_config(ref.location, cfg.trust_remote_code)
+        if cfg.task == "speech_recognition":  # labels: the CTC vocabulary, <pad> (the blank) first
+            config.vocab_size, config.pad_token_id = len(labels), 0
+            config.ctc_loss_reduction, config.ctc_zero_infinity = "mean", True
+            if not pretrained or ref.weights == "none":
+                return AutoModelForCTC.from_config(config)
+            return AutoModelForCTC.from_pretrained(ref.weights or ref.location, config=config, use_safetensors=True)
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
@@ -167,26 +175,31 @@ class HFAudioAdapter:
         model.save_pretrained(path, safe_serialization=True)
 
     def load(self, path: Path) -> nn.Module:
-        from transformers import AutoModelForAudioClassification
+        import transformers
 
-        return AutoModelForAudioClassification.from_pretrained(path, use_safetensors=True)
+        architecture = hf_config(str(path)).architectures[0]  # e.g. Wav2Vec2ForCTC, as saved
+        return getattr(transformers, architecture).from_pretrained(path, use_safetensors=True)
 
 
 class DeepSpeechClassifier(nn.Module):
-    """torchaudio's DeepSpeech over log-mel features, its output layer sized to the labels, mean-pooled over time."""
+    """torchaudio's DeepSpeech over log-mel features, its output layer sized to the labels: mean-pooled over
+    time for classification, per frame (``ctc=True``) for speech recognition."""
 
-    def __init__(self, num_labels: int, n_mels: int = 40, n_hidden: int = 256, sample_rate: int = 16000) -> None:
+    def __init__(self, num_labels: int, n_mels: int = 40, n_hidden: int = 256, sample_rate: int = 16000,
+                 ctc: bool = False) -> None:
         import torchaudio
 
         super().__init__()
-        self.config = {"num_labels": num_labels, "n_mels": n_mels, "n_hidden": n_hidden, "sample_rate": sample_rate}
+        self.config = {"num_labels": num_labels, "n_mels": n_mels, "n_hidden": n_hidden, "sample_rate": sample_rate,
+                       "ctc": ctc}
         with torch.device("cpu"):  # its filterbank is computed eagerly, also when the model is built on "meta"
             self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=400, hop_length=160, n_mels=n_mels)
         self.deepspeech = torchaudio.models.DeepSpeech(n_feature=n_mels, n_hidden=n_hidden, n_class=num_labels)
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         features = torch.log(self.mel(input_values) + 1e-6).transpose(1, 2).unsqueeze(1)  # (B, 1, T, n_mels)
-        return self.deepspeech(features).mean(dim=1)  # per-frame log-probabilities averaged over time
+        frames = self.deepspeech(features)  # (B, T, labels) log-probabilities
+        return frames if self.config["ctc"] else frames.mean(dim=1)
 
 
 class DeepSpeechAdapter:
@@ -194,13 +207,14 @@ class DeepSpeechAdapter:
 
     family = "torchaudio"
     modality = "audio"
+    tasks = ("classification", "speech_recognition")
     _HEAD = "deepspeech.out"
 
     def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
         if ref.location != "deepspeech":
             raise ValueError(f"model.name=torchaudio:{ref.location}: the torchaudio family knows 'deepspeech'")
         try:
-            model = DeepSpeechClassifier(len(labels), **cfg.kwargs)
+            model = DeepSpeechClassifier(len(labels), **cfg.kwargs, ctc=cfg.task == "speech_recognition")
         except TypeError as e:
             raise ValueError(f"model.kwargs={cfg.kwargs} do not fit DeepSpeech: {e}") from None
         if pretrained and ref.weights not in ("", "none"):

@@ -1,8 +1,12 @@
-"""Hugging Face text classifiers: BERT, RoBERTa, GPT-2 and T5 (``hf:<hub id or local dir>``).
+"""Hugging Face text models: BERT, RoBERTa, GPT-2 and T5 (``hf:<hub id or local dir>``).
+
+Tasks: ``classification`` (``AutoModelForSequenceClassification``, every family), ``text2text``
+(``AutoModelForSeq2SeqLM``: T5) and ``text_generation`` (``AutoModelForCausalLM``: GPT-2).
 
 Blocks, input to output: the embeddings, then every transformer layer of each stack (T5: encoder, then
-decoder), each stack's final norm riding with its last layer. What is left (pooler, classifier,
-T5's classification head) is the task head.
+decoder), each stack's final norm riding with its last layer. What is left (pooler, classifier, T5's
+classification head, a language-modelling head) is the task head. GPT-2 and T5 tie their LM head to the
+input embeddings: freezing the embeddings block freezes that shared matrix too.
 """
 
 from __future__ import annotations
@@ -105,15 +109,44 @@ class TextPreprocessor:
         return cls(AutoTokenizer.from_pretrained(path), meta["max_length"])
 
 
+# task -> the transformers auto class that adds its head
+_AUTO_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "text2text": "AutoModelForSeq2SeqLM",
+    "text_generation": "AutoModelForCausalLM",
+}
+
+
+def _language_model(ref: ModelRef, cfg: ModelConfig, pretrained: bool) -> nn.Module:
+    """T5 with its LM head (text2text) or GPT-2 with its LM head (text_generation)."""
+    import transformers
+
+    config = hf_config(ref.location, cfg.trust_remote_code)
+    if cfg.task == "text2text" and not config.is_encoder_decoder:
+        raise ValueError(f"model.task=text2text needs an encoder-decoder model such as T5; model.name={cfg.name} "
+                         f"is a {config.model_type!r} model")
+    if cfg.task == "text_generation" and (config.is_encoder_decoder or config.model_type in ("bert", "roberta")):
+        raise ValueError(f"model.task=text_generation needs a decoder-only model such as GPT-2; model.name="
+                         f"{cfg.name} is a {config.model_type!r} model")
+    auto = getattr(transformers, _AUTO_CLASSES[cfg.task])
+    if not pretrained or ref.weights == "none":
+        return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return auto.from_pretrained(ref.weights or ref.location, config=config, use_safetensors=True,
+                                trust_remote_code=cfg.trust_remote_code)
+
+
 class HFTextAdapter:
-    """``hf:`` text models loaded with ``AutoModelForSequenceClassification``."""
+    """``hf:`` text models with the head of ``model.task``."""
 
     family = "hf-text"
     modality = "text"
+    tasks = tuple(_AUTO_CLASSES)
 
     def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
+        if cfg.task != "classification":
+            return _language_model(ref, cfg, pretrained)
         config = hf_config(ref.location, cfg.trust_remote_code)
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
@@ -128,7 +161,8 @@ class HFTextAdapter:
 
     def blocks(self, model: nn.Module) -> list[Block]:
         embeddings, stacks = _LAYOUTS[model.config.model_type]
-        base = model.base_model_prefix + "."
+        # T5ForConditionalGeneration holds its stacks itself; the other heads wrap a base model
+        base = "" if model.base_model is model else model.base_model_prefix + "."
         blocks = [Block("embeddings", tuple(base + m for m in embeddings))]
         for stack, trailer in stacks:
             n = len(model.base_model.get_submodule(stack))
@@ -195,6 +229,7 @@ class HFTextAdapter:
         model.save_pretrained(path, safe_serialization=True)
 
     def load(self, path: Path) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
+        import transformers
 
-        return AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        architecture = hf_config(str(path)).architectures[0]  # e.g. T5ForConditionalGeneration, as saved
+        return getattr(transformers, architecture).from_pretrained(path, use_safetensors=True)
