@@ -36,11 +36,12 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"run folder:       {result.run_path}")
     print(f"best checkpoint:  {result.best_checkpoint}")
     print(f"best {metric}: {result.best_metrics[metric]:.4f} (epoch {result.best_metrics['epoch']})")
-    print("epoch  train_loss  val_loss  val_accuracy  val_macro_f1  gap_loss")
+    val_keys = [k for k in result.history[0] if k.startswith("val_")]  # the task's own: val_accuracy, val_wer, ...
+    columns = ["train_loss", *val_keys, "gap_loss"]
+    print("epoch  " + "  ".join(f"{c:>12}" for c in columns))
     for h in result.history:
-        print(f"{h['epoch']:>5}  {h['train_loss']:>10.4f}  {h['val_loss']:>8.4f}  {h['val_accuracy']:>12.4f}  "
-              f"{h['val_macro_f1']:>12.4f}  {h['gap_loss']:>+8.4f}")
-    keys = ("epoch", "val_loss", "val_accuracy", "val_macro_f1", "trainable_params", "total_params", "stop_reason")
+        print(f"{h['epoch']:>5}  " + "  ".join(f"{h[c]:>12.4f}" for c in columns))
+    keys = ("epoch", *val_keys, "trainable_params", "total_params", "stop_reason")
     print("best metrics (json): " + json.dumps({k: result.best_metrics.get(k) for k in keys}))
     return 0
 

@@ -100,3 +100,30 @@ def make_tiny_deepspeech(path: str | Path, num_labels: int = 10) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(DeepSpeechClassifier(num_labels, **TINY_DEEPSPEECH).state_dict(), path)
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ptm_ray.tiny <family> <out dir> [--texts CSV --columns a,b]``: write a tiny model to try a
+    task offline (its weights are random; a real run names a pretrained folder or hub id instead)."""
+    import argparse
+    import csv
+
+    from ptm_ray.data import resolve_path
+
+    parser = argparse.ArgumentParser(prog="python -m ptm_ray.tiny", description=main.__doc__)
+    parser.add_argument("family", choices=TEXT_FAMILIES + AUDIO_FAMILIES)
+    parser.add_argument("out")
+    parser.add_argument("--texts", default="bundled:support_intents_train.csv", help="CSV the tokenizer's words come from")
+    parser.add_argument("--columns", default="text", help="comma-separated text columns of --texts")
+    args = parser.parse_args(argv)
+    if args.family in AUDIO_FAMILIES:
+        print(make_tiny_audio_model(args.family, args.out))
+        return
+    with open(resolve_path(args.texts)) as f:
+        rows = list(csv.DictReader(f))
+    texts = [row[c] for row in rows for c in args.columns.split(",")]
+    print(make_tiny_text_model(args.family, args.out, texts))
+
+
+if __name__ == "__main__":
+    main()

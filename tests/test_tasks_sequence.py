@@ -45,7 +45,7 @@ def tiny_lm(tmp_path_factory) -> dict[str, str]:
 def sentences(tmp_path_factory) -> dict[str, Path]:
     from ptm_ray.datasets.spoken_sentences import make_spoken_sentences
 
-    return make_spoken_sentences(tmp_path_factory.mktemp("sentences"), num_train=96, num_val=32)
+    return make_spoken_sentences(tmp_path_factory.mktemp("sentences"), num_train=160, num_val=32)
 
 
 def _overrides(tmp_path: Path, name: str, **values: object) -> list[str]:
@@ -97,3 +97,151 @@ def test_sequence_tasks_pick_their_own_metric_and_heads(tiny_lm, sentences, tiny
     missing = load_config(None, _t5(tiny_lm, tmp_path, "x", data__target_column="reply"))
     with pytest.raises(ValueError, match="has no column 'reply' \\(data.target_column\\)"):
         plan_run(missing)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> ModelRegistry:
+    return ModelRegistry(str(tmp_path_factory.mktemp("seq_registry") / "registry"))
+
+
+def _train_and_check(cfg, registry: ModelRegistry, name: str):
+    result = fit(cfg)
+    history = result.history
+    assert len(history) == cfg.train.epochs
+    assert _best_improved(history, cfg.train.metric, cfg.train.mode), [h[cfg.train.metric] for h in history]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert result.best_metrics[cfg.train.metric] == history[-1][f"best_{cfg.train.metric}"]
+    registry.promote(result.best_checkpoint, name, {"test": name})
+    return result
+
+
+def test_text2text_trains_resumes_and_generates(ray_cluster, tiny_lm, tmp_path, registry):
+    cfg = load_config(None, _t5(tiny_lm, tmp_path, "t5"))
+    result = _train_and_check(cfg, registry, "replies-t5")
+    assert {"val_exact_match", "val_chrf", "gap_loss"} <= set(result.history[-1])
+    # the same storage.name with more epochs continues after the last checkpoint
+    longer = fit(load_config(None, _t5(tiny_lm, tmp_path, "t5", train__epochs=cfg.train.epochs + 1)))
+    assert [h["epoch"] for h in longer.history] == list(range(1, cfg.train.epochs + 2))
+    assert longer.history[-1]["resumed_from_epoch"] == cfg.train.epochs
+    artifact = load_artifact(result.best_checkpoint)
+    assert read_meta(result.best_checkpoint)["task"] == "text2text"
+    greedy = artifact.predict(["reply: i was charged twice"], max_new_tokens=16)
+    beams = artifact.predict(["reply: i was charged twice"], max_new_tokens=16, num_beams=3)
+    assert isinstance(greedy[0]["generated_text"], str) and isinstance(beams[0]["generated_text"], str)
+
+
+def test_text_generation_trains_with_falling_perplexity(ray_cluster, tiny_lm, tmp_path, registry):
+    cfg = load_config(None, _gpt2(tiny_lm, tmp_path, "gpt2"))
+    result = _train_and_check(cfg, registry, "replies-gpt2")
+    history = result.history
+    assert history[-1]["val_perplexity"] < history[0]["val_perplexity"] / 2
+    artifact = load_artifact(result.best_checkpoint)
+    a = artifact.predict(["customer: where is my parcel agent:"], do_sample=True, seed=3, max_new_tokens=8)
+    b = artifact.predict(["customer: where is my parcel agent:"], do_sample=True, seed=3, max_new_tokens=8)
+    assert a == b and a[0]["generated_text"].startswith("customer: where is my parcel agent:")
+
+
+def test_speech_recognition_trains_with_falling_error_rate(ray_cluster, sentences, tmp_path, registry):
+    # CTC first learns to emit only blanks (CER 1.0); about 150 updates get it writing characters
+    cfg = load_config(None, _asr("torchaudio:deepspeech", sentences, tmp_path, "deepspeech", train__batch_size=4,
+                                 train__epochs=8, model__kwargs="{n_mels: 40, n_hidden: 128}", train__metric="val_cer"))
+    result = _train_and_check(cfg, registry, "sentences-asr")
+    assert {"val_wer", "val_cer"} <= set(result.history[-1])
+    assert result.history[-1]["val_cer"] < 1.0  # it writes characters, not just blanks
+    artifact = load_artifact(result.best_checkpoint)
+    clip = Path(sentences["validation"]).parent / _column(str(sentences["validation"]), "path")[0]
+    assert isinstance(artifact.predict([clip.read_bytes()])[0]["text"], str)
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert"])
+def test_hf_ctc_models_train_with_a_frozen_feature_encoder(ray_cluster, sentences, tiny_audio, tmp_path, family):
+    cfg = load_config(None, _asr(f"hf:{tiny_audio[family]}", sentences, tmp_path, family, model__freeze_depth=1,
+                                 train__epochs=2, scaling__num_workers=2))
+    result = fit(cfg)
+    last = result.history[-1]
+    assert last["frozen_blocks"] == 1 and last["trainable_params"] < last["total_params"]
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert 0.0 <= last["val_cer"] and 0.0 <= last["val_wer"]
+    artifact = load_artifact(result.best_checkpoint)
+    assert type(artifact.model).__name__.endswith("ForCTC") and artifact.labels[0] == "<pad>"
+
+
+@pytest.mark.parametrize("task", ["text2text", "text_generation", "speech_recognition"])
+def test_search_ranks_by_the_task_metric_in_its_direction(ray_cluster, tiny_lm, sentences, tiny_audio, tmp_path, task):
+    one_worker = dict(train__epochs=1, scaling__num_workers=1, scaling__resources_per_worker="{CPU: 0.5}")
+    if task == "speech_recognition":  # two families; val_loss, as a tiny CTC model writes no characters in one epoch
+        space = "{model.name: {grid: [torchaudio:deepspeech, hf:%s]}}" % tiny_audio["wav2vec2"]
+        overrides = _asr("torchaudio:deepspeech", sentences, tmp_path, "unused", train__metric="val_loss", **one_worker)
+        expected = ("val_loss", "min")
+    else:
+        space = "{optim.lr: {grid: [3.0e-3, 1.0e-5]}}"
+        make = _t5 if task == "text2text" else _gpt2
+        overrides = make(tiny_lm, tmp_path, "unused", **one_worker)
+        expected = ("val_chrf", "max") if task == "text2text" else ("val_perplexity", "min")
+    overrides += [f"search.space={space}", f"search.name={task}", "search.trial_cpus=0.5",
+                  "search.max_concurrent_trials=1", f"search.registry={tmp_path / 'registry'}",
+                  f"search.registry_name={task}", "search.scheduler=fifo", "search.top_k=1"]
+    result = run_search(load_config(None, overrides))
+    board = result.leaderboard
+    assert (result.metric, result.mode) == expected
+    assert len(board) == 2 and board[0].best_score != board[1].best_score
+    if expected[1] == "min":
+        assert board[0].best_score < board[1].best_score
+    else:
+        assert board[0].best_score > board[1].best_score
+    if task != "speech_recognition":
+        assert board[0].lr == 3.0e-3  # the larger learning rate learns more in one epoch
+    assert load_artifact(result.promoted[0].path).meta["task"] == task
+
+
+def _post(url: str, name: str, body: dict) -> requests.Response:
+    return requests.post(f"{url}/v1/models/{name}/predict", json=body, timeout=120)
+
+
+def test_served_sequence_outputs_equal_offline(ray_cluster, registry, sentences):
+    from ray import serve
+
+    from ptm_ray.serve import deploy
+
+    names = ["replies-t5", "replies-gpt2", "sentences-asr"]
+    missing = [n for n in names if not registry.versions(n)]
+    if missing:
+        pytest.skip(f"needs the models the training tests promote: {missing}")
+    models = "[" + ", ".join("{name: %s}" % n for n in names) + "]"
+    cfg = load_config(None, ["data.train=unused", "model.name=minilm-l6", f"serve.registry={registry.root}",
+                             f"serve.port={free_port()}", f"serve.models={models}", "serve.num_cpus=0.1",
+                             "serve.max_new_tokens=24", "serve.max_num_beams=3", "serve.min_replicas=1",
+                             "serve.max_replicas=1"])
+    url, _ = deploy(cfg)
+    try:
+        t5 = load_artifact(registry.get("replies-t5").path)
+        texts = ["reply: i was charged twice", "reply: cancel my order please"]
+        served = _post(url, "replies-t5", {"inputs": texts, "parameters": {"num_beams": 3, "max_new_tokens": 16}})
+        assert served.status_code == 200, served.text
+        assert served.json()["predictions"] == t5.predict(texts, num_beams=3, max_new_tokens=16)
+
+        gpt2 = load_artifact(registry.get("replies-gpt2").path)
+        options = {"do_sample": True, "seed": 11, "temperature": 0.8, "top_k": 20, "top_p": 0.95, "max_new_tokens": 12}
+        served = _post(url, "replies-gpt2", {"inputs": ["customer: my card was declined agent:"], "parameters": options})
+        assert served.status_code == 200, served.text
+        assert served.json()["predictions"] == gpt2.predict(["customer: my card was declined agent:"], **options)
+
+        asr = load_artifact(registry.get("sentences-asr").path)
+        clip = (Path(sentences["validation"]).parent / _column(str(sentences["validation"]), "path")[0]).read_bytes()
+        served = _post(url, "sentences-asr", {"inputs": [base64.b64encode(clip).decode()]})
+        assert served.status_code == 200, served.text
+        assert served.json()["predictions"] == asr.predict([clip])
+
+        # options beyond the server's limits, unknown options and classification's top_k are 422s naming them
+        for body, message in [
+            ({"inputs": ["hi"], "parameters": {"max_new_tokens": 500}}, "serve.max_new_tokens"),
+            ({"inputs": ["hi"], "parameters": {"num_beams": 8}}, "serve.max_num_beams"),
+            ({"inputs": ["hi"], "parameters": {"temprature": 0.5}}, "temprature"),
+            ({"inputs": ["hi"], "parameters": {"temperature": 0}}, "temperature"),
+            ({"inputs": ["hi"], "top_k": 3}, "top_k is a classification option"),
+        ]:
+            bad = _post(url, "replies-gpt2", body)
+            assert bad.status_code == 422 and message in bad.json()["error"], (body, bad.text)
+        assert _post(url, "replies-gpt2", {"inputs": ["customer: hi agent:"]}).status_code == 200  # still serving
+    finally:
+        serve.shutdown()

@@ -132,6 +132,8 @@ def resolve_model(cfg: ModelConfig) -> tuple[Adapter, ModelRef]:
             f"or a name with its source ({known}), e.g. hf:/path/to/model_dir or timm:resnet18. "
             "New families are added with ptm_ray.models.register_family / register_source."
         )
+    if location.startswith("~"):
+        location = os.path.expanduser(location)
     family = _SOURCES[prefix](location)
     return _FAMILIES[family](), ModelRef(family, location, weights)
 

@@ -81,7 +81,8 @@ class SpeechRecognitionTask:
         from ptm_ray.data import ray_datasets
 
         data = ray_datasets(summary, cfg, seed)  # columns input (file bytes) and label (here: the transcript)
-        return {split: ds.rename_columns({"label": "target"}) for split, ds in data.items()}
+        # materialized again: a lazy rename would need a CPU while the Train workers hold them all
+        return {split: ds.rename_columns({"label": "target"}).materialize() for split, ds in data.items()}
 
     @staticmethod
     def _loss_and_log_probs(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any],
