@@ -1,7 +1,8 @@
 """Model registry: ``resolve_model(cfg.model)`` returns the family adapter for a registry name.
 
 Families: ``hf-text`` (BERT, RoBERTa, GPT-2, T5), ``hf-audio`` (wav2vec 2.0, HuBERT), ``timm`` (any timm
-classifier), ``torchaudio`` (DeepSpeech). Sources: ``hf:``, ``timm:``, ``torchaudio:``.
+classifier), ``torchaudio`` (DeepSpeech), ``torchvision-detection`` (Faster R-CNN) and ``yolo`` (detectors,
+imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``, ``torchvision:``, ``yolo:``.
 """
 
 from ptm_ray.models.audio import AUDIO_MODEL_TYPES, DeepSpeechAdapter, HFAudioAdapter
@@ -34,9 +35,27 @@ register_family("hf-text", HFTextAdapter)
 register_family("hf-audio", HFAudioAdapter)
 register_family("timm", TimmAdapter)
 register_family("torchaudio", DeepSpeechAdapter)
+
+
+def _faster_rcnn():
+    from ptm_ray.models.detection import FasterRCNNAdapter
+
+    return FasterRCNNAdapter()
+
+
+def _yolo():
+    from ptm_ray.models.detection import YOLOAdapter
+
+    return YOLOAdapter()
+
+
+register_family("torchvision-detection", _faster_rcnn)
+register_family("yolo", _yolo)
 register_source("hf", _hf_family)
 register_source("timm", lambda location: "timm")
 register_source("torchaudio", lambda location: "torchaudio")
+register_source("torchvision", lambda location: "torchvision-detection")
+register_source("yolo", lambda location: "yolo")
 
 __all__ = ["SHORT_NAMES", "Adapter", "ModelRef", "adapter_for_family", "register_family", "register_source",
            "resolve_model"]
