@@ -104,10 +104,11 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 def _register_builtin() -> None:
     from ptm_ray.tasks.classification import ClassificationTask
+    from ptm_ray.tasks.detection import DetectionTask
     from ptm_ray.tasks.generation import Text2TextTask, TextGenerationTask
     from ptm_ray.tasks.speech import SpeechRecognitionTask
 
-    builtin = {"classification": ClassificationTask, "speech_recognition": SpeechRecognitionTask,
+    builtin = {"classification": ClassificationTask, "detection": DetectionTask, "speech_recognition": SpeechRecognitionTask,
                "text2text": Text2TextTask, "text_generation": TextGenerationTask}
     for name, factory in builtin.items():
         _TASKS.setdefault(name, factory)

@@ -1,0 +1,215 @@
+"""Object detection: boxes and classes per image; COCO mAP@[.5:.95] and mAP@.5 on validation.
+
+Data (``data.format``):
+
+* ``coco``: ``data.train`` and ``data.validation`` are COCO detection json files (``file_name`` relative
+  to the json's folder); without ``data.validation``, ``data.val_fraction`` of the images is split off.
+* ``yolo``: ``data.train`` is a folder with ``data.yaml`` (``names``), ``images/{train,val}`` and
+  ``labels/{train,val}`` (``cls cx cy w h`` normalised); ``data.validation`` may name another such folder.
+
+Every box is checked on the driver (``ptm_ray.detection_data.check_records``: inside the image, positive
+area, a known category; the image decodes at its declared size). A bad image fails the run naming the file
+and annotation, or with ``data.on_bad_file=skip`` is left out and counted. The labels (the checkpoint's
+``labels``, which size the class head) are the category names of the training data.
+
+Ray datasets have rows ``input`` (the image bytes) and ``target`` (JSON ``{"boxes": [[x1, y1, x2, y2],
+...], "labels": [name, ...]}`` in pixels of that image). The family adapters (``ptm_ray.models.detection``)
+bring ``loss``, ``evaluate_batch`` and ``detect``; this module turns their outputs into metrics and
+predictions: ``{"boxes": [[x1, y1, x2, y2], ...] (original pixels), "labels": [...], "scores": [...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ptm_ray.tasks import WorkerContext, all_reduce
+
+__all__ = ["DetectionTask", "read_detection_records"]
+
+EVAL_SCORE_THRESHOLD = 0.01  # detections that count towards mAP (COCO evaluations use 0.001-0.05)
+EVAL_MAX_BOXES = 100  # COCO's maxDets
+
+
+def _format(cfg) -> str:
+    if cfg.format in ("coco", "yolo"):
+        return cfg.format
+    if cfg.format == "auto":
+        path = Path(cfg.train).expanduser()
+        if path.suffix.lower() == ".json":
+            return "coco"
+        if (path / "data.yaml").is_file():
+            return "yolo"
+    raise ValueError(f"data.format={cfg.format}: model.task=detection reads data.format=coco (data.train: a COCO json "
+                     "file) or data.format=yolo (data.train: a folder with data.yaml, images/ and labels/)")
+
+
+def read_detection_records(cfg) -> tuple[list[dict], list[dict], list[str], dict[str, list[str]]]:
+    """(train records, validation records, category names, skipped image paths per config key), checked."""
+    from ptm_ray.detection_data import check_records, read_coco, read_yolo
+
+    fmt = _format(cfg)
+    root = str(Path(cfg.train).expanduser().resolve())
+    if fmt == "coco":
+        train, categories = read_coco(root)
+        val, val_categories = read_coco(Path(cfg.validation).expanduser().resolve()) if cfg.validation else (None, None)
+    else:
+        train, categories = read_yolo(root, "train")
+        val_root = str(Path(cfg.validation).expanduser().resolve()) if cfg.validation else root
+        val, val_categories = read_yolo(val_root, "val")
+    if val_categories is not None and val_categories != categories:
+        raise ValueError(f"data.validation: categories {val_categories} differ from data.train's {categories}")
+    if len(categories) < 1:
+        raise ValueError(f"data.train: {cfg.train} names no categories")
+    skipped: dict[str, list[str]] = {}
+    if val is None:  # a fixed, seeded split: part of the data, not of the run
+        order = np.random.default_rng(0).permutation(len(train))
+        num_val = max(1, round(len(train) * cfg.val_fraction))
+        val, train = [train[i] for i in order[:num_val]], [train[i] for i in order[num_val:]]
+    checked = {}
+    for key, records in (("data.train", train), ("data.validation", val)):
+        good, count = check_records(records, categories, key, cfg.on_bad_file)
+        if count:
+            kept = {r["path"] for r in good}
+            skipped[key] = [r["path"] for r in records if r["path"] not in kept]
+            print(f"[ptm_ray] {key}: skipped {count} bad image(s) of {len(records)}, e.g. {skipped[key][:3]}")
+        if not good:
+            raise ValueError(f"{key}: no usable images left in {cfg.train if key == 'data.train' else cfg.validation}")
+        checked[key] = good
+    return checked["data.train"], checked["data.validation"], list(categories), skipped
+
+
+def _target_json(record: dict) -> str:
+    return json.dumps({"boxes": record["boxes"], "labels": record["labels"]})
+
+
+def _targets(batch_targets, labels: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Rows' ``target`` JSON -> ``{"boxes" [N, 4] float, "labels" [N] class index}`` per image."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for text in batch_targets:
+        target = json.loads(str(text))
+        out.append({"boxes": torch.tensor(target["boxes"], dtype=torch.float).reshape(-1, 4),
+                    "labels": torch.tensor([index[name] for name in target["labels"]], dtype=torch.long)})
+    return out
+
+
+def _load_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from ptm_ray.data import read_bytes
+
+    return {"input": np.array([read_bytes(p) for p in batch["path"]], dtype=object), "target": batch["target"]}
+
+
+def _gather(state: list) -> list:
+    """Every worker's list, concatenated in rank order (the local list outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return state
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return [item for part in states for item in part]
+
+
+class DetectionTask:
+    """Faster R-CNN and YOLO: boxes + classes; val_loss, val_map (mAP@[.5:.95]) and val_map_50."""
+
+    name = "detection"
+    stat_names = ("loss_sum", "images")
+
+    def inspect(self, cfg, modality):
+        from ptm_ray.data import DataSummary
+
+        if modality != "image":
+            raise ValueError(f"model.task={self.name} needs a detector (torchvision:fasterrcnn_*, yolo:n); "
+                             f"this model takes {modality}")
+        train, val, categories, skipped = read_detection_records(cfg)
+        rows = lambda records: [(r["path"], _target_json(r)) for r in records]  # noqa: E731
+        return DataSummary(categories, len(train), len(val), rows(train), rows(val), skipped)
+
+    def datasets(self, summary, cfg, seed):
+        import ray.data
+
+        from ptm_ray.data import _quiet_ray_data
+
+        _quiet_ray_data()
+
+        def dataset(rows):
+            items = [{"path": path, "target": target} for path, target in rows]
+            # a fraction of a CPU per read task, and materialized here: the Train workers hold every CPU
+            return ray.data.from_items(items).map_batches(_load_images, batch_size=32, num_cpus=0.25).materialize()
+
+        return {"train": dataset(summary.train_files), "validation": dataset(summary.val_files)}
+
+    def train_step(self, ctx: WorkerContext, net, batch):
+        targets = _targets(batch["target"], ctx.labels)
+        inputs = ctx.preprocessor(list(batch["input"]), targets, train=True)
+        loss = ctx.adapter.loss(net, _to(inputs, ctx.device))
+        n = len(targets)
+        return loss, torch.tensor([loss.item() * n, n], dtype=torch.float64, device=ctx.device)
+
+    def train_metrics(self, stats):
+        loss_sum, images = stats.tolist()
+        return {"train_loss": loss_sum / max(images, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, ctx, model, batches, autocast):
+        from ptm_ray.detection_metrics import MeanAP
+
+        metric = MeanAP(max_detections=EVAL_MAX_BOXES)
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        for batch in batches:
+            targets = _targets(batch["target"], ctx.labels)
+            inputs = _to(ctx.preprocessor(list(batch["input"]), targets, train=False), ctx.device)
+            with autocast():
+                loss, detections = ctx.adapter.evaluate_batch(model, inputs, EVAL_SCORE_THRESHOLD, EVAL_MAX_BOXES)
+            metric.update([{k: v.float().cpu() for k, v in d.items()} for d in detections], targets)
+            sums += torch.tensor([loss * len(targets), len(targets)], dtype=torch.float64, device=ctx.device)
+        all_reduce(sums)
+        merged = MeanAP(max_detections=EVAL_MAX_BOXES)
+        merged.merge(_gather(metric.state()))  # every rank computes mAP over every validation image
+        scores = merged.compute()
+        return {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), "val_map": scores["map"], "val_map_50": scores["map_50"]}
+
+    @torch.no_grad()
+    def predict(self, artifact, inputs, score_threshold: float = 0.25, max_boxes: int = 100):
+        """Per image ``{"boxes": [[x1, y1, x2, y2], ...] in original pixels, "labels": [...], "scores": [...]}``,
+        best first: at most ``max_boxes`` detections scoring at least ``score_threshold``."""
+        batch = artifact.preprocessor(list(inputs))
+        found = artifact.adapter.detect(artifact.model, batch, float(score_threshold), int(max_boxes))
+        return [{"boxes": [[round(float(v), 2) for v in box] for box in d["boxes"].tolist()],
+                 "labels": [artifact.labels[int(i)] for i in d["labels"].tolist()],
+                 "scores": [round(float(s), 4) for s in d["scores"].tolist()]} for d in found]
+
+    def request_options(self, parameters, settings):
+        from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+        limit = int(settings.get("max_boxes", 300))
+
+        class Options(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+            max_boxes: int = Field(default=min(100, limit), ge=1, le=limit)
+
+        try:
+            return Options.model_validate(parameters).model_dump()
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}"
+                                 for err in e.errors(include_url=False))
+            raise ValueError(f"{problems} (detection takes score_threshold in [0, 1] and max_boxes in 1..{limit}, "
+                             "the server's serve.max_boxes)") from None
+
+
+def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Images and targets on ``device`` (the frames stay plain numbers)."""
+    if device.type == "cpu":
+        return inputs
+    moved = dict(inputs)
+    images = inputs["images"]
+    moved["images"] = images.to(device) if torch.is_tensor(images) else [i.to(device) for i in images]
+    if "targets" in inputs:
+        moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in inputs["targets"]]
+    return moved
