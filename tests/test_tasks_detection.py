@@ -36,10 +36,10 @@ def shapes(tmp_path_factory) -> dict[str, Path]:
 
 def _overrides(shapes, tmp_path: Path, name: str, **values: object) -> list[str]:
     base: dict[str, object] = {
-        "model.name": LITE0, "model.task": "detection", "model.freeze_depth": 3, "data.format": "coco",
+        "model.name": LITE0, "model.task": "detection", "model.freeze_depth": 5, "data.format": "coco",
         "data.train": str(shapes["train"]), "data.validation": str(shapes["val"]), "data.image_size": 128,
         "data.augment": "light", "data.hflip": 0.5, "optim.lr": 1e-3, "optim.scheduler": "constant",
-        "optim.warmup_ratio": 0.0, "train.batch_size": 8, "train.epochs": 3, "train.shuffle_buffer": 64,
+        "optim.warmup_ratio": 0.0, "train.batch_size": 4, "train.epochs": 3, "train.shuffle_buffer": 64,
         "scaling.num_workers": 2, "scaling.resources_per_worker": "{CPU: 1}", "storage.path": str(tmp_path / "runs"),
         "storage.name": name}
     base.update({k.replace("__", "."): v for k, v in values.items()})
@@ -140,7 +140,7 @@ def test_faster_rcnn_trains_data_parallel_with_rising_map_and_resumes(ray_cluste
     maps = [h["val_map"] for h in history]
     assert len(history) == 3 and max(maps[1:]) > maps[0], maps
     assert {"val_map_50", "val_loss", "train_loss"} <= set(history[-1])
-    assert history[-1]["frozen_blocks"] == 3 and history[-1]["trainable_params"] < history[-1]["total_params"]
+    assert history[-1]["frozen_blocks"] == 5 and history[-1]["trainable_params"] < history[-1]["total_params"]
     assert result.best_metrics["val_map"] == max(maps)
     registry.promote(result.best_checkpoint, "shapes-frcnn", {"test": "detection"})
     # the same storage.name with one more epoch continues after the last checkpoint
@@ -190,7 +190,9 @@ def test_served_boxes_equal_offline(ray_cluster, registry, shapes):
         assert len(predictions) == 2 and set(predictions[0]) == {"boxes", "labels", "scores"}
         for got, want in zip(predictions, offline):
             assert got["labels"] == want["labels"] and len(got["boxes"]) <= 5
-            assert got["boxes"] == pytest.approx(want["boxes"], abs=0.05)
+            assert len(got["boxes"]) == len(want["boxes"])
+            flat = lambda boxes: [v for box in boxes for v in box]  # noqa: E731
+            assert flat(got["boxes"]) == pytest.approx(flat(want["boxes"]), abs=0.05)
             assert got["scores"] == pytest.approx(want["scores"], abs=1e-3)
             assert all(0 <= v <= 128 for box in got["boxes"] for v in box)  # pixels of the original 128 px image
         for body, message in [
