@@ -5,6 +5,7 @@ resumes, is ranked against YOLO by a search on val_map, and is served with the s
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -31,7 +32,13 @@ DETECTORS = ["torchvision:fasterrcnn_mobilenet_v3_large_fpn", "torchvision:faste
 def shapes(tmp_path_factory) -> dict[str, Path]:
     from ptm_ray.datasets.shapes import make_shapes
 
-    return make_shapes(tmp_path_factory.mktemp("shapes"), num_train=64, num_val=24, image_size=128, seed=0)
+    paths = make_shapes(tmp_path_factory.mktemp("shapes"), num_train=64, num_val=24, image_size=128, seed=0)
+    coco = json.loads(Path(paths["val"]).read_text())  # a 12-image validation set keeps search trials short
+    keep = {im["id"] for im in coco["images"][:12]}
+    small = {**coco, "images": coco["images"][:12], "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}
+    paths["val_small"] = Path(paths["root"]) / "val_small.json"
+    paths["val_small"].write_text(json.dumps(small))
+    return paths
 
 
 def _overrides(shapes, tmp_path: Path, name: str, **values: object) -> list[str]:
@@ -117,6 +124,28 @@ def test_bad_boxes_fail_naming_the_record_or_are_skipped_and_counted(shapes, tmp
         plan_run(not_detector)
 
 
+def test_yolo_layout_is_read_and_boxes_map_back_to_original_pixels(tmp_path):
+    from PIL import Image
+
+    from ptm_ray.datasets.shapes import make_shapes
+    from ptm_ray.models.detection import DetectionPreprocessor
+
+    root = make_shapes(tmp_path / "yolo", num_train=8, num_val=4, image_size=64, seed=1, fmt="yolo")["root"]
+    cfg = load_config(None, ["model.name=yolo:n", "model.task=detection", f"data.train={root}", "data.image_size=64"])
+    plan = plan_run(cfg)  # data.format=auto: a folder with data.yaml is the YOLO layout
+    assert plan.labels == ["circle", "square", "triangle"] and (plan.data.num_train_rows, plan.data.num_val_rows) == (8, 4)
+    image = Image.new("RGB", (200, 120))
+    data = io.BytesIO()
+    image.save(data, "PNG")
+    boxes = torch.tensor([[10.0, 20.0, 110.0, 100.0]])
+    for kind in ("letterbox", "resize"):
+        batch = DetectionPreprocessor(kind, 64)([data.getvalue()], [{"boxes": boxes, "labels": torch.tensor([0])}])
+        moved = batch["targets"][0]["boxes"]
+        assert not torch.allclose(moved, boxes)  # boxes follow the pixels into the model's input ...
+        back = DetectionPreprocessor.to_original(moved, batch["frames"][0])
+        assert torch.allclose(back, boxes, atol=1e-3)  # ... and detections map back to the original image
+
+
 def test_request_options_are_bounded_by_the_server():
     task = task_for("detection")
     assert task.request_options({}, {"max_boxes": 50}) == {"score_threshold": 0.25, "max_boxes": 50}
@@ -152,7 +181,8 @@ def test_faster_rcnn_trains_data_parallel_with_rising_map_and_resumes(ray_cluste
 
 def test_search_over_two_detectors_ranks_by_map(ray_cluster, shapes, tmp_path):
     overrides = _overrides(shapes, tmp_path, "unused", train__epochs=1, scaling__num_workers=1,
-                           scaling__resources_per_worker="{CPU: 0.5}", train__max_steps_per_epoch=6)
+                           scaling__resources_per_worker="{CPU: 0.5}", train__max_steps_per_epoch=4,
+                           data__validation=str(shapes["val_small"]))
     overrides += [f"search.space={{model.name: {{grid: [{LITE0}, yolo:n]}}}}", "search.name=detectors",
                   "search.trial_cpus=0.5", "search.max_concurrent_trials=1", f"search.registry={tmp_path / 'registry'}",
                   "search.registry_name=detectors", "search.scheduler=fifo", "search.top_k=1"]
@@ -188,6 +218,7 @@ def test_served_boxes_equal_offline(ray_cluster, registry, shapes):
         predictions = served.json()["predictions"]
         offline = artifact.predict(data, **options)
         assert len(predictions) == 2 and set(predictions[0]) == {"boxes", "labels", "scores"}
+        assert any(p["boxes"] for p in predictions)  # the trained model finds shapes at this threshold
         for got, want in zip(predictions, offline):
             assert got["labels"] == want["labels"] and len(got["boxes"]) <= 5
             assert len(got["boxes"]) == len(want["boxes"])
