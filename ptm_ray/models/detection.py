@@ -230,8 +230,8 @@ def _frcnn_backbone(location: str, frozen_bn: bool, kwargs: dict[str, Any]) -> t
         from torchvision.models.detection.backbone_utils import _mobilenet_extractor
 
         backbone = _mobilenet_extractor(mobilenet_v3_large(norm_layer=norm), True, 6)
-        sizes = tuple(kwargs.pop("anchor_sizes", (32, 64, 128, 256, 512)))
-        return backbone, {"rpn_anchor_generator": AnchorGenerator((sizes,) * 3, (ratios * len(sizes),) * 3)}
+        sizes = tuple(kwargs.pop("anchor_sizes", (32, 64, 128, 256, 512)))  # as torchvision: all sizes on 3 levels
+        return backbone, {"rpn_anchor_generator": AnchorGenerator((sizes,) * 3, (ratios,) * 3)}
     import timm
 
     body = timm.create_model("efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4), pretrained=False)
@@ -286,9 +286,7 @@ class FasterRCNNAdapter:
             state = load_file(converted_efficientnet_lite0())
             body.load_state_dict({k: v for k, v in state.items() if k in body.state_dict()})
         else:
-            raise ValueError(f"model.name=torchvision:{ref.location}: the torchvision hub is not reachable offline; "
-                             "set model.weights to a local state dict of this detector (e.g. torchvision's COCO "
-                             "checkpoint file), or model.weights=none for random init")
+            load_detector_weights(model, _torchvision_coco_weights(ref.location), self.head_prefixes)
 
     def blocks(self, model: nn.Module) -> list[Block]:
         body = model.backbone.body
@@ -360,6 +358,21 @@ class FasterRCNNAdapter:
         model = self._create(spec)
         model.load_state_dict(load_file(path / "model.safetensors"))
         return model
+
+
+def _torchvision_coco_weights(location: str) -> str:
+    """torchvision's COCO checkpoint of ``location``, downloaded once into torch's hub cache (needs network)."""
+    from torchvision.models import detection
+
+    enum = {"fasterrcnn_resnet50_fpn": detection.FasterRCNN_ResNet50_FPN_Weights,
+            "fasterrcnn_mobilenet_v3_large_fpn": detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights}[location]
+    try:
+        enum.DEFAULT.get_state_dict(progress=False)  # downloads into torch.hub.get_dir()/checkpoints
+    except Exception as e:  # noqa: BLE001 - no network, proxy, disk: the user picks another source
+        raise ValueError(f"model.name=torchvision:{location}: torchvision's COCO weights could not be fetched "
+                         f"({type(e).__name__}); offline, set model.weights to a local state dict of this detector "
+                         "(e.g. torchvision's checkpoint file), or model.weights=none for random init") from None
+    return str(Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.DEFAULT.url).name)
 
 
 def _save(model: nn.Module, path: Path) -> None:
