@@ -95,6 +95,16 @@ def test_lite0_backbone_has_the_imagenet_weights_and_weights_files_load_with_a_n
     reloaded = adapter.build(ref, ["a", "b", "c"], three.model)  # other classes: only the predictor is fresh
     assert torch.equal(reloaded.rpn.head.conv[0][0].weight, model.rpn.head.conv[0][0].weight)
     assert reloaded.roi_heads.box_predictor.cls_score.out_features == 4
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    coco = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91)  # torchvision's layout
+    torch.save({k: v for k, v in coco.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "coco.pth")
+    mobilenet = load_config(None, ["model.name=torchvision:fasterrcnn_mobilenet_v3_large_fpn", "model.task=detection",
+                                   f"model.weights={tmp_path / 'coco.pth'}", "data.train=x"])
+    adapter, ref = resolve_model(mobilenet.model)
+    loaded = adapter.build(ref, ["a", "b"], mobilenet.model)
+    assert torch.equal(loaded.rpn.head.conv[0][0].weight, coco.rpn.head.conv[0][0].weight)
+    assert loaded.roi_heads.box_predictor.cls_score.out_features == 3
     other = tmp_path / "yolo.safetensors"
     yolo_cfg = load_config(None, ["model.name=yolo:n", "model.task=detection", "model.weights=none", "data.train=x"])
     yolo_adapter, yolo_ref = resolve_model(yolo_cfg.model)
