@@ -299,7 +299,8 @@ class FasterRCNNAdapter:
             cuts = [0] + [i for i, b in enumerate(body.values()) if getattr(b, "_is_cn", False)] + [len(body)]
             stages = [(f"features.{a}-{b - 1}", tuple(str(i) for i in range(a, b))) for a, b in zip(cuts, cuts[1:]) if b > a]
         blocks = [Block(f"backbone.{name}", tuple(f"backbone.body.{p}" for p in prefixes)) for name, prefixes in stages]
-        return blocks + [Block("fpn", ("backbone.fpn",)), Block("rpn", ("rpn",)), Block("roi_box_head", ("roi_heads.box_head",))]
+        return blocks + [Block("fpn", ("backbone.fpn",)), Block("rpn", ("rpn",)),
+                         Block("roi_box_head", ("roi_heads.box_head",))]
 
     def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> DetectionPreprocessor:
         return DetectionPreprocessor("resize", _image_size(cfg), cfg.data.augment, cfg.data.hflip, cfg.train.seed)

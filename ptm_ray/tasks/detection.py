@@ -172,7 +172,8 @@ class DetectionTask:
         merged = MeanAP(max_detections=EVAL_MAX_BOXES)
         merged.merge(_gather(metric.state()))  # every rank computes mAP over every validation image
         scores = merged.compute()
-        return {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), "val_map": scores["map"], "val_map_50": scores["map_50"]}
+        return {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), "val_map": scores["map"],
+                "val_map_50": scores["map_50"]}
 
     @torch.no_grad()
     def predict(self, artifact, inputs, score_threshold: float = 0.25, max_boxes: int = 100):
