@@ -44,6 +44,8 @@ class GenerationOptions(BaseModel):
 
 
 def _request_options(parameters: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    if "max_new_tokens" not in parameters:  # the default, capped by this server's limit
+        parameters = parameters | {"max_new_tokens": min(GenerationOptions().max_new_tokens, settings["max_new_tokens"])}
     try:
         options = GenerationOptions.model_validate(parameters)
     except ValidationError as e:
