@@ -105,6 +105,9 @@ def registry(tmp_path_factory) -> ModelRegistry:
 
 
 def _train_and_check(cfg, registry: ModelRegistry, name: str):
+    """Train, check the task's metric improved, promote; then relaunch with one more epoch: it resumes."""
+    from ptm_ray.config import with_overrides
+
     result = fit(cfg)
     history = result.history
     assert len(history) == cfg.train.epochs
@@ -112,6 +115,9 @@ def _train_and_check(cfg, registry: ModelRegistry, name: str):
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert result.best_metrics[cfg.train.metric] == history[-1][f"best_{cfg.train.metric}"]
     registry.promote(result.best_checkpoint, name, {"test": name})
+    longer = fit(with_overrides(cfg, {"train.epochs": cfg.train.epochs + 1}))  # same storage.name
+    assert [h["epoch"] for h in longer.history] == list(range(1, cfg.train.epochs + 2))
+    assert longer.history[-1]["resumed_from_epoch"] == cfg.train.epochs
     return result
 
 
@@ -119,10 +125,6 @@ def test_text2text_trains_resumes_and_generates(ray_cluster, tiny_lm, tmp_path, 
     cfg = load_config(None, _t5(tiny_lm, tmp_path, "t5"))
     result = _train_and_check(cfg, registry, "replies-t5")
     assert {"val_exact_match", "val_chrf", "gap_loss"} <= set(result.history[-1])
-    # the same storage.name with more epochs continues after the last checkpoint
-    longer = fit(load_config(None, _t5(tiny_lm, tmp_path, "t5", train__epochs=cfg.train.epochs + 1)))
-    assert [h["epoch"] for h in longer.history] == list(range(1, cfg.train.epochs + 2))
-    assert longer.history[-1]["resumed_from_epoch"] == cfg.train.epochs
     artifact = load_artifact(result.best_checkpoint)
     assert read_meta(result.best_checkpoint)["task"] == "text2text"
     greedy = artifact.predict(["reply: i was charged twice"], max_new_tokens=16)
@@ -130,7 +132,7 @@ def test_text2text_trains_resumes_and_generates(ray_cluster, tiny_lm, tmp_path, 
     assert isinstance(greedy[0]["generated_text"], str) and isinstance(beams[0]["generated_text"], str)
 
 
-def test_text_generation_trains_with_falling_perplexity(ray_cluster, tiny_lm, tmp_path, registry):
+def test_text_generation_trains_resumes_with_falling_perplexity(ray_cluster, tiny_lm, tmp_path, registry):
     cfg = load_config(None, _gpt2(tiny_lm, tmp_path, "gpt2"))
     result = _train_and_check(cfg, registry, "replies-gpt2")
     history = result.history
@@ -141,7 +143,7 @@ def test_text_generation_trains_with_falling_perplexity(ray_cluster, tiny_lm, tm
     assert a == b and a[0]["generated_text"].startswith("customer: where is my parcel agent:")
 
 
-def test_speech_recognition_trains_with_falling_error_rate(ray_cluster, sentences, tmp_path, registry):
+def test_speech_recognition_trains_resumes_with_falling_error_rate(ray_cluster, sentences, tmp_path, registry):
     # CTC first learns to emit only blanks (CER 1.0); about 150 updates get it writing characters
     cfg = load_config(None, _asr("torchaudio:deepspeech", sentences, tmp_path, "deepspeech", train__batch_size=4,
                                  train__epochs=8, model__kwargs="{n_mels: 40, n_hidden: 128}", train__metric="val_cer"))

@@ -44,6 +44,8 @@ class GenerationOptions(BaseModel):
 
 
 def _request_options(parameters: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    if "max_new_tokens" not in parameters:  # the default, capped by this server's limit
+        parameters = parameters | {"max_new_tokens": min(GenerationOptions().max_new_tokens, settings["max_new_tokens"])}
     try:
         options = GenerationOptions.model_validate(parameters)
     except ValidationError as e:
@@ -77,11 +79,28 @@ def _generate(artifact: "Artifact", inputs: list[str], decoder_only: bool, **opt
     return [[t for t in row.tolist() if t != tokenizer.pad_token_id] for row in out]
 
 
-class Text2TextTask:
+class _TokenLoss:
+    """Training statistics of a language-model loss: a mean over target tokens, weighted by their count."""
+
+    stat_names = ("loss_sum", "tokens")
+
+    @staticmethod
+    def _loss(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def train_step(self, ctx, net, batch):
+        loss, tokens = self._loss(ctx, net, batch)
+        return loss, torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=ctx.device)
+
+    def train_metrics(self, stats):
+        loss_sum, tokens = stats.tolist()
+        return {"train_loss": loss_sum / max(tokens, 1)}
+
+
+class Text2TextTask(_TokenLoss):
     """T5-style sequence-to-sequence fine-tuning with teacher forcing."""
 
     name = "text2text"
-    stat_names = ("loss_sum", "tokens")
 
     def inspect(self, cfg, modality):
         from ptm_ray.data import inspect_table
@@ -104,14 +123,6 @@ class Text2TextTask:
         labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100).to(ctx.device)
         loss = net(**inputs, labels=labels).loss.float()  # mean over the target tokens
         return loss, int((labels != -100).sum())
-
-    def train_step(self, ctx, net, batch):
-        loss, tokens = self._loss(ctx, net, batch)
-        return loss, torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=ctx.device)
-
-    def train_metrics(self, stats):
-        loss_sum, tokens = stats.tolist()
-        return {"train_loss": loss_sum / max(tokens, 1)}
 
     @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
@@ -148,11 +159,10 @@ class Text2TextTask:
         return _request_options(parameters, settings)
 
 
-class TextGenerationTask:
+class TextGenerationTask(_TokenLoss):
     """GPT-2-style causal language modelling on a text column."""
 
     name = "text_generation"
-    stat_names = ("loss_sum", "tokens")
 
     def inspect(self, cfg, modality):
         from ptm_ray.data import inspect_table
@@ -175,14 +185,6 @@ class TextGenerationTask:
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         loss = net(**inputs, labels=labels).loss.float()  # mean over the predicted (shifted) tokens
         return loss, int((labels[:, 1:] != -100).sum())
-
-    def train_step(self, ctx, net, batch):
-        loss, tokens = self._loss(ctx, net, batch)
-        return loss, torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=ctx.device)
-
-    def train_metrics(self, stats):
-        loss_sum, tokens = stats.tolist()
-        return {"train_loss": loss_sum / max(tokens, 1)}
 
     @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
