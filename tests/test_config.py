@@ -28,6 +28,16 @@ def test_every_shipped_config_parses_and_plans(path, tmp_path):
 
         shapes = make_shapes(tmp_path, num_train=4, num_val=2, image_size=64)
         overrides = [f"data.train={shapes['train']}", f"data.validation={shapes['val']}"]
+    if path.name == "speech_sentences.yaml":  # its data is written by python -m ptm_ray.datasets.spoken_sentences
+        from ptm_ray.datasets.spoken_sentences import make_spoken_sentences
+
+        sentences = make_spoken_sentences(tmp_path, num_train=8, num_val=4)
+        overrides = [f"data.train={sentences['train']}", f"data.validation={sentences['validation']}"]
+    if path.name in ("t5_replies.yaml", "gpt2_replies.yaml"):  # a hub id or local folder; here a tiny one
+        from ptm_ray.tiny import make_tiny_text_model
+
+        family = "t5" if path.name.startswith("t5") else "gpt2"
+        overrides = [f"model.name=hf:{make_tiny_text_model(family, tmp_path / family, ['where is my order'])}"]
     cfg = load_config(path, overrides)
     assert cfg.model.name and cfg.data.train
     plan = plan_run(cfg)  # the data and the freeze depth check out against the real model
