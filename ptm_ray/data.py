@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     import ray.data
 
 __all__ = ["DataSummary", "MEDIA_EXTENSIONS", "check_media_files", "inspect_data", "inspect_table", "list_media_files",
-           "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path", "split_counts",
-           "table_datasets"]
+           "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
+           "split_counts", "table_datasets"]
 
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 MEDIA_EXTENSIONS = {
@@ -206,7 +206,7 @@ def inspect_table(cfg: DataConfig, columns: dict[str, str], text_columns: tuple[
 def table_datasets(cfg: DataConfig, rename: dict[str, str], seed: int) -> dict[str, "ray.data.Dataset"]:
     """Ray Data ``train`` and ``validation`` of the file columns in ``rename``, renamed (e.g. text -> input);
     validation split off ``train`` with a seeded shuffle when not given. Materialized, as ``ray_datasets``."""
-    _quiet_ray_data()
+    quiet_ray_data()
     train = _ray_read(cfg.train, cfg.format).select_columns(list(rename)).rename_columns(rename)
     if cfg.validation is not None:
         val = _ray_read(cfg.validation, cfg.format).select_columns(list(rename)).rename_columns(rename)
@@ -215,7 +215,8 @@ def table_datasets(cfg: DataConfig, rename: dict[str, str], seed: int) -> dict[s
     return {"train": train.materialize(), "validation": val.materialize()}
 
 
-def _quiet_ray_data() -> None:
+def quiet_ray_data() -> None:
+    """Ray Data settings for fine-tuning jobs: no per-operator progress bars, rows kept in order."""
     import ray.data
 
     # Per-operator progress bars from every worker drown the per-epoch lines in a job's log.
@@ -351,6 +352,6 @@ def ray_datasets(summary: DataSummary, cfg: DataConfig, seed: int) -> dict[str, 
     """
     if summary.train_files is None:
         return table_datasets(cfg, {cfg.text_column: "input", cfg.label_column: "label"}, seed)
-    _quiet_ray_data()
+    quiet_ray_data()
     train, val = _media_dataset(summary.train_files), _media_dataset(summary.val_files or [])
     return {"train": train.materialize(), "validation": val.materialize()}

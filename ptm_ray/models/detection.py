@@ -72,7 +72,17 @@ class DetectionPreprocessor:
         if kind not in ("letterbox", "resize"):
             raise ValueError(f"kind={kind!r}: expected letterbox or resize")
         self.kind, self.image_size, self.augment, self.hflip, self.seed = kind, image_size, augment, hflip, seed
-        self._rng = np.random.default_rng(seed)
+        self._rng: np.random.Generator | None = None  # made at the first augmented batch, per worker
+
+    def _augment_rng(self) -> np.random.Generator:
+        """The augmentation draws, seeded by ``train.seed`` and the worker's rank: each data-parallel worker
+        draws its own flips and scales, and a rerun draws the same ones."""
+        if self._rng is None:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._rng = np.random.default_rng([self.seed, rank])
+        return self._rng
 
     def __call__(self, images: list[bytes], targets: list[dict[str, torch.Tensor]] | None = None,
                  train: bool = False) -> dict[str, Any]:
@@ -87,7 +97,8 @@ class DetectionPreprocessor:
             image = decode_image(data)
             target = targets[i] if targets is not None else None
             if target is not None and train and self.augment == "light":
-                image, boxes, labels = augment(image, target["boxes"], target["labels"], self._rng, hflip=self.hflip)
+                image, boxes, labels = augment(image, target["boxes"], target["labels"], self._augment_rng(),
+                                               hflip=self.hflip)
                 target = {"boxes": boxes, "labels": labels}
             if self.kind == "letterbox":
                 tensor, scale, pad = letterbox(image, self.image_size)

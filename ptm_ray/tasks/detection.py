@@ -133,9 +133,9 @@ class DetectionTask:
     def datasets(self, summary, cfg, seed):
         import ray.data
 
-        from ptm_ray.data import _quiet_ray_data
+        from ptm_ray.data import quiet_ray_data
 
-        _quiet_ray_data()
+        quiet_ray_data()
 
         def dataset(rows):
             items = [{"path": path, "target": target} for path, target in rows]
