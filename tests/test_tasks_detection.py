@@ -189,6 +189,15 @@ def test_faster_rcnn_trains_data_parallel_with_rising_map_and_resumes(ray_cluste
     assert read_meta(result.best_checkpoint)["task"] == "detection"
 
 
+def test_yolo_trains_data_parallel_from_scratch_with_rising_map(ray_cluster, shapes, tmp_path):
+    # no pretrained YOLO offline: from scratch, 2 workers x 8 updates per epoch; measured val_map 0.0 at
+    # epoch 4, 0.055 at 12, 0.166 at 16, 0.47 at 40 (96 px letterbox)
+    cfg = load_config(None, _overrides(shapes, tmp_path, "yolo", model__name="yolo:n", model__freeze_depth=0,
+                                       data__image_size=96, optim__lr=2e-3, train__epochs=16))
+    maps = [h["val_map"] for h in fit(cfg).history]
+    assert len(maps) == 16 and max(maps[1:]) > maps[0], maps
+
+
 def test_search_over_two_detectors_ranks_by_map(ray_cluster, shapes, tmp_path):
     overrides = _overrides(shapes, tmp_path, "unused", train__epochs=1, scaling__num_workers=1,
                            scaling__resources_per_worker="{CPU: 0.5}", train__max_steps_per_epoch=4,
