@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import ray.data
 
 __all__ = ["DataSummary", "MEDIA_EXTENSIONS", "check_media_files", "inspect_data", "inspect_table", "list_media_files",
-           "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
+           "media_dataset", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
            "split_counts", "table_datasets"]
 
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -331,15 +331,17 @@ def _ray_read(path: str, fmt: str) -> "ray.data.Dataset":
 _READ_ARGS = {"num_cpus": 0.25}
 
 
-def _load_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"input": np.array([read_bytes(p) for p in batch["path"]], dtype=object), "label": batch["label"]}
+def _load_files(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarray]:
+    return {"input": np.array([read_bytes(p) for p in batch["path"]], dtype=object), column: batch[column]}
 
 
-def _media_dataset(rows: list[tuple[str, str]]) -> "ray.data.Dataset":
+def media_dataset(rows: list[tuple[str, str]], column: str = "label") -> "ray.data.Dataset":
+    """(file, value) rows as a Ray dataset of ``input`` (the file's bytes, read by Ray Data tasks) and
+    ``column`` (the value: a label, a transcript, a JSON target). Lazy: materialize it on the driver."""
     import ray.data
 
-    items = [{"path": file, "label": label} for file, label in rows]
-    return ray.data.from_items(items).map_batches(_load_files, batch_size=64, **_READ_ARGS)
+    items = [{"path": file, column: value} for file, value in rows]
+    return ray.data.from_items(items).map_batches(_load_files, batch_size=64, fn_kwargs={"column": column}, **_READ_ARGS)
 
 
 def ray_datasets(summary: DataSummary, cfg: DataConfig, seed: int) -> dict[str, "ray.data.Dataset"]:
@@ -353,5 +355,5 @@ def ray_datasets(summary: DataSummary, cfg: DataConfig, seed: int) -> dict[str, 
     if summary.train_files is None:
         return table_datasets(cfg, {cfg.text_column: "input", cfg.label_column: "label"}, seed)
     quiet_ray_data()
-    train, val = _media_dataset(summary.train_files), _media_dataset(summary.val_files or [])
+    train, val = media_dataset(summary.train_files), media_dataset(summary.val_files or [])
     return {"train": train.materialize(), "validation": val.materialize()}

@@ -99,12 +99,6 @@ def _targets(batch_targets, labels: list[str]) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _load_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from ptm_ray.data import read_bytes
-
-    return {"input": np.array([read_bytes(p) for p in batch["path"]], dtype=object), "target": batch["target"]}
-
-
 def _gather(state: list) -> list:
     """Every worker's list, concatenated in rank order (the local list outside a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -131,18 +125,12 @@ class DetectionTask:
         return DataSummary(categories, len(train), len(val), rows(train), rows(val), skipped)
 
     def datasets(self, summary, cfg, seed):
-        import ray.data
-
-        from ptm_ray.data import quiet_ray_data
+        from ptm_ray.data import media_dataset, quiet_ray_data
 
         quiet_ray_data()
-
-        def dataset(rows):
-            items = [{"path": path, "target": target} for path, target in rows]
-            # a fraction of a CPU per read task, and materialized here: the Train workers hold every CPU
-            return ray.data.from_items(items).map_batches(_load_images, batch_size=32, num_cpus=0.25).materialize()
-
-        return {"train": dataset(summary.train_files), "validation": dataset(summary.val_files)}
+        # materialized here: a lazy read would wait for a CPU while the Train workers hold them all
+        return {"train": media_dataset(summary.train_files, "target").materialize(),
+                "validation": media_dataset(summary.val_files, "target").materialize()}
 
     def train_step(self, ctx: WorkerContext, net, batch):
         targets = _targets(batch["target"], ctx.labels)

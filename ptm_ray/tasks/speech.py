@@ -78,11 +78,13 @@ class SpeechRecognitionTask:
         return DataSummary(list(vocab), len(train), len(val), train, val, skipped)
 
     def datasets(self, summary, cfg, seed):
-        from ptm_ray.data import ray_datasets
+        from ptm_ray.data import media_dataset, quiet_ray_data
 
-        data = ray_datasets(summary, cfg, seed)  # columns input (file bytes) and label (here: the transcript)
-        # materialized again: a lazy rename would need a CPU while the Train workers hold them all
-        return {split: ds.rename_columns({"label": "target"}).materialize() for split, ds in data.items()}
+        quiet_ray_data()
+        # columns input (file bytes) and target (the transcript); materialized here: a lazy read would wait
+        # for a CPU while the Train workers hold them all
+        return {"train": media_dataset(summary.train_files, "target").materialize(),
+                "validation": media_dataset(summary.val_files, "target").materialize()}
 
     @staticmethod
     def _loss_and_log_probs(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any],
