@@ -20,22 +20,23 @@ from pathlib import Path
 import requests
 
 from ptm_ray.checkpoint import load_artifact, save_checkpoint
+from ptm_ray.inference import predict
 from ptm_ray.config import load_config
-from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.model_store import ModelStore
 from ptm_ray.models import resolve_model
 
 TEXTS = ["where is my order #48213", "I want my money back for the kettle", "cancel my order please",
          "the router won't turn on", "why was I charged twice", "do you have the blender in black"]
 
 
-def make_artifact(root: Path, model: str) -> ModelRegistry:
+def make_artifact(root: Path, model: str) -> ModelStore:
     cfg = load_config(None, [f"model.name={model}", "model.max_length=64", "data.train=unused"])
-    adapter, ref = resolve_model(cfg.model)
+    family, ref = resolve_model(cfg.model)
     labels = ["billing", "cancel_order", "order_status", "refund"]
-    net = adapter.build(ref, labels, cfg.model).eval()
-    path = save_checkpoint(root / "ckpt", adapter=adapter, model=net, preprocessor=adapter.preprocessor(ref, net, cfg),
+    net = family.build(ref, labels, cfg.model, "classifier").eval()
+    path = save_checkpoint(root / "ckpt", family=family, model=net, preprocessor=family.preprocessor(ref, net, cfg),
                            cfg=cfg, labels=labels, metrics={"epoch": 0}, history=[])
-    registry = ModelRegistry(str(root / "registry"))
+    registry = ModelStore(str(root / "registry"))
     registry.promote(str(path), "bench", {"note": "benchmark artifact"})
     return registry
 
@@ -90,7 +91,7 @@ def main() -> None:
     direct = []
     for i in range(40):
         started = time.perf_counter()
-        artifact.predict_proba([TEXTS[i % len(TEXTS)]])
+        predict(artifact, [TEXTS[i % len(TEXTS)]])
         direct.append(time.perf_counter() - started)
     serve.shutdown()
 

@@ -29,10 +29,10 @@ def plain_loop(cfg, labels: list[str], threads: int) -> float:
     """The same work as one Ray Train worker, in a bare PyTorch loop; returns samples/s."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
-    adapter, ref = resolve_model(cfg.model)
-    model = adapter.build(ref, labels, cfg.model)
-    preprocessor = adapter.preprocessor(ref, model, cfg)
-    blocks = adapter.blocks(model)
+    family, ref = resolve_model(cfg.model)
+    model = family.build(ref, labels, cfg.model, "classifier")
+    preprocessor = family.preprocessor(ref, model, cfg)
+    blocks = family.blocks(model)
     frozen = freeze(model, blocks, plan_run(cfg).freeze_blocks)
     optimizer = torch.optim.AdamW(param_groups(model, blocks, cfg.optim.lr, cfg.optim.head_lr or cfg.optim.lr,
                                                cfg.optim.layer_decay, cfg.optim.weight_decay))
@@ -49,7 +49,7 @@ def plain_loop(cfg, labels: list[str], threads: int) -> float:
             batch = frame.iloc[start:start + cfg.train.batch_size]
             inputs = preprocessor(batch[cfg.data.text_column].tolist())
             targets = torch.tensor([index[str(v)] for v in batch[cfg.data.label_column]])
-            loss = F.cross_entropy(adapter.logits(model, inputs).float(), targets)
+            loss = F.cross_entropy(family.logits(model, inputs).float(), targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
             optimizer.step()

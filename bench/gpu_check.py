@@ -1,6 +1,6 @@
-"""GPU path check: ptm_ray's adapters, freezing and bf16 autocast on one CUDA device, DDP over NCCL.
+"""GPU path check: ptm_ray's model families, freezing and bf16 autocast on one CUDA device, DDP over NCCL.
 
-Runs the same pieces the Ray Train loop runs on a GPU worker (adapter.build, freeze, param_groups, the
+Runs the same pieces the Ray Train loop runs on a GPU worker (family.build, freeze, param_groups, the
 loop's autocast choice, a DDP wrap over an NCCL process group of one GPU) without Ray itself, and prints
 fine-tuning throughput in fp32 and in bf16 autocast, side by side, plus an NCCL all-reduce timing.
 
@@ -25,10 +25,10 @@ from ptm_ray.models import resolve_model
 
 def _throughput(name: str, weights: str, kwargs: dict, make_batch, bf16: bool, steps: int, depth: int) -> float:
     cfg = Config(model=ModelConfig(name=name, weights=weights, kwargs=kwargs), data=DataConfig(train="x"))
-    adapter, ref = resolve_model(cfg.model)
+    family, ref = resolve_model(cfg.model)
     torch.manual_seed(0)
-    model = adapter.build(ref, [str(i) for i in range(10)], cfg.model)
-    blocks = adapter.blocks(model)
+    model = family.build(ref, [str(i) for i in range(10)], cfg.model, "classifier")
+    blocks = family.blocks(model)
     frozen = freeze(model, blocks, depth)
     optimizer = torch.optim.AdamW(param_groups(model, blocks, 1e-4, 1e-3, 0.9, 0.01))
     model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[0])
@@ -39,7 +39,7 @@ def _throughput(name: str, weights: str, kwargs: dict, make_batch, bf16: bool, s
             torch.cuda.synchronize()
             started = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            logits = adapter.logits(model, inputs).float()
+            logits = family.logits(model, inputs).float()
         F.cross_entropy(logits, targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

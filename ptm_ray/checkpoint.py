@@ -2,10 +2,11 @@
 
 Layout of one checkpoint folder::
 
-    model/            architecture + weights (safetensors), written by the family adapter
+    model/            architecture + weights (safetensors), written by the model family
     preprocessor/     tokenizer (or image/audio transform) exactly as training used it
     config.yaml       the resolved run config
-    ptm_ray.json      source prefix, model name, task, labels, epoch, metrics, per-epoch history
+    ptm_ray.json      family, model name, task (+ what it learned, e.g. thresholds), labels, epoch, metrics,
+                      per-epoch history
     train_state.pt    optimizer/scheduler/early-stopping state (resume only; tensors and numbers)
 """
 
@@ -22,8 +23,7 @@ import yaml
 from torch import nn
 
 from ptm_ray.config import Config, config_from_dict, config_to_dict
-from ptm_ray.models import adapter_for_family
-from ptm_ray.models.registry import Adapter
+from ptm_ray.models import Family, Preprocessor, family_for
 
 __all__ = ["Artifact", "FORMAT_VERSION", "load_artifact", "read_meta", "save_checkpoint"]
 
@@ -34,26 +34,31 @@ _META = "ptm_ray.json"
 def save_checkpoint(
     path: Path,
     *,
-    adapter: Adapter,
+    family: Family,
     model: nn.Module,
-    preprocessor: Any,
+    preprocessor: Preprocessor,
     cfg: Config,
     labels: list[str],
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
     train_state: dict[str, Any] | None = None,
+    task_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder at ``path`` and return it."""
+    """Write a complete checkpoint folder at ``path`` and return it.
+
+    ``task_state`` is what the task learned beside the weights that prediction needs (``Task.state``).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    adapter.save(model, path / "model")
+    family.save(model, path / "model")
     preprocessor.save(path / "preprocessor")
     (path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     meta = {
         "format_version": FORMAT_VERSION,
-        "family": adapter.family,
+        "family": family.name,
         "model_name": cfg.model.name,
         "task": cfg.model.task,
+        "task_state": task_state or {},
         "labels": labels,
         "epoch": metrics.get("epoch"),
         "metrics": metrics,
@@ -80,32 +85,21 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class Artifact:
-    """A loaded checkpoint: model in eval mode, its preprocessor, labels and metadata."""
+    """A loaded checkpoint: model in eval mode, its preprocessor, labels and metadata (storage only:
+    ``ptm_ray.inference.predict`` asks the checkpoint's task to predict)."""
 
     path: Path
-    adapter: Adapter
+    family: Family
     model: nn.Module
-    preprocessor: Any
+    preprocessor: Preprocessor
     labels: list[str]
     config: Config
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def task(self) -> Any:
-        """The ``ptm_ray.tasks`` task this checkpoint was fine-tuned for."""
-        from ptm_ray.tasks import task_for
-
-        return task_for(self.meta.get("task", "classification"))
-
-    def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
-        """Class probabilities (len(inputs), num_labels) for raw inputs (classification checkpoints)."""
-        return self.task.probabilities(self, inputs)
-
-    def predict(self, inputs: list[Any], **options: Any) -> list[dict[str, Any]]:
-        """One prediction per raw input (strings, or encoded image/audio bytes), shaped by the task:
-        ``{label, probability, top_k}`` for classification (``top_k=3``); boxes, a transcript or generated
-        text for the others, with their options (``score_threshold``, ``max_new_tokens``, ...)."""
-        return self.task.predict(self, inputs, **options)
+    def task_name(self) -> str:
+        """The ``model.task`` this checkpoint was fine-tuned for."""
+        return self.meta.get("task", "classification")
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -119,7 +113,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-    adapter = adapter_for_family(meta["family"])
-    model = adapter.load(path / "model").eval()
-    preprocessor = adapter.load_preprocessor(path / "preprocessor")
-    return Artifact(path, adapter, model, preprocessor, meta["labels"], cfg, meta)
+    family = family_for(meta["family"])
+    model = family.load(path / "model").eval()
+    preprocessor = family.load_preprocessor(path / "preprocessor")
+    return Artifact(path, family, model, preprocessor, meta["labels"], cfg, meta)

@@ -30,7 +30,6 @@ __all__ = [
     "SearchConfig",
     "ServeConfig",
     "StorageConfig",
-    "TASK_METRICS",
     "TrainConfig",
     "config_to_dict",
     "format_overrides",
@@ -45,8 +44,10 @@ class ModelConfig:
     name: str = ""
     """Registry name with its source: ``hf:<hub id or local dir>`` or a short name such as ``minilm-l6``."""
     task: str = "classification"
-    """What the model is fine-tuned to predict (``ptm_ray.tasks``): ``classification``, ``detection``,
-    ``speech_recognition`` (CTC), ``text2text`` (T5) or ``text_generation`` (GPT-2)."""
+    """What the model is fine-tuned to predict (``ptm_ray.tasks``): ``classification``, ``multilabel``,
+    ``detection``, ``speech_recognition`` (CTC), ``text2text`` (T5) or ``text_generation`` (GPT-2)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the task, checked by it, e.g. multilabel's ``{label_separator: "|", threshold: tune}``."""
     weights: str = ""
     """Pretrained weights: empty for the source's own (an hf folder, the timm hub), a local file or folder,
     or ``none`` for random initialisation (training from scratch)."""
@@ -121,10 +122,10 @@ class TrainConfig:
     """Seed for initialisation, shuffling and the train/validation split."""
     metric: str = ""
     """Validation metric that ranks checkpoints and drives early stopping; empty: the task's own
-    (``TASK_METRICS``: val_accuracy, val_map, val_wer, val_chrf or val_perplexity)."""
+    (val_accuracy, val_micro_f1, val_map, val_wer, val_chrf or val_perplexity: ``ptm_ray.tasks``)."""
     mode: str = ""
-    """``max`` or ``min``: which direction of ``metric`` is better; empty: ``min`` for losses, error rates
-    and perplexity, else ``max``."""
+    """``max`` or ``min``: which direction of ``metric`` is better; empty: the task's own for its default
+    metric, else ``min`` for losses, error rates and perplexity and ``max`` for the rest."""
     early_stopping_patience: int = 0
     """Stop after this many epochs without improvement of ``metric``; 0 never stops early."""
     early_stopping_min_delta: float = 0.0
@@ -264,18 +265,9 @@ class Config:
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-# task -> its default train.metric and mode
-TASK_METRICS = {
-    "classification": ("val_accuracy", "max"),
-    "detection": ("val_map", "max"),
-    "speech_recognition": ("val_wer", "min"),
-    "text2text": ("val_chrf", "max"),
-    "text_generation": ("val_perplexity", "min"),
-}
 _LOWER_IS_BETTER = ("loss", "wer", "cer", "perplexity")
 
 _CHOICES = {
-    "model.task": tuple(TASK_METRICS),
     "data.format": ("auto", "csv", "jsonl", "parquet", "coco", "yolo"),
     "data.on_bad_file": ("fail", "skip"),
     "data.augment": ("none", "light"),
@@ -446,41 +438,73 @@ def _check_values(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
     if isinstance(cfg.train.feature_cache, bool):  # YAML reads a bare on/off as a boolean
         cfg.train.feature_cache = "on" if cfg.train.feature_cache else "off"
-    if not cfg.train.metric:
-        cfg.train.metric = TASK_METRICS.get(cfg.model.task, ("val_loss",))[0]
-    if not cfg.train.mode:
-        cfg.train.mode = "min" if cfg.train.metric.endswith(_LOWER_IS_BETTER) else "max"
+    _check_task(cfg)
     for key, allowed in _CHOICES.items():
         group, name = key.split(".")
         value = getattr(getattr(cfg, group), name)
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    positive = {
-        "optim.lr": cfg.optim.lr,
-        "model.max_length": cfg.model.max_length,
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "train.keep_checkpoints": cfg.train.keep_checkpoints,
-    }
-    if cfg.optim.head_lr is not None:
-        positive["optim.head_lr"] = cfg.optim.head_lr
-    for key, value in positive.items():
-        if value <= 0:
-            raise ValueError(f"{key}={value} must be > 0")
-    for key, value in {"search.num_samples": cfg.search.num_samples, "search.grace_period": cfg.search.grace_period,
-                       "search.max_concurrent_trials": cfg.search.max_concurrent_trials, "search.top_k": cfg.search.top_k,
-                       "search.trial_cpus": cfg.search.trial_cpus}.items():
-        if value <= 0:
-            raise ValueError(f"{key}={value} must be > 0")
-    sv = cfg.serve
-    for key, value in {"serve.max_batch_size": sv.max_batch_size, "serve.max_replicas": sv.max_replicas,
-                       "serve.target_ongoing_requests": sv.target_ongoing_requests, "serve.max_items": sv.max_items,
-                       "serve.max_body_bytes": sv.max_body_bytes, "serve.top_k": sv.top_k, "serve.port": sv.port,
-                       "serve.max_new_tokens": sv.max_new_tokens, "serve.max_num_beams": sv.max_num_beams,
-                       "serve.max_boxes": sv.max_boxes}.items():
-        if value <= 0:
-            raise ValueError(f"serve.{key.split('.')[1]}={value} must be > 0")
+    _check_training(cfg)
+    _check_search_and_serve(cfg)
+    _check_model_and_data(cfg)
+
+
+def _check_task(cfg: Config) -> None:
+    """``model.task`` is a registered task; its options are valid; ``train.metric``/``mode`` default to its own."""
+    from ptm_ray.tasks.registry import task_for
+
+    task = task_for(cfg.model.task)
+    cfg.model.task_options = task.task_options(cfg.model.task_options)
+    if not cfg.train.metric:
+        cfg.train.metric = task.metric
+    if not cfg.train.mode:
+        if cfg.train.metric == task.metric:
+            cfg.train.mode = task.mode
+        else:
+            cfg.train.mode = "min" if cfg.train.metric.endswith(_LOWER_IS_BETTER) else "max"
+
+
+def _require(values: dict[str, float], minimum: float = 0.0, strict: bool = True) -> None:
+    """Each dotted key's value is > ``minimum`` (``strict``) or >= it."""
+    for key, value in values.items():
+        if value <= minimum if strict else value < minimum:
+            raise ValueError(f"{key}={value} must be {'>' if strict else '>='} {minimum:g}")
+
+
+def _check_training(cfg: Config) -> None:
+    opt, train = cfg.optim, cfg.train
+    positive = {"optim.lr": opt.lr, "model.max_length": cfg.model.max_length, "train.epochs": train.epochs,
+                "train.batch_size": train.batch_size, "train.grad_accum_steps": train.grad_accum_steps,
+                "train.keep_checkpoints": train.keep_checkpoints}
+    if opt.head_lr is not None:
+        positive["optim.head_lr"] = opt.head_lr
+    _require(positive)
+    _require({"optim.weight_decay": opt.weight_decay, "optim.max_grad_norm": opt.max_grad_norm,
+              "train.early_stopping_patience": train.early_stopping_patience,
+              "train.early_stopping_min_delta": train.early_stopping_min_delta,
+              "train.max_steps_per_epoch": train.max_steps_per_epoch, "train.shuffle_buffer": train.shuffle_buffer,
+              "scaling.max_failures": cfg.scaling.max_failures}, strict=False)
+    if not 0.0 < opt.layer_decay <= 1.0:
+        raise ValueError(f"optim.layer_decay={opt.layer_decay} must lie in (0, 1]")
+    if not 0.0 <= opt.warmup_ratio < 1.0:
+        raise ValueError(f"optim.warmup_ratio={opt.warmup_ratio} must lie in [0, 1)")
+    if cfg.scaling.num_workers < 1:
+        raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} must be >= 1")
+    for resource, amount in cfg.scaling.resources_per_worker.items():
+        if amount < 0:
+            raise ValueError(f"scaling.resources_per_worker.{resource}={amount} must be >= 0")
+
+
+def _check_search_and_serve(cfg: Config) -> None:
+    search, sv = cfg.search, cfg.serve
+    _require({"search.num_samples": search.num_samples, "search.grace_period": search.grace_period,
+              "search.max_concurrent_trials": search.max_concurrent_trials, "search.top_k": search.top_k,
+              "search.trial_cpus": search.trial_cpus})
+    if search.reduction_factor < 2:
+        raise ValueError(f"search.reduction_factor={search.reduction_factor} must be >= 2")
+    _require({f"serve.{key}": getattr(sv, key) for key in (
+        "max_batch_size", "max_replicas", "target_ongoing_requests", "max_items", "max_body_bytes", "top_k", "port",
+        "max_new_tokens", "max_num_beams", "max_boxes")})
     if not 0 <= sv.min_replicas <= sv.max_replicas:
         raise ValueError(f"serve.min_replicas={sv.min_replicas} must lie in 0..serve.max_replicas={sv.max_replicas}")
     if sv.host not in ("127.0.0.1", "localhost", "::1") and not (sv.api_key_env or sv.api_key_file):
@@ -488,37 +512,19 @@ def _check_values(cfg: Config) -> None:
                          "or serve.api_key_file so every route but health needs a bearer token")
     if sv.proxy_location not in ("EveryNode", "HeadOnly"):
         raise ValueError(f"serve.proxy_location={sv.proxy_location!r} must be EveryNode or HeadOnly")
-    if cfg.search.reduction_factor < 2:
-        raise ValueError(f"search.reduction_factor={cfg.search.reduction_factor} must be >= 2")
-    if cfg.scaling.num_workers < 1:
-        raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} must be >= 1")
-    for key, value in {
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.max_grad_norm": cfg.optim.max_grad_norm,
-        "train.early_stopping_patience": cfg.train.early_stopping_patience,
-        "train.early_stopping_min_delta": cfg.train.early_stopping_min_delta,
-        "train.max_steps_per_epoch": cfg.train.max_steps_per_epoch,
-        "train.shuffle_buffer": cfg.train.shuffle_buffer,
-        "scaling.max_failures": cfg.scaling.max_failures,
-    }.items():
-        if value < 0:
-            raise ValueError(f"{key}={value} must be >= 0")
-    if not 0.0 < cfg.optim.layer_decay <= 1.0:
-        raise ValueError(f"optim.layer_decay={cfg.optim.layer_decay} must lie in (0, 1]")
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ValueError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} must lie in [0, 1)")
-    if not 0.0 <= cfg.data.hflip <= 1.0:
-        raise ValueError(f"data.hflip={cfg.data.hflip} must lie in [0, 1]")
-    if cfg.data.max_seconds <= 0 or cfg.data.image_size < 0:
+
+
+def _check_model_and_data(cfg: Config) -> None:
+    data = cfg.data
+    if not 0.0 <= data.hflip <= 1.0:
+        raise ValueError(f"data.hflip={data.hflip} must lie in [0, 1]")
+    if data.max_seconds <= 0 or data.image_size < 0:
         raise ValueError("data.max_seconds must be > 0 and data.image_size >= 0")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
-    for resource, amount in cfg.scaling.resources_per_worker.items():
-        if amount < 0:
-            raise ValueError(f"scaling.resources_per_worker.{resource}={amount} must be >= 0")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={data.val_fraction} must lie in (0, 1)")
     if not cfg.model.name:
         raise ValueError("model.name is required, e.g. model.name=minilm-l6 or model.name=hf:/path/to/model")
-    if not cfg.data.train:
+    if not data.train:
         raise ValueError("data.train is required: a CSV, JSONL or Parquet file of labelled examples")
     depth = cfg.model.freeze_depth
     if isinstance(depth, str) and depth != "all":

@@ -27,7 +27,7 @@ from ptm_ray.config import DataConfig
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["DataSummary", "MEDIA_EXTENSIONS", "check_media_files", "inspect_data", "inspect_table", "list_media_files",
+__all__ = ["DataSummary", "MEDIA_EXTENSIONS", "check_columns", "check_media_files", "inspect_data", "inspect_table", "list_media_files",
            "media_dataset", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
            "split_counts", "table_datasets"]
 
@@ -128,8 +128,14 @@ def read_table(path: str, fmt: str, key: str) -> pa.Table:
     return table
 
 
-def _check_columns(table: pa.Table, path: str, key: str, columns: dict[str, str], text_column: str | None) -> None:
-    """Columns exist, hold no null or empty value, and the text column holds strings."""
+def check_columns(table: pa.Table, path: str, key: str, columns: dict[str, str], text_column: str | None,
+                  may_be_empty: tuple[str, ...] = ()) -> None:
+    """Columns (name -> config key) exist, hold no null or empty value (but those in ``may_be_empty``),
+    and ``text_column`` holds strings.
+
+    Raises:
+        ValueError: naming ``key``, ``path``, the row and the column.
+    """
     for column, column_key in columns.items():
         if column not in table.column_names:
             raise ValueError(f"{key}: {path} has no column {column!r} ({column_key}); its columns are {table.column_names}")
@@ -141,7 +147,7 @@ def _check_columns(table: pa.Table, path: str, key: str, columns: dict[str, str]
                 f"{key}: {path} row {first + 1}, column {text_column!r}: text must be a string, "
                 f"got {text[first].as_py()!r} (column type {text.type})"
             )
-    for column in columns:
+    for column in (c for c in columns if c not in may_be_empty):
         values = table[column]
         missing = values.is_null()
         if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
@@ -179,12 +185,12 @@ def split_counts(num_rows: int, cfg: DataConfig) -> tuple[int, int]:
 def _inspect_text(cfg: DataConfig) -> DataSummary:
     columns = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}
     train = read_table(cfg.train, cfg.format, "data.train")
-    _check_columns(train, cfg.train, "data.train", columns, cfg.text_column)
+    check_columns(train, cfg.train, "data.train", columns, cfg.text_column)
     if cfg.validation is None:
         labels = _check_labels(_labels_of(train, cfg.label_column), None, cfg)
         return DataSummary(labels, *split_counts(train.num_rows, cfg))
     val = read_table(cfg.validation, cfg.format, "data.validation")
-    _check_columns(val, cfg.validation, "data.validation", columns, cfg.text_column)
+    check_columns(val, cfg.validation, "data.validation", columns, cfg.text_column)
     labels = _check_labels(_labels_of(train, cfg.label_column), _labels_of(val, cfg.label_column), cfg)
     return DataSummary(labels, train.num_rows, val.num_rows)
 
@@ -194,12 +200,12 @@ def inspect_table(cfg: DataConfig, columns: dict[str, str], text_columns: tuple[
     is missing, and ``text_columns`` hold strings. For tasks whose target is text; the summary has no labels."""
     train = read_table(cfg.train, cfg.format, "data.train")
     for text_column in text_columns:
-        _check_columns(train, cfg.train, "data.train", columns, text_column)
+        check_columns(train, cfg.train, "data.train", columns, text_column)
     if cfg.validation is None:
         return DataSummary([], *split_counts(train.num_rows, cfg))
     val = read_table(cfg.validation, cfg.format, "data.validation")
     for text_column in text_columns:
-        _check_columns(val, cfg.validation, "data.validation", columns, text_column)
+        check_columns(val, cfg.validation, "data.validation", columns, text_column)
     return DataSummary([], train.num_rows, val.num_rows)
 
 
@@ -225,8 +231,12 @@ def quiet_ray_data() -> None:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
 
-def list_media_files(path: str, cfg: DataConfig, key: str, modality: str) -> list[tuple[str, str]]:
-    """(file, label) pairs from a folder ``root/<label>/<file>`` or a manifest of path and label columns."""
+def list_media_files(path: str, cfg: DataConfig, key: str, modality: str,
+                     label: Callable[[object, int], object] | None = None) -> list[tuple[str, object]]:
+    """(file, label) pairs from a folder ``root/<label>/<file>`` or a manifest of path and label columns.
+
+    ``label(value, row)`` turns a manifest's label cell into the label (default: its string).
+    """
     root = Path(resolve_path(path))
     if "://" not in path and root.is_dir():
         extensions = MEDIA_EXTENSIONS[modality]
@@ -235,12 +245,15 @@ def list_media_files(path: str, cfg: DataConfig, key: str, modality: str) -> lis
             raise ValueError(f"{key}: folder {path} holds no {modality} files as <label>/<file> ({', '.join(extensions)})")
         return [(str(p), p.parent.name) for p in files]
     table = read_table(path, cfg.format, key)
-    _check_columns(table, path, key, {cfg.path_column: "data.path_column", cfg.label_column: "data.label_column"}, None)
+    columns = {cfg.path_column: "data.path_column", cfg.label_column: "data.label_column"}
+    check_columns(table, path, key, columns, None, may_be_empty=(cfg.label_column,) if label else ())
     base = str(root.parent) if "://" not in path else path.rsplit("/", 1)[0]
+    values = table[cfg.label_column].to_pylist()
+    labels = [label(v, row) for row, v in enumerate(values)] if label else [str(v) for v in values]
     rows = []
-    for file, label in zip(table[cfg.path_column].to_pylist(), _labels_of(table, cfg.label_column)):
+    for file, value in zip(table[cfg.path_column].to_pylist(), labels):
         absolute = "://" in str(file) or str(file).startswith("/")
-        rows.append((str(file) if absolute else f"{base}/{file}", label))
+        rows.append((str(file) if absolute else f"{base}/{file}", value))
     declared = table["sample_rate"].to_pylist() if modality == "audio" and "sample_rate" in table.column_names else None
     if declared is not None:
         _check_declared_rates(rows, declared, path, key)

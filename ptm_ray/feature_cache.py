@@ -5,7 +5,7 @@ those blocks compute the same output for an example in every epoch and in every 
 model, k and preprocessing. ``prepare_cache`` computes those outputs once, with Ray Data actors
 (batched, on the workers' kind of device), and stores them under
 ``<storage.path>/feature_cache/<key>/``; the training loop then feeds the cached features to the
-unfrozen top (``adapter.suffix_logits``) instead of running the whole model.
+unfrozen top (``family.suffix_logits``) instead of running the whole model.
 
 The key is a sha256 over the model (name, weights fingerprint, constructor kwargs), k, the preprocessing
 settings and the data files (paths, sizes, mtimes): a different key never reuses a cache, the same key
@@ -54,7 +54,7 @@ class CacheInfo:
     build_s: float
 
 
-def cache_decision(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int) -> tuple[bool, str]:
+def cache_decision(cfg: Config, task: Any, family: Any, model: torch.nn.Module, depth: int) -> tuple[bool, str]:
     """Whether this run can train on cached prefix outputs, and why (or why not).
 
     ``model`` may live on the meta device: only its architecture is inspected.
@@ -65,7 +65,7 @@ def cache_decision(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int
     setting = cfg.train.feature_cache
     if setting == "off":
         return False, "train.feature_cache=off"
-    reason = _invalid_reason(cfg, adapter, model, depth)
+    reason = _invalid_reason(cfg, task, family, model, depth)
     if reason is None:
         return True, f"frozen prefix of {depth} block(s) is deterministic"
     if setting == "on":
@@ -74,27 +74,28 @@ def cache_decision(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int
     return False, reason
 
 
-def _invalid_reason(cfg: Config, adapter: Any, model: torch.nn.Module, depth: int) -> str | None:
-    if cfg.model.task != "classification":
-        return f"model.task={cfg.model.task}: the cache serves classification heads only"
+def _invalid_reason(cfg: Config, task: Any, family: Any, model: torch.nn.Module, depth: int) -> str | None:
+    from ptm_ray.models import PrefixCache
+
+    if not task.trains_on_logits:
+        return f"model.task={cfg.model.task} trains on more than class scores of its inputs: no cache"
     if depth == 0:
         return "model.freeze_depth is 0: nothing is frozen, so there is no prefix to cache"
     if cfg.data.augment != "none":
         return f"data.augment={cfg.data.augment} makes the prefix's input random in every epoch"
     if "://" in cfg.storage.path:
         return f"storage.path={cfg.storage.path} is a URI; the cache is memory-mapped from a local or NFS path"
-    check = getattr(adapter, "cache_unsupported", None)
-    if check is None:
-        return f"cache not supported for the {adapter.family} family"
-    return check(model, depth)
+    if not isinstance(family, PrefixCache):
+        return f"cache not supported for the {family.name} family"
+    return family.cache_unsupported(model, depth)
 
 
-def cache_key(cfg: Config, adapter: Any, ref: Any, depth: int, num_blocks: int, summary: DataSummary) -> str:
+def cache_key(cfg: Config, family: Any, ref: Any, depth: int, num_blocks: int, summary: DataSummary) -> str:
     """sha256 over model and weights fingerprint, frozen depth, preprocessing and data fingerprint."""
     weights = ref.weights if ref.weights else ref.location
     description = {
         "format": _FORMAT,
-        "family": adapter.family,
+        "family": family.name,
         "model": ref.location,
         "weights": _weights_fingerprint(weights, cfg.train.seed),
         "kwargs": cfg.model.kwargs,
@@ -162,39 +163,41 @@ class _PrefixFn:
 
     def __init__(self, cfg: dict, labels: list[str], depth: int, threads: int, pad_to: int | None) -> None:
         from ptm_ray.models import resolve_model
+        from ptm_ray.tasks import task_for
 
         torch.set_num_threads(max(1, threads))
         self.cfg = config_from_dict(cfg)
-        self.adapter, ref = resolve_model(self.cfg.model)
+        self.family, ref = resolve_model(self.cfg.model)
         torch.manual_seed(self.cfg.train.seed)  # random-init weights come out as in the training workers
         self.device = torch.device("cuda" if self.cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = self.adapter.build(ref, labels, self.cfg.model).to(self.device).eval()
-        self.preprocessor = self.adapter.preprocessor(ref, self.model, self.cfg)
+        head = task_for(self.cfg.model.task).head
+        self.model = self.family.build(ref, labels, self.cfg.model, head).to(self.device).eval()
+        self.preprocessor = self.family.preprocessor(ref, self.model, self.cfg)
         self.depth, self.pad_to = depth, pad_to
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {k: v.to(self.device) for k, v in self.preprocessor(list(batch["input"]), train=True).items()}
-        features = self.adapter.prefix_forward(self.model, inputs, self.depth)
+        features = self.family.prefix_forward(self.model, inputs, self.depth)
         digests = b"".join(row_digests(batch["input"]))
         out = {"row_key": np.frombuffer(digests, dtype=np.uint8).reshape(-1, 20)}
         for name, tensor in features.items():
             array = tensor.float().cpu().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
-            if self.pad_to and name in getattr(self.adapter, "cache_sequence_features", ()):
+            if self.pad_to and name in self.family.cache_sequence_features:
                 widths = [(0, 0), (0, self.pad_to - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
                 array = np.pad(array, widths)
             out[name] = array
         return out
 
 
-def prepare_cache(cfg: Config, adapter: Any, ref: Any, labels: list[str], depth: int, num_blocks: int,
+def prepare_cache(cfg: Config, family: Any, ref: Any, labels: list[str], depth: int, num_blocks: int,
                   summary: DataSummary, datasets: dict[str, "ray.data.Dataset"], root: str) -> CacheInfo:
     """Reuse the cache for this run's key under ``root``, or build it from ``datasets`` (all splits).
 
     Building streams: Ray Data actors compute the prefix batch by batch and this process appends each
     batch to memory-mapped arrays, so no process ever holds the whole dataset's activations.
     """
-    key = cache_key(cfg, adapter, ref, depth, num_blocks, summary)
+    key = cache_key(cfg, family, ref, depth, num_blocks, summary)
     final = Path(root) / key
     if (final / "meta.json").is_file():
         meta = json.loads((final / "meta.json").read_text())
@@ -203,7 +206,7 @@ def prepare_cache(cfg: Config, adapter: Any, ref: Any, labels: list[str], depth:
     tmp = Path(root) / f".building-{key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        rows = _write_features(cfg, labels, depth, datasets, tmp, adapter)
+        rows = _write_features(cfg, labels, depth, datasets, tmp, family)
         size = sum(p.stat().st_size for p in tmp.iterdir())
         meta = {"key": key, "rows": rows, "depth": depth, "num_blocks": num_blocks, "model": cfg.model.name,
                 "size_bytes": size, "build_s": time.perf_counter() - started}
@@ -221,7 +224,7 @@ def prepare_cache(cfg: Config, adapter: Any, ref: Any, labels: list[str], depth:
     return CacheInfo(str(final), key, size, True, meta["build_s"])
 
 
-def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, folder: Path, adapter: Any) -> int:
+def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, folder: Path, family: Any) -> int:
     import ray.data
     from numpy.lib.format import open_memmap
 
@@ -232,7 +235,7 @@ def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, 
     features = everything.map_batches(
         _PrefixFn,
         fn_constructor_kwargs={"cfg": config_to_dict(cfg), "labels": labels, "depth": depth, "threads": threads,
-                               "pad_to": cfg.model.max_length if adapter.modality == "text" else None},
+                               "pad_to": cfg.model.max_length if family.modality == "text" else None},
         batch_size=max(cfg.train.batch_size, 32),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.scaling.num_workers),

@@ -30,9 +30,8 @@ from ray import serve
 
 from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import Config, ServeConfig
-from ptm_ray.model_registry import ModelRegistry
-from ptm_ray.tasks import task_for
-from ptm_ray.tasks.classification import format_prediction
+from ptm_ray.model_store import ModelStore
+from ptm_ray.tasks import Task, task_for
 
 __all__ = ["Ingress", "ModelServer", "app_args", "build_app", "deploy", "write_serve_config"]
 
@@ -42,10 +41,11 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     inputs: list[StrictStr] = Field(min_length=1, description="texts, or base64 image/audio files")
-    top_k: int | None = Field(default=None, ge=1, le=1000, description="labels per input (default: serve.top_k)")
+    top_k: int | None = Field(default=None, ge=1, le=1000,
+                              description="labels per input, for models that rank labels (default: serve.top_k)")
     parameters: dict[str, Any] | None = Field(
-        default=None, description="task options, e.g. {score_threshold, max_boxes} (detection) or {max_new_tokens, "
-        "num_beams, do_sample, temperature, top_k, top_p, seed} (generation); bounded by the server's limits")
+        default=None, description="the model's task options (e.g. top_k, threshold, score_threshold, max_boxes, "
+        "max_new_tokens, num_beams, do_sample, temperature, top_p, seed), bounded by the server's limits")
 
 
 class ApiError(Exception):
@@ -58,42 +58,51 @@ class ApiError(Exception):
 
 @serve.deployment
 class ModelServer:
-    """One registry version: batched inference with the artifact's own preprocessing."""
+    """One model-store version: its task's predictions with the artifact's own preprocessing.
+
+    A batched task (``Task.batched``) shares forward passes between the inputs of concurrent requests
+    (``@serve.batch``), then shapes each input's prediction with its request's options. Any other task
+    answers one request at a time (requests differ in their options: beams, sampling, thresholds).
+    """
 
     def __init__(self, path: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        import asyncio
+
         from ray.util.metrics import Histogram
 
         self.artifact = load_artifact(path)
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.task = task_for(self.artifact.task_name)
+        self.outputs_batch.set_max_batch_size(max_batch_size)
+        self.outputs_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes = Histogram("ptm_ray_serve_batch_size", "inputs per batched forward pass",
                                      boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",))
         self.tags = {"model": path.rstrip("/").rsplit("/", 2)[-2] + ":" + path.rstrip("/").rsplit("/", 1)[-1]}
+        self.one_at_a_time = asyncio.Lock()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, items: list[Any]) -> list[tuple[list[float], bool]]:
-        """(class probabilities, truncated?) for inputs gathered from concurrent requests, one forward pass.
+    async def outputs_batch(self, items: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        """(the task's output, preprocessing notes) per input, for inputs gathered from concurrent requests.
 
         Everything touching the tokenizer runs here, on the replica's event loop: a fast tokenizer's
         padding/truncation settings are shared state, and two threads using it at once corrupt batches.
         """
         self.batch_sizes.observe(len(items), tags=self.tags)
         items = list(items)
-        probabilities = self.artifact.predict_proba(items).tolist()
-        truncated = getattr(self.artifact.preprocessor, "truncated", lambda xs: [False] * len(xs))(items)
-        return list(zip(probabilities, truncated))
+        return list(zip(self.task.outputs(self.artifact, items), self.artifact.preprocessor.notes(items)))
 
-    async def predict(self, items: list[Any]) -> list[tuple[list[float], bool]]:
-        # each input is its own batched call, so inputs of concurrent requests share forward passes
+    async def predict(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+        """Predictions for one request's inputs, as ``ptm_ray.inference.predict`` makes them offline."""
         import asyncio
 
-        return list(await asyncio.gather(*(self.predict_batch(item) for item in items)))
+        if self.task.batched:  # each input is its own batched call, so concurrent requests share passes
+            results = await asyncio.gather(*(self.outputs_batch(item) for item in items))
+            return [self.task.format(output, self.artifact, **options) | notes for output, notes in results]
+        async with self.one_at_a_time:  # off the event loop, but never two at once (shared tokenizer state)
+            return await asyncio.to_thread(self._predict_whole, items, options)
 
-    def run(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
-        """Predictions of a non-classification task (boxes, transcripts, generated text): the same call as
-        offline ``load_artifact(path).predict(items, **options)``, one request at a time, since requests
-        differ in their options (beams, sampling, thresholds)."""
-        return self.artifact.predict(items, **options)
+    def _predict_whole(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+        predictions = self.task.predict(self.artifact, items, **options)
+        return [p | notes for p, notes in zip(predictions, self.artifact.preprocessor.notes(items))]
 
 
 def _api_key(sv: dict[str, Any]) -> str | None:
@@ -184,32 +193,21 @@ class Ingress:
             entry = self._model(name)
             chosen = self._choose_version(name, entry, version)
             meta = entry["versions"][chosen]["meta"]
-            inputs, top_k, parameters = await self._read_inputs(request, meta["modality"])
-            handle = self.handles[f"{name}:{chosen}"]
-            if meta["task"] != "classification":
-                if top_k is not None:
-                    raise ApiError(422, f"top_k is a classification option; this is a {meta['task']} model: "
-                                        "send its options in 'parameters'")
-                options = self._task_options(meta["task"], parameters)
-                predictions = await handle.run.remote(inputs, options)
-                return {"model": name, "version": chosen, "predictions": predictions}
-            if parameters:
-                raise ApiError(422, f"classification takes no parameters (got {sorted(parameters)}); use top_k")
-            results = await handle.predict.remote(inputs)
+            inputs, fields, parameters = await self._read_inputs(request, meta["modality"])
+            options = self._task_options(task_for(meta["task"]), fields, parameters)
+            predictions = await self.handles[f"{name}:{chosen}"].predict.remote(inputs, options)
         except ApiError as e:
             return self._error(e)
-        predictions = []
-        for probs, cut in results:
-            item = format_prediction(probs, meta["labels"], top_k or self.settings["top_k"])
-            if cut:
-                item["truncated"] = True
-                item["warning"] = f"input longer than the model's {meta['max_length']} tokens was truncated"
-            predictions.append(item)
         return {"model": name, "version": chosen, "predictions": predictions}
 
-    def _task_options(self, task: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    def _task_options(self, task: Task, fields: dict[str, Any], parameters: dict[str, Any] | None) -> dict[str, Any]:
+        """The request's options, checked by the task: ``parameters`` plus the top-level fields it takes."""
+        for field in fields:
+            if field not in task.request_fields:
+                raise ApiError(422, f"{field} is not a top-level option of {task.name} models: send their options "
+                                    "in 'parameters'")
         try:
-            return task_for(task).request_options(parameters or {}, self.settings)
+            return task.request_options(fields | (parameters or {}), self.settings)
         except ValueError as e:
             raise ApiError(422, f"invalid parameters: {e}") from None
 
@@ -223,14 +221,14 @@ class Ingress:
         numbers = sorted(versions)
         return random.choices(numbers, weights=[versions[v]["weight"] for v in numbers])[0]  # canary split
 
-    async def _read_inputs(self, request: Request, modality: str) -> tuple[list[Any], int | None, dict | None]:
+    async def _read_inputs(self, request: Request, modality: str) -> tuple[list[Any], dict[str, Any], dict | None]:
+        """(inputs, top-level option fields that were sent, ``parameters``) of a JSON or multipart request."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.settings["max_body_bytes"]:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {self.settings['max_body_bytes']}")
         content_type = request.headers.get("content-type", "")
-        parameters = None
         if content_type.startswith("multipart/form-data"):
-            inputs, top_k, parameters = await self._read_multipart(request, modality)
+            inputs, fields, parameters = await self._read_multipart(request, modality)
         else:
             body = await request.body()
             if len(body) > self.settings["max_body_bytes"]:
@@ -243,7 +241,8 @@ class Ingress:
                 status = 400 if any(err["type"] == "json_invalid" for err in e.errors()) else 422
                 raise ApiError(status, "invalid request body: " + "; ".join(f"{x['field']}: {x['problem']}" for x in errors),
                                errors=errors) from None
-            inputs, top_k, parameters = list(parsed.inputs), parsed.top_k, parsed.parameters
+            inputs, parameters = list(parsed.inputs), parsed.parameters
+            fields = {"top_k": parsed.top_k} if parsed.top_k is not None else {}
             if modality != "text":
                 inputs = [self._decode_base64(i, item) for i, item in enumerate(inputs)]
         if len(inputs) > self.settings["max_items"]:
@@ -251,9 +250,9 @@ class Ingress:
         if modality != "text":
             for i, data in enumerate(inputs):
                 self._check_decodable(i, data, modality)
-        return inputs, top_k, parameters
+        return inputs, fields, parameters
 
-    async def _read_multipart(self, request: Request, modality: str) -> tuple[list[bytes], int | None, dict | None]:
+    async def _read_multipart(self, request: Request, modality: str) -> tuple[list[bytes], dict[str, Any], dict | None]:
         if modality == "text":
             raise ApiError(415, "this is a text model: send JSON {\"inputs\": [\"...\"]}")
         form = await request.form()
@@ -273,7 +272,7 @@ class Ingress:
                 raise ApiError(422, "the 'parameters' form field must be a JSON object") from None
             if not isinstance(parameters, dict):
                 raise ApiError(422, "the 'parameters' form field must be a JSON object")
-        return files, int(top_k) if top_k else None, parameters
+        return files, {"top_k": int(top_k)} if top_k else {}, parameters
 
     @staticmethod
     def _decode_base64(index: int, item: str) -> bytes:
@@ -301,7 +300,7 @@ def app_args(cfg: Config) -> dict[str, Any]:
     if not sv.models:
         raise ValueError("serve.models is empty: list the registry models to deploy, e.g. "
                          "serve.models=[{name: support-intents}]")
-    registry = ModelRegistry(sv.registry)
+    registry = ModelStore(sv.registry)
     models = []
     for i, spec in enumerate(sv.models):
         if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "versions"}:
@@ -323,17 +322,15 @@ def _meta(path: str) -> dict[str, Any]:
     import json
 
     from ptm_ray.data import read_bytes
-    from ptm_ray.models import adapter_for_family
+    from ptm_ray.models import family_for
 
     meta = json.loads(read_bytes(f"{path}/ptm_ray.json"))
-    config = yaml.safe_load(read_bytes(f"{path}/config.yaml"))
     try:
         lineage = json.loads(read_bytes(f"{path}/lineage.json"))
     except (OSError, FileNotFoundError):
         lineage = {}
     return {"task": meta["task"], "labels": meta["labels"], "family": meta["family"], "metrics": meta["metrics"],
-            "modality": adapter_for_family(meta["family"]).modality, "lineage": lineage,
-            "model_name": meta["model_name"], "max_length": config["model"]["max_length"]}
+            "modality": family_for(meta["family"]).modality, "lineage": lineage, "model_name": meta["model_name"]}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -408,7 +405,7 @@ def deploy(cfg: Config) -> tuple[str, Path]:
     init_ray()
     sv = cfg.serve
     serve.start(proxy_location=sv.proxy_location, http_options={"host": sv.host, "port": sv.port})
-    registry = ModelRegistry(sv.registry)
+    registry = ModelStore(sv.registry)
     bridge = {"models": [dict(m, versions=list(m["versions"])) for m in args["models"]], "settings": args["settings"]}
     retiring = False
     for name, versions in _deployed_versions(sv.app_name).items():

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ptm_ray.config import Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, with_overrides
-from ptm_ray.model_registry import ModelRegistry, RegisteredModel
+from ptm_ray.model_store import ModelStore, ModelVersion
 from ptm_ray.train import fit, plan_run, storage_path
 
 __all__ = ["LeaderboardRow", "SearchResult", "build_param_space", "leaderboard", "promote", "run_search", "validate_search"]
@@ -54,7 +54,7 @@ class SearchResult:
 
     experiment_path: str
     leaderboard: list[LeaderboardRow]
-    promoted: list[RegisteredModel]
+    promoted: list[ModelVersion]
     metric: str
     mode: str
 
@@ -248,9 +248,9 @@ def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> Path:
     return path
 
 
-def promote(rows: list[LeaderboardRow], cfg: Config, experiment: str) -> list[RegisteredModel]:
+def promote(rows: list[LeaderboardRow], cfg: Config, experiment: str) -> list[ModelVersion]:
     """Copy the best checkpoints of the top ``search.top_k`` trials into the registry as new versions."""
-    registry = ModelRegistry(cfg.search.registry)
+    registry = ModelStore(cfg.search.registry)
     name = cfg.search.registry_name or Path(experiment).name
     promoted = []
     for row in [r for r in rows if r.checkpoint][: cfg.search.top_k]:

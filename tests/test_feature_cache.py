@@ -90,9 +90,9 @@ def test_second_run_with_same_key_reuses_the_cache(ray_cluster, tiny_text, tmp_p
 
 def _key(overrides: list[str]) -> str:
     cfg = load_config(None, overrides)
-    adapter, ref = resolve_model(cfg.model)
+    model_family, ref = resolve_model(cfg.model)
     plan = plan_run(cfg)
-    return cache_key(cfg, adapter, ref, plan.freeze_blocks, plan.num_blocks, plan.data)
+    return cache_key(cfg, model_family, ref, plan.freeze_blocks, plan.num_blocks, plan.data)
 
 
 def test_key_changes_with_model_depth_preprocessing_and_data(tiny_text, tmp_path):

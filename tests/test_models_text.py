@@ -25,10 +25,10 @@ EXPECTED = {
 
 def _load(family, tiny_text):
     cfg = Config(model=ModelConfig(name=f"hf:{tiny_text[family]}", max_length=32), data=DataConfig(train="x"))
-    adapter, ref = resolve_model(cfg.model)
+    model_family, ref = resolve_model(cfg.model)
     torch.manual_seed(0)
-    model = adapter.build(ref, LABELS, cfg.model)
-    return adapter, model, adapter.preprocessor(ref, model, cfg)
+    model = model_family.build(ref, LABELS, cfg.model, "classifier")
+    return model_family, model, model_family.preprocessor(ref, model, cfg)
 
 
 def _trainable(model):
@@ -37,8 +37,8 @@ def _trainable(model):
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_blocks_partition_the_parameters(family, tiny_text):
-    adapter, model, _ = _load(family, tiny_text)
-    blocks = adapter.blocks(model)
+    model_family, model, _ = _load(family, tiny_text)
+    blocks = model_family.blocks(model)
     n_blocks, first, last, head = EXPECTED[family]
     assert len(blocks) == n_blocks
     owner = block_of_parameters(model, blocks)  # raises if a parameter sits in two blocks
@@ -51,8 +51,8 @@ def test_blocks_partition_the_parameters(family, tiny_text):
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_freeze_depths_zero_k_all(family, tiny_text):
-    adapter, model, _ = _load(family, tiny_text)
-    blocks = adapter.blocks(model)
+    model_family, model, _ = _load(family, tiny_text)
+    blocks = model_family.blocks(model)
     n_blocks, first, _, head = EXPECTED[family]
     everything = {n for n, _ in model.named_parameters()}
     head_names = {n for n in everything if n.startswith(head)}
@@ -78,14 +78,14 @@ def test_freeze_depths_zero_k_all(family, tiny_text):
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_one_training_step_changes_only_trainable_parameters(family, tiny_text, support_texts):
-    adapter, model, preprocessor = _load(family, tiny_text)
-    blocks = adapter.blocks(model)
+    model_family, model, preprocessor = _load(family, tiny_text)
+    blocks = model_family.blocks(model)
     frozen = freeze(model, blocks, 1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(param_groups(model, blocks, 1e-2, 1e-2, 1.0, 0.0))
     set_train_mode(model, frozen)
     inputs = preprocessor(support_texts[:8])
-    loss = F.cross_entropy(adapter.logits(model, inputs), torch.arange(8) % 3)
+    loss = F.cross_entropy(model_family.logits(model, inputs), torch.arange(8) % 3)
     loss.backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -94,8 +94,8 @@ def test_one_training_step_changes_only_trainable_parameters(family, tiny_text, 
 
 
 def test_layer_decay_and_head_lr(tiny_text):
-    adapter, model, _ = _load("bert", tiny_text)
-    blocks = adapter.blocks(model)
+    model_family, model, _ = _load("bert", tiny_text)
+    blocks = model_family.blocks(model)
     freeze(model, blocks, 1)
     groups = param_groups(model, blocks, lr=1e-4, head_lr=1e-3, layer_decay=0.5, weight_decay=0.01)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -111,12 +111,12 @@ def test_layer_decay_and_head_lr(tiny_text):
 
 def test_minilm_short_name_loads_real_weights():
     cfg = Config(model=ModelConfig(name="minilm-l6"), data=DataConfig(train="x"))
-    adapter, ref = resolve_model(cfg.model)
-    model = adapter.build(ref, LABELS, cfg.model)
-    assert len(adapter.blocks(model)) == 7  # embeddings + 6 layers
+    model_family, ref = resolve_model(cfg.model)
+    model = model_family.build(ref, LABELS, cfg.model, "classifier")
+    assert len(model_family.blocks(model)) == 7  # embeddings + 6 layers
     assert 22_000_000 < parameter_counts(model)[1] < 23_000_000
     # real pretrained weights: similar sentences get closer embeddings than unrelated ones
-    pre = adapter.preprocessor(ref, model, cfg)
+    pre = model_family.preprocessor(ref, model, cfg)
     with torch.no_grad():
         out = model.bert(**pre(["where is my parcel", "where is my package", "the cat sat on the mat"]))
     emb = F.normalize(out.last_hidden_state.mean(1), dim=-1)
@@ -125,11 +125,11 @@ def test_minilm_short_name_loads_real_weights():
 
 def test_minilm_l3_is_the_lower_half_of_minilm_l6_with_its_weights():
     base = ModelConfig(name="minilm-l6")
-    six_adapter, six_ref = resolve_model(base)
-    three_adapter, three_ref = resolve_model(ModelConfig(name="minilm-l3"))
-    six = six_adapter.build(six_ref, LABELS, base)
-    three = three_adapter.build(three_ref, LABELS, base)
-    assert len(three_adapter.blocks(three)) == 4  # embeddings + 3 layers
+    six_model_family, six_ref = resolve_model(base)
+    three_model_family, three_ref = resolve_model(ModelConfig(name="minilm-l3"))
+    six = six_model_family.build(six_ref, LABELS, base, "classifier")
+    three = three_model_family.build(three_ref, LABELS, base, "classifier")
+    assert len(three_model_family.blocks(three)) == 4  # embeddings + 3 layers
     six_state, three_state = six.state_dict(), three.state_dict()
     for key in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.2.output.dense.weight"):
         assert torch.equal(six_state[key], three_state[key])

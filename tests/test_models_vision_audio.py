@@ -27,18 +27,18 @@ TIMM = {
 
 def _build(name: str, overrides: list[str], data: str = "unused"):
     cfg = load_config(None, [f"model.name={name}", f"data.train={data}", *overrides])
-    adapter, ref = resolve_model(cfg.model)
+    model_family, ref = resolve_model(cfg.model)
     torch.manual_seed(0)
-    return cfg, adapter, ref, adapter.build(ref, LABELS, cfg.model)
+    return cfg, model_family, ref, model_family.build(ref, LABELS, cfg.model, "classifier")
 
 
 def _trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _check_freezing(adapter, model, head_prefixes: tuple[str, ...]):
+def _check_freezing(model_family, model, head_prefixes: tuple[str, ...]):
     """Depth 0 trains everything, depth 1 freezes exactly block 0, 'all' leaves exactly the head."""
-    blocks = adapter.blocks(model)
+    blocks = model_family.blocks(model)
     owner = block_of_parameters(model, blocks)
     names = set(owner)
     head = {n for n in names if n.startswith(head_prefixes)}
@@ -56,9 +56,9 @@ def _check_freezing(adapter, model, head_prefixes: tuple[str, ...]):
 
 @pytest.mark.parametrize("arch", TIMM)
 def test_timm_blocks_follow_group_matcher_and_freeze_exactly(arch):
-    _, adapter, _, model = _build(f"timm:{arch}", ["model.weights=none", *TIMM[arch]])
+    _, model_family, _, model = _build(f"timm:{arch}", ["model.weights=none", *TIMM[arch]])
     head = next(n for n, m in model.named_modules() if m is model.get_classifier())
-    blocks = _check_freezing(adapter, model, (head + ".",))
+    blocks = _check_freezing(model_family, model, (head + ".",))
     assert len(blocks) >= 4  # stem, stages/blocks, final layers
 
 
@@ -67,21 +67,21 @@ def test_timm_blocks_follow_group_matcher_and_freeze_exactly(arch):
     ("hubert", "hubert.feature_extractor.", ("projector.", "classifier.")),
 ])
 def test_hf_audio_blocks_and_freezing(family, first, head, tiny_audio):
-    _, adapter, _, model = _build(f"hf:{tiny_audio[family]}", [])
-    blocks = _check_freezing(adapter, model, head)
+    _, model_family, _, model = _build(f"hf:{tiny_audio[family]}", [])
+    blocks = _check_freezing(model_family, model, head)
     assert [b.name for b in blocks] == ["feature_encoder", "feature_projection", "encoder.layers.0", "encoder.layers.1"]
     assert all(n.startswith(first) for n in block_of_parameters(model, blocks) if block_of_parameters(model, blocks)[n] == 0)
 
 
 def test_deepspeech_loads_local_weights_and_freezes(tiny_audio):
     kwargs = "{n_mels: %d, n_hidden: %d}" % (TINY_DEEPSPEECH["n_mels"], TINY_DEEPSPEECH["n_hidden"])
-    _, adapter, _, model = _build("torchaudio:deepspeech", [f"model.weights={tiny_audio['deepspeech']}",
+    _, model_family, _, model = _build("torchaudio:deepspeech", [f"model.weights={tiny_audio['deepspeech']}",
                                                             f"model.kwargs={kwargs}"])
     from safetensors.torch import load_file
 
     saved = load_file(tiny_audio["deepspeech"])
     assert torch.equal(model.state_dict()["deepspeech.fc1.fc.weight"], saved["deepspeech.fc1.fc.weight"])
-    blocks = _check_freezing(adapter, model, ("deepspeech.out.",))
+    blocks = _check_freezing(model_family, model, ("deepspeech.out.",))
     assert [b.name for b in blocks] == ["fc1", "fc2", "fc3", "bi_rnn", "fc4"]
 
 
@@ -91,9 +91,9 @@ def test_efficientnet_lite0_real_imagenet_weights_recognise_photos():
     from PIL import Image
 
     cfg = load_config(None, ["model.name=efficientnet-lite0", "data.train=unused"])
-    adapter, ref = resolve_model(cfg.model)
-    model = adapter.build(ref, [str(i) for i in range(1000)], cfg.model).eval()  # keep the ImageNet head
-    preprocessor = adapter.preprocessor(ref, model, cfg)
+    model_family, ref = resolve_model(cfg.model)
+    model = model_family.build(ref, [str(i) for i in range(1000)], cfg.model, "classifier").eval()  # keep the ImageNet head
+    preprocessor = model_family.preprocessor(ref, model, cfg)
     assert preprocessor.data_config["input_size"] == (3, 224, 224)
     assert preprocessor.data_config["interpolation"] == "bicubic"
 
@@ -103,7 +103,7 @@ def test_efficientnet_lite0_real_imagenet_weights_recognise_photos():
         return buffer.getvalue()
 
     with torch.no_grad():
-        logits = adapter.logits(model, preprocessor([png(skimage.data.chelsea()), png(skimage.data.coffee())]))
+        logits = model_family.logits(model, preprocessor([png(skimage.data.chelsea()), png(skimage.data.coffee())]))
     cat, coffee = logits.argmax(-1).tolist()
     assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert coffee == 967  # espresso

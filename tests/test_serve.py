@@ -17,7 +17,8 @@ from PIL import Image
 
 from ptm_ray.checkpoint import load_artifact, save_checkpoint
 from ptm_ray.config import load_config
-from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.inference import predict
+from ptm_ray.model_store import ModelStore
 from ptm_ray.models import resolve_model
 from ptm_ray.serve import app_args, build_app, deploy
 
@@ -30,20 +31,20 @@ def _artifact(root: Path, name: str, overrides: list[str], labels: list[str], se
     import torch
 
     cfg = load_config(None, ["data.train=unused", *overrides])
-    adapter, ref = resolve_model(cfg.model)
+    family, ref = resolve_model(cfg.model)
     torch.manual_seed(seed)
-    model = adapter.build(ref, labels, cfg.model).eval()
+    model = family.build(ref, labels, cfg.model, "classifier").eval()
     path = root / f"{name}-{seed}"
-    save_checkpoint(path, adapter=adapter, model=model, preprocessor=adapter.preprocessor(ref, model, cfg), cfg=cfg,
+    save_checkpoint(path, family=family, model=model, preprocessor=family.preprocessor(ref, model, cfg), cfg=cfg,
                     labels=labels, metrics={"epoch": 1, "val_accuracy": 0.5 + seed / 100}, history=[])
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_text, tiny_audio) -> ModelRegistry:
+def registry(tmp_path_factory, tiny_text, tiny_audio) -> ModelStore:
     """Registry with intents v1 and v2 (tiny BERT), digits v1 (tiny ResNet) and commands v1 (tiny wav2vec 2.0)."""
     root = tmp_path_factory.mktemp("artifacts")
-    reg = ModelRegistry(str(root / "registry"))
+    reg = ModelStore(str(root / "registry"))
     text = [f"model.name=hf:{tiny_text['bert']}", "model.max_length=16"]
     for seed in (1, 2):
         reg.promote(_artifact(root, "intents", text, INTENTS, seed), "intents", {"note": f"seed {seed}"})
@@ -124,10 +125,10 @@ def test_served_predictions_equal_offline(api, registry, digits_dir, speech_dir)
     texts = ["refund my blender please", "cancel order #12345", "why was I charged twice"]
     served = requests.post(f"{url}/v1/models/intents/versions/2/predict", json={"inputs": texts, "top_k": 2}, timeout=30)
     assert served.status_code == 200 and served.json()["version"] == 2
-    _same(served.json()["predictions"], load_artifact(registry.get("intents", 2).path).predict(texts, top_k=2))
+    _same(served.json()["predictions"], predict(load_artifact(registry.get("intents", 2).path), texts, top_k=2))
 
     images = [next(Path(digits_dir, d).glob("*.png")).read_bytes() for d in ("3", "8")]
-    offline = load_artifact(registry.get("digits").path).predict(images, top_k=3)
+    offline = predict(load_artifact(registry.get("digits").path), images, top_k=3)
     as_json = requests.post(f"{url}/v1/models/digits/predict", json={"inputs": [_b64(b) for b in images]}, timeout=30)
     assert as_json.status_code == 200
     _same(as_json.json()["predictions"], offline)
@@ -139,7 +140,7 @@ def test_served_predictions_equal_offline(api, registry, digits_dir, speech_dir)
     clips = [next(Path(speech_dir, w).glob("*.wav")).read_bytes() for w in ("go", "stop")]
     served = requests.post(f"{url}/v1/models/commands/predict", json={"inputs": [_b64(c) for c in clips]}, timeout=30)
     assert served.status_code == 200
-    _same(served.json()["predictions"], load_artifact(registry.get("commands").path).predict(clips, top_k=3))
+    _same(served.json()["predictions"], predict(load_artifact(registry.get("commands").path), clips, top_k=3))
 
 
 @pytest.mark.parametrize("path, kwargs, status, message", [

@@ -15,8 +15,9 @@ import torch
 
 from ptm_ray.checkpoint import load_artifact, read_meta
 from ptm_ray.config import load_config
+from ptm_ray.inference import predict
 from ptm_ray.freeze import block_of_parameters, freeze
-from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.model_store import ModelStore
 from ptm_ray.models import resolve_model
 from ptm_ray.tasks import task_for
 from ptm_ray.train import fit, plan_run
@@ -57,11 +58,11 @@ def _overrides(shapes, tmp_path: Path, name: str, **values: object) -> list[str]
 def test_detectors_build_and_freeze_exactly_the_configured_blocks(name):
     weights = "" if name in (LITE0, "yolo:n") else "none"  # the torchvision hub is offline
     cfg = load_config(None, [f"model.name={name}", "model.task=detection", f"model.weights={weights}", "data.train=x"])
-    adapter, ref = resolve_model(cfg.model)
-    assert adapter.tasks == ("detection",) and adapter.modality == "image"
+    family, ref = resolve_model(cfg.model)
+    assert family.heads == ("detector",) and family.modality == "image"
     with torch.device("meta"):
-        model = adapter.build(ref, ["circle", "square", "triangle"], cfg.model, pretrained=False)
-    blocks = adapter.blocks(model)
+        model = family.build(ref, ["circle", "square", "triangle"], cfg.model, "detector", pretrained=False)
+    blocks = family.blocks(model)
     names = [b.name for b in blocks]
     if name.startswith("torchvision:"):  # backbone stages from the input, then FPN, RPN and the ROI box head
         assert names[-3:] == ["fpn", "rpn", "roi_box_head"] and all(n.startswith("backbone.") for n in names[:-3])
@@ -70,7 +71,7 @@ def test_detectors_build_and_freeze_exactly_the_configured_blocks(name):
         assert names == ["stem", "stage1", "stage2", "stage3", "stage4", "neck", "head_shared"]
     owner = block_of_parameters(model, blocks)
     head = {n.rsplit(".", 1)[0] for n, i in owner.items() if i < 0}
-    assert head and all(h.startswith(adapter.head_prefixes) for h in head)  # only the class predictor is the head
+    assert head and all(h.startswith(family.head_prefixes) for h in head)  # only the class predictor is the head
     for depth in (0, 2, len(blocks)):
         freeze(model, blocks, depth)
         for param_name, param in model.named_parameters():
@@ -83,16 +84,16 @@ def test_lite0_backbone_has_the_imagenet_weights_and_weights_files_load_with_a_n
     from ptm_ray.models.vision import converted_efficientnet_lite0
 
     cfg = load_config(None, [f"model.name={LITE0}", "model.task=detection", "data.train=x"])
-    adapter, ref = resolve_model(cfg.model)
-    model = adapter.build(ref, ["a", "b", "c", "d", "e"], cfg.model)
+    family, ref = resolve_model(cfg.model)
+    model = family.build(ref, ["a", "b", "c", "d", "e"], cfg.model, "detector")
     imagenet = load_file(converted_efficientnet_lite0())
     assert torch.equal(model.backbone.body.conv_stem.weight, imagenet["conv_stem.weight"])
     assert type(model.backbone.body.bn1).__name__.startswith("Frozen")  # pretrained BatchNorm frozen, as torchvision
     file = tmp_path / "detector.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, file)
     three = load_config(None, [f"model.name={LITE0}", "model.task=detection", f"model.weights={file}", "data.train=x"])
-    adapter, ref = resolve_model(three.model)
-    reloaded = adapter.build(ref, ["a", "b", "c"], three.model)  # other classes: only the predictor is fresh
+    family, ref = resolve_model(three.model)
+    reloaded = family.build(ref, ["a", "b", "c"], three.model, "detector")  # other classes: only the predictor is fresh
     assert torch.equal(reloaded.rpn.head.conv[0][0].weight, model.rpn.head.conv[0][0].weight)
     assert reloaded.roi_heads.box_predictor.cls_score.out_features == 4
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
@@ -101,18 +102,18 @@ def test_lite0_backbone_has_the_imagenet_weights_and_weights_files_load_with_a_n
     torch.save({k: v for k, v in coco.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "coco.pth")
     mobilenet = load_config(None, ["model.name=torchvision:fasterrcnn_mobilenet_v3_large_fpn", "model.task=detection",
                                    f"model.weights={tmp_path / 'coco.pth'}", "data.train=x"])
-    adapter, ref = resolve_model(mobilenet.model)
-    loaded = adapter.build(ref, ["a", "b"], mobilenet.model)
+    family, ref = resolve_model(mobilenet.model)
+    loaded = family.build(ref, ["a", "b"], mobilenet.model, "detector")
     assert torch.equal(loaded.rpn.head.conv[0][0].weight, coco.rpn.head.conv[0][0].weight)
     assert loaded.roi_heads.box_predictor.cls_score.out_features == 3
     other = tmp_path / "yolo.safetensors"
     yolo_cfg = load_config(None, ["model.name=yolo:n", "model.task=detection", "model.weights=none", "data.train=x"])
-    yolo_adapter, yolo_ref = resolve_model(yolo_cfg.model)
-    save_file(yolo_adapter.build(yolo_ref, ["a"], yolo_cfg.model).state_dict(), other)
+    yolo_family, yolo_ref = resolve_model(yolo_cfg.model)
+    save_file(yolo_family.build(yolo_ref, ["a"], yolo_cfg.model, "detector").state_dict(), other)
     wrong = load_config(None, [f"model.name={LITE0}", "model.task=detection", f"model.weights={other}", "data.train=x"])
-    adapter, ref = resolve_model(wrong.model)
+    family, ref = resolve_model(wrong.model)
     with pytest.raises(ValueError, match=f"model.weights={other} does not fit this detector"):
-        adapter.build(ref, ["a"], wrong.model)
+        family.build(ref, ["a"], wrong.model, "detector")
 
 
 def test_bad_boxes_fail_naming_the_record_or_are_skipped_and_counted(shapes, tmp_path):
@@ -167,8 +168,8 @@ def test_request_options_are_bounded_by_the_server():
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> ModelRegistry:
-    return ModelRegistry(str(tmp_path_factory.mktemp("det_registry") / "registry"))
+def registry(tmp_path_factory) -> ModelStore:
+    return ModelStore(str(tmp_path_factory.mktemp("det_registry") / "registry"))
 
 
 def test_faster_rcnn_trains_data_parallel_with_rising_map_and_resumes(ray_cluster, shapes, tmp_path, registry):
@@ -235,7 +236,7 @@ def test_served_boxes_equal_offline(ray_cluster, registry, shapes):
         served = _post(url, "shapes-frcnn", {"inputs": [base64.b64encode(d).decode() for d in data], "parameters": options})
         assert served.status_code == 200, served.text
         predictions = served.json()["predictions"]
-        offline = artifact.predict(data, **options)
+        offline = predict(artifact, data, **options)
         assert len(predictions) == 2 and set(predictions[0]) == {"boxes", "labels", "scores"}
         assert any(p["boxes"] for p in predictions)  # the trained model finds shapes at this threshold
         for got, want in zip(predictions, offline):

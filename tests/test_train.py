@@ -14,7 +14,9 @@ import torch
 
 from ptm_ray.checkpoint import load_artifact, read_meta
 from ptm_ray.config import load_config
-from ptm_ray.train import classification_metrics, fit
+from ptm_ray.inference import predict
+from ptm_ray.tasks.classification import classification_metrics
+from ptm_ray.train import fit
 
 from conftest import VAL_CSV, tiny_overrides
 
@@ -49,7 +51,7 @@ def test_two_workers_learn_and_write_self_describing_checkpoints(ray_cluster, ti
     assert list((best / "model").glob("*.safetensors"))
     artifact = load_artifact(best)
     texts = [line.split(",")[0] for line in Path(VAL_CSV).read_text().splitlines()[1:40] if '"' not in line]
-    predictions = artifact.predict(texts, top_k=3)
+    predictions = predict(artifact, texts, top_k=3)
     assert len(predictions) == len(texts)
     assert all(p["label"] in artifact.labels and len(p["top_k"]) == 3 for p in predictions)
     assert read_meta(best)["labels"] == artifact.labels and len(artifact.labels) == 8

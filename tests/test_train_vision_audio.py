@@ -8,6 +8,7 @@ import pytest
 
 from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import load_config
+from ptm_ray.inference import predict
 from ptm_ray.tiny import TINY_DEEPSPEECH
 from ptm_ray.train import fit
 
@@ -42,7 +43,7 @@ def test_vision_family_learns_digits_on_two_workers(ray_cluster, digits_dir, tmp
     assert best > 0.3, result.history  # 10 classes: chance is 0.1
     artifact = load_artifact(result.best_checkpoint)
     sample = next(Path(digits_dir, "7").glob("*.png")).read_bytes()
-    assert artifact.predict([sample])[0]["label"] in artifact.labels
+    assert predict(artifact, [sample])[0]["label"] in artifact.labels
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "hubert", "deepspeech"])

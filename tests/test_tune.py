@@ -15,7 +15,8 @@ import pytest
 
 from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import load_config
-from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.inference import predict
+from ptm_ray.model_store import ModelStore
 from ptm_ray.tune import run_search, validate_search
 
 from conftest import TRAIN_CSV, tiny_overrides
@@ -80,7 +81,7 @@ def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, t
     top = result.promoted[0]
     assert top.lineage["trial_id"] == board[0].trial_id and top.lineage["best_score"] == board[0].best_score
     artifact = load_artifact(top.path)
-    assert artifact.predict(["where is my order #12345"])[0]["label"] in artifact.labels
+    assert predict(artifact, ["where is my order #12345"])[0]["label"] in artifact.labels
     assert json.loads((Path(top.path) / "lineage.json").read_text())["overrides"] == board[0].overrides
 
     # a rerun of the trial alone from its overrides is a valid config
@@ -88,8 +89,8 @@ def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, t
     assert rerun.optim.lr == board[0].lr
 
     # promoting again never overwrites: it takes the next version
-    again = ModelRegistry(str(tmp_path / "registry")).promote(board[0].checkpoint, "intents", {"note": "again"})
-    assert again.version == 3 and ModelRegistry(str(tmp_path / "registry")).get("intents", 1).lineage["rank"] == 1
+    again = ModelStore(str(tmp_path / "registry")).promote(board[0].checkpoint, "intents", {"note": "again"})
+    assert again.version == 3 and ModelStore(str(tmp_path / "registry")).get("intents", 1).lineage["rank"] == 1
 
 
 def _terminated_trials(experiment: Path) -> int:

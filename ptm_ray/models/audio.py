@@ -1,5 +1,7 @@
 """Speech classifiers: wav2vec 2.0 and HuBERT (``hf:``) and DeepSpeech (``torchaudio:deepspeech``).
 
+Heads: ``classifier`` (pooled over time) and ``ctc`` (per output frame, for speech recognition).
+
 Blocks, input to output. wav2vec 2.0 / HuBERT: the convolutional feature encoder, the feature projection
 (with the positional convolution and encoder norm), then each transformer layer; the projector and
 classifier are the head. DeepSpeech: fc1, fc2, fc3, the bidirectional RNN, fc4; its output layer,
@@ -23,10 +25,10 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.registry import ModelRef
-from ptm_ray.models.text import hf_config
+from ptm_ray.models.base import Family, ModelRef, Preprocessor
+from ptm_ray.models.hf import HFFamily
 
-__all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechAdapter", "DeepSpeechClassifier", "HFAudioAdapter",
+__all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily",
            "decode_audio"]
 
 AUDIO_MODEL_TYPES = frozenset({"wav2vec2", "hubert"})
@@ -53,7 +55,7 @@ def decode_audio(data: bytes, sampling_rate: int) -> np.ndarray:
     return mono.numpy()
 
 
-class AudioPreprocessor:
+class AudioPreprocessor(Preprocessor):
     """Encoded audio clips -> fixed-length waveforms at the model's sampling rate."""
 
     def __init__(self, sampling_rate: int, max_seconds: float, normalize: bool, attention_mask: bool) -> None:
@@ -86,32 +88,23 @@ class AudioPreprocessor:
         return cls(meta["sampling_rate"], meta["max_seconds"], meta["normalize"], meta["attention_mask"])
 
 
-class HFAudioAdapter:
-    """``hf:`` wav2vec 2.0 and HuBERT: ``AutoModelForAudioClassification`` (classification) or
-    ``AutoModelForCTC`` (speech_recognition, its ``lm_head`` sized to the character vocabulary)."""
+class HFAudioFamily(HFFamily):
+    """``hf:`` wav2vec 2.0 and HuBERT: ``AutoModelForAudioClassification`` (classifier) or ``AutoModelForCTC``
+    (ctc: its ``lm_head`` sized to the character vocabulary, ``<pad>`` = the blank first)."""
 
-    family = "hf-audio"
+    name = "hf-audio"
     modality = "audio"
-    tasks = ("classification", "speech_recognition")
+    preprocessor_class = AudioPreprocessor
+    auto_classes = {"classifier": "AutoModelForAudioClassification", "ctc": "AutoModelForCTC"}
     ddp_find_unused_parameters = True  # LayerDrop skips whole encoder layers in some training steps
+    cache_sequence_features = ()
 
-    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-        from transformers import AutoModelForAudioClassification, AutoModelForCTC
-
-        config = hf_config(ref.location, cfg.trust_remote_code)
-        if cfg.task == "speech_recognition":  # labels: the CTC vocabulary, <pad> (the blank) first
+    def configure(self, config: Any, head: str, labels: list[str], cfg: ModelConfig) -> None:
+        if head == "ctc":  # labels: the CTC vocabulary, <pad> (the blank) first
             config.vocab_size, config.pad_token_id = len(labels), 0
             config.ctc_loss_reduction, config.ctc_zero_infinity = "mean", True
-            if not pretrained or ref.weights == "none":
-                return AutoModelForCTC.from_config(config)
-            return AutoModelForCTC.from_pretrained(ref.weights or ref.location, config=config, use_safetensors=True)
-        config.num_labels = len(labels)
-        config.id2label = dict(enumerate(labels))
-        config.label2id = {label: i for i, label in enumerate(labels)}
-        if not pretrained or ref.weights == "none":
-            return AutoModelForAudioClassification.from_config(config)
-        return AutoModelForAudioClassification.from_pretrained(ref.weights or ref.location, config=config,
-                                                               use_safetensors=True)
+        else:
+            super().configure(config, head, labels, cfg)
 
     def blocks(self, model: nn.Module) -> list[Block]:
         base = model.base_model_prefix
@@ -131,13 +124,18 @@ class HFAudioAdapter:
         use_mask = bool(fe.return_attention_mask) and model.config.feat_extract_norm == "layer"
         return AudioPreprocessor(fe.sampling_rate, cfg.data.max_seconds, bool(fe.do_normalize), use_mask)
 
-    def load_preprocessor(self, path: Path) -> AudioPreprocessor:
-        return AudioPreprocessor.load(path)
-
+    # --- Classifier, FrameClassifier ---------------------------------------------------------------
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits
 
-    # --- frozen-prefix feature cache (ptm_ray.feature_cache) ---------------------------------------------
+    def frame_lengths(self, model: nn.Module, inputs: dict[str, torch.Tensor], frames: int) -> torch.Tensor:
+        """Valid output frames per clip: from the attention mask where the model takes one, else all frames."""
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            return torch.full((inputs["input_values"].shape[0],), frames, dtype=torch.long)
+        return model._get_feat_extract_output_lengths(mask.sum(-1)).clamp(max=frames).long().cpu()
+
+    # --- PrefixCache ------------------------------------------------------------------------------------
     # Two depths split cleanly: the feature encoder alone (block 1: what follows it, SpecAugment masking
     # and LayerDrop, runs in the suffix with the same random draws), and everything (the whole base model
     # is then in eval mode, so neither applies). In between, LayerDrop and masking act inside the prefix.
@@ -171,15 +169,6 @@ class HFAudioAdapter:
         hidden = base.encoder(hidden).last_hidden_state
         return model.classifier(model.projector(hidden).mean(dim=1))
 
-    def save(self, model: nn.Module, path: Path) -> None:
-        model.save_pretrained(path, safe_serialization=True)
-
-    def load(self, path: Path) -> nn.Module:
-        import transformers
-
-        architecture = hf_config(str(path)).architectures[0]  # e.g. Wav2Vec2ForCTC, as saved
-        return getattr(transformers, architecture).from_pretrained(path, use_safetensors=True)
-
 
 class DeepSpeechClassifier(nn.Module):
     """torchaudio's DeepSpeech over log-mel features, its output layer sized to the labels: mean-pooled over
@@ -202,19 +191,20 @@ class DeepSpeechClassifier(nn.Module):
         return frames if self.config["ctc"] else frames.mean(dim=1)
 
 
-class DeepSpeechAdapter:
+class DeepSpeechFamily(Family):
     """``torchaudio:deepspeech``; weights from a local state dict (``model.weights``) or random."""
 
-    family = "torchaudio"
+    name = "torchaudio"
     modality = "audio"
-    tasks = ("classification", "speech_recognition")
+    heads = ("classifier", "ctc")
+    preprocessor_class = AudioPreprocessor
     _HEAD = "deepspeech.out"
 
-    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, head: str, pretrained: bool = True) -> nn.Module:
         if ref.location != "deepspeech":
             raise ValueError(f"model.name=torchaudio:{ref.location}: the torchaudio family knows 'deepspeech'")
         try:
-            model = DeepSpeechClassifier(len(labels), **cfg.kwargs, ctc=cfg.task == "speech_recognition")
+            model = DeepSpeechClassifier(len(labels), **cfg.kwargs, ctc=head == "ctc")
         except TypeError as e:
             raise ValueError(f"model.kwargs={cfg.kwargs} do not fit DeepSpeech: {e}") from None
         if pretrained and ref.weights not in ("", "none"):
@@ -227,11 +217,13 @@ class DeepSpeechAdapter:
     def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> AudioPreprocessor:
         return AudioPreprocessor(model.config["sample_rate"], cfg.data.max_seconds, normalize=False, attention_mask=False)
 
-    def load_preprocessor(self, path: Path) -> AudioPreprocessor:
-        return AudioPreprocessor.load(path)
-
+    # --- Classifier, FrameClassifier ---------------------------------------------------------------
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(inputs["input_values"])
+
+    def frame_lengths(self, model: nn.Module, inputs: dict[str, torch.Tensor], frames: int) -> torch.Tensor:
+        """Every clip is padded to ``data.max_seconds``: all frames count."""
+        return torch.full((inputs["input_values"].shape[0],), frames, dtype=torch.long)
 
     def save(self, model: nn.Module, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,9 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.registry import ModelRef
+from ptm_ray.models.base import Family, ModelRef, Preprocessor
 
-__all__ = ["DetectionPreprocessor", "FasterRCNNAdapter", "YOLOAdapter", "FASTER_RCNN_NAMES", "YOLO_SIZES"]
+__all__ = ["DetectionPreprocessor", "FasterRCNNFamily", "YOLOFamily", "FASTER_RCNN_NAMES", "YOLO_SIZES"]
 
 FASTER_RCNN_NAMES = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_efficientnet_lite0_fpn")
 YOLO_SIZES = {"n": (0.25, 0.33), "s": (0.5, 0.33), "m": (0.75, 0.67)}  # width, depth multipliers
@@ -59,7 +59,7 @@ _FRCNN_DEFAULTS: dict[str, Any] = {
 # --- preprocessing (shared by both families) --------------------------------------------------------------
 
 
-class DetectionPreprocessor:
+class DetectionPreprocessor(Preprocessor):
     """Encoded images (+ boxes at train time) -> model inputs, and what maps boxes back to the original.
 
     ``kind`` ``letterbox`` (YOLO): a square ``image_size`` canvas, longer side scaled to it, grey padding.
@@ -254,15 +254,16 @@ def _frcnn_backbone(location: str, frozen_bn: bool, kwargs: dict[str, Any]) -> t
     return backbone, {"rpn_anchor_generator": AnchorGenerator(sizes, (ratios,) * len(sizes))}
 
 
-class FasterRCNNAdapter:
+class FasterRCNNFamily(Family):
     """``torchvision:fasterrcnn_*``: torchvision's Faster R-CNN with a box predictor for the user's classes."""
 
-    family = "torchvision-detection"
+    name = "torchvision-detection"
     modality = "image"
-    tasks = ("detection",)
+    heads = ("detector",)
+    preprocessor_class = DetectionPreprocessor
     head_prefixes = ("roi_heads.box_predictor",)
 
-    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, head: str, pretrained: bool = True) -> nn.Module:
         if ref.location not in FASTER_RCNN_NAMES:
             raise ValueError(f"model.name=torchvision:{ref.location} is not a known detector; known: "
                              f"{', '.join('torchvision:' + n for n in FASTER_RCNN_NAMES)}")
@@ -316,12 +317,7 @@ class FasterRCNNAdapter:
     def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> DetectionPreprocessor:
         return DetectionPreprocessor("resize", _image_size(cfg), cfg.data.augment, cfg.data.hflip, cfg.train.seed)
 
-    def load_preprocessor(self, path: Path) -> DetectionPreprocessor:
-        return DetectionPreprocessor.load(path)
-
-    def logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        raise TypeError("a detector has no class logits per input; use model.task=detection (boxes)")
-
+    # --- Detector ---------------------------------------------------------------------------------------
     def loss(self, net: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Training loss (sum of RPN and ROI losses) of ``net`` in train mode; labels 0.. (background added here)."""
         targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in inputs["targets"]]
@@ -396,16 +392,17 @@ def _save(model: nn.Module, path: Path) -> None:
 # --- YOLO ------------------------------------------------------------------------------------------------
 
 
-class YOLOAdapter:
+class YOLOFamily(Family):
     """``yolo:<n|s|m>`` (or ``yolo:<width>x<depth>``): ptm_ray's YOLOv8-style detector, trained from scratch
     or from a local state dict; letterboxed inputs whose side (``data.image_size``) is a multiple of 32."""
 
-    family = "yolo"
+    name = "yolo"
     modality = "image"
-    tasks = ("detection",)
+    heads = ("detector",)
+    preprocessor_class = DetectionPreprocessor
     head_prefixes = ("head.cls_pred",)
 
-    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, head: str, pretrained: bool = True) -> nn.Module:
         width, depth = _yolo_size(ref.location)
         spec = {"num_classes": len(labels), "width": width, "depth": depth, "reg_max": int(cfg.kwargs.get("reg_max", 16))}
         model = self._create(spec)
@@ -432,12 +429,7 @@ class YOLOAdapter:
             raise ValueError(f"data.image_size={size}: YOLO needs a multiple of 32 (e.g. {32 * max(1, round(size / 32))})")
         return DetectionPreprocessor("letterbox", size, cfg.data.augment, cfg.data.hflip, cfg.train.seed)
 
-    def load_preprocessor(self, path: Path) -> DetectionPreprocessor:
-        return DetectionPreprocessor.load(path)
-
-    def logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        raise TypeError("a detector has no class logits per input; use model.task=detection (boxes)")
-
+    # --- Detector ---------------------------------------------------------------------------------------
     def loss(self, net: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """YOLOv8 loss (box CIoU + DFL + class BCE) of the raw maps; labels 0.."""
         from ptm_ray.models.yolo import YOLOLoss

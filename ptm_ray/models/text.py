@@ -1,7 +1,7 @@
 """Hugging Face text models: BERT, RoBERTa, GPT-2 and T5 (``hf:<hub id or local dir>``).
 
-Tasks: ``classification`` (``AutoModelForSequenceClassification``, every family), ``text2text``
-(``AutoModelForSeq2SeqLM``: T5) and ``text_generation`` (``AutoModelForCausalLM``: GPT-2).
+Heads: ``classifier`` (``AutoModelForSequenceClassification``, every family), ``seq2seq``
+(``AutoModelForSeq2SeqLM``: T5) and ``causal_lm`` (``AutoModelForCausalLM``: GPT-2).
 
 Blocks, input to output: the embeddings, then every transformer layer of each stack (T5: encoder, then
 decoder), each stack's final norm riding with its last layer. What is left (pooler, classifier, T5's
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.registry import ModelRef, weights_cache_dir
+from ptm_ray.models.base import ModelRef, Preprocessor, weights_cache_dir
+from ptm_ray.models.hf import HFFamily, set_label_maps
 
-__all__ = ["HFTextAdapter", "TEXT_MODEL_TYPES", "TextPreprocessor", "hf_config", "lower_layers_of"]
+__all__ = ["HFTextFamily", "TEXT_MODEL_TYPES", "TextPreprocessor", "lower_layers_of"]
 
 # model_type -> (embedding modules, [(layer list, modules appended to its last layer)]), relative to
 # the base model (``model.base_model``).
@@ -39,19 +41,6 @@ TEXT_MODEL_TYPES = frozenset(_LAYOUTS)
 _CACHEABLE = frozenset({"bert"})  # encoders whose prefix/suffix split is implemented and checked
 
 
-def hf_config(location: str, trust_remote_code: bool = False) -> Any:
-    """The Hugging Face config at a local folder or hub id, with an error that says what was expected."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"model.name=hf:{location}: no Hugging Face model there (a local folder with config.json, or a hub id "
-            f"when a network exists): {str(e).splitlines()[0]}"
-        ) from None
-
-
 def lower_layers_of(source: str, num_layers: int, name: str) -> str:
     """A Hugging Face folder holding the embeddings and lowest ``num_layers`` layers of the model at ``source``.
 
@@ -59,8 +48,6 @@ def lower_layers_of(source: str, num_layers: int, name: str) -> str:
     "On the effect of dropping layers of pre-trained transformer models"); used for the ``minilm-l3``
     candidate. Written once under ``$PTM_RAY_CACHE`` (default ``~/.cache/ptm_ray``) and reused.
     """
-    import shutil
-
     from transformers import AutoModel
 
     target = weights_cache_dir() / name
@@ -79,7 +66,7 @@ def lower_layers_of(source: str, num_layers: int, name: str) -> str:
     return str(target)
 
 
-class TextPreprocessor:
+class TextPreprocessor(Preprocessor):
     """Tokenizes a batch of strings with the model's own tokenizer, padded and truncated."""
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
@@ -91,10 +78,11 @@ class TextPreprocessor:
             self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         )
 
-    def truncated(self, texts: list[str]) -> list[bool]:
-        """For each text, whether tokenizing it exceeds ``max_length`` (so it will be cut)."""
+    def notes(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Texts whose tokens exceed ``max_length`` are cut: say so."""
         lengths = self.tokenizer(list(texts), truncation=False)["input_ids"]
-        return [len(ids) > self.max_length for ids in lengths]
+        cut = {"truncated": True, "warning": f"input longer than the model's {self.max_length} tokens was truncated"}
+        return [cut if len(ids) > self.max_length else {} for ids in lengths]
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -109,55 +97,30 @@ class TextPreprocessor:
         return cls(AutoTokenizer.from_pretrained(path), meta["max_length"])
 
 
-# task -> the transformers auto class that adds its head
-_AUTO_CLASSES = {
-    "classification": "AutoModelForSequenceClassification",
-    "text2text": "AutoModelForSeq2SeqLM",
-    "text_generation": "AutoModelForCausalLM",
-}
+class HFTextFamily(HFFamily):
+    """``hf:`` text models with a classifier, sequence-to-sequence or causal language-model head."""
 
-
-def _language_model(ref: ModelRef, cfg: ModelConfig, pretrained: bool) -> nn.Module:
-    """T5 with its LM head (text2text) or GPT-2 with its LM head (text_generation)."""
-    import transformers
-
-    config = hf_config(ref.location, cfg.trust_remote_code)
-    if cfg.task == "text2text" and not config.is_encoder_decoder:
-        raise ValueError(f"model.task=text2text needs an encoder-decoder model such as T5; model.name={cfg.name} "
-                         f"is a {config.model_type!r} model")
-    if cfg.task == "text_generation" and (config.is_encoder_decoder or config.model_type in ("bert", "roberta")):
-        raise ValueError(f"model.task=text_generation needs a decoder-only model such as GPT-2; model.name="
-                         f"{cfg.name} is a {config.model_type!r} model")
-    auto = getattr(transformers, _AUTO_CLASSES[cfg.task])
-    if not pretrained or ref.weights == "none":
-        return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    return auto.from_pretrained(ref.weights or ref.location, config=config, use_safetensors=True,
-                                trust_remote_code=cfg.trust_remote_code)
-
-
-class HFTextAdapter:
-    """``hf:`` text models with the head of ``model.task``."""
-
-    family = "hf-text"
+    name = "hf-text"
     modality = "text"
-    tasks = tuple(_AUTO_CLASSES)
+    preprocessor_class = TextPreprocessor
+    auto_classes = {
+        "classifier": "AutoModelForSequenceClassification",
+        "seq2seq": "AutoModelForSeq2SeqLM",
+        "causal_lm": "AutoModelForCausalLM",
+    }
+    cache_sequence_features = ("hidden", "attention_mask")  # padded to model.max_length in the cache
 
-    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
-        if cfg.task != "classification":
-            return _language_model(ref, cfg, pretrained)
-        config = hf_config(ref.location, cfg.trust_remote_code)
-        config.num_labels = len(labels)
-        config.id2label = dict(enumerate(labels))
-        config.label2id = {label: i for i, label in enumerate(labels)}
-        if config.pad_token_id is None:  # GPT-2 has no pad token; sequence classification needs one
-            config.pad_token_id = config.eos_token_id
-        if not pretrained or ref.weights == "none":  # architecture only, randomly initialised
-            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
-        return AutoModelForSequenceClassification.from_pretrained(
-            ref.weights or ref.location, config=config, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
-        )
+    def configure(self, config: Any, head: str, labels: list[str], cfg: ModelConfig) -> None:
+        if head == "seq2seq" and not config.is_encoder_decoder:
+            raise ValueError(f"model.task={cfg.task} needs an encoder-decoder model such as T5; model.name={cfg.name} "
+                             f"is a {config.model_type!r} model")
+        if head == "causal_lm" and (config.is_encoder_decoder or config.model_type in ("bert", "roberta")):
+            raise ValueError(f"model.task={cfg.task} needs a decoder-only model such as GPT-2; model.name="
+                             f"{cfg.name} is a {config.model_type!r} model")
+        if head == "classifier":
+            set_label_maps(config, labels)
+            if config.pad_token_id is None:  # GPT-2 has no pad token; sequence classification needs one
+                config.pad_token_id = config.eos_token_id
 
     def blocks(self, model: nn.Module) -> list[Block]:
         embeddings, stacks = _LAYOUTS[model.config.model_type]
@@ -179,15 +142,15 @@ class HFTextAdapter:
             tokenizer.pad_token = tokenizer.eos_token
         return TextPreprocessor(tokenizer, cfg.model.max_length)
 
-    def load_preprocessor(self, path: Path) -> TextPreprocessor:
-        return TextPreprocessor.load(path)
-
+    # --- Classifier ---------------------------------------------------------------------------------
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits
 
-    # --- frozen-prefix feature cache (ptm_ray.feature_cache): BERT encoders ----------------
-    cache_sequence_features = ("hidden", "attention_mask")  # padded to model.max_length in the cache
+    # --- Generator ----------------------------------------------------------------------------------
+    def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **options: Any) -> torch.Tensor:
+        return model.generate(**inputs, **options)
 
+    # --- PrefixCache: BERT encoders ---------------------------------------------------------------
     def cache_unsupported(self, model: nn.Module, depth: int) -> str | None:
         """Why the prefix of ``depth`` blocks cannot be cached, or None."""
         if model.config.model_type not in _CACHEABLE:
@@ -224,12 +187,3 @@ class HFTextAdapter:
             for layer in base.encoder.layer[depth - 1:]:
                 sequence = layer(sequence, extended)
         return model.classifier(model.dropout(base.pooler(sequence)))
-
-    def save(self, model: nn.Module, path: Path) -> None:
-        model.save_pretrained(path, safe_serialization=True)
-
-    def load(self, path: Path) -> nn.Module:
-        import transformers
-
-        architecture = hf_config(str(path)).architectures[0]  # e.g. T5ForConditionalGeneration, as saved
-        return getattr(transformers, architecture).from_pretrained(path, use_safetensors=True)

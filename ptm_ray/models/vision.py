@@ -20,9 +20,9 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.registry import ModelRef, package_dir, weights_cache_dir
+from ptm_ray.models.base import Family, ModelRef, Preprocessor, package_dir, weights_cache_dir
 
-__all__ = ["ImagePreprocessor", "TimmAdapter", "converted_efficientnet_lite0", "decode_image"]
+__all__ = ["ImagePreprocessor", "TimmFamily", "converted_efficientnet_lite0", "decode_image"]
 
 
 def decode_image(data: bytes):
@@ -37,7 +37,7 @@ def decode_image(data: bytes):
     return image.convert("RGB")
 
 
-class ImagePreprocessor:
+class ImagePreprocessor(Preprocessor):
     """Encoded images -> normalised tensors with timm's eval transform (train: optional light augmentation)."""
 
     def __init__(self, data_config: dict[str, Any], augment: str = "none", hflip: float = 0.0) -> None:
@@ -72,13 +72,16 @@ class ImagePreprocessor:
         return cls(config, meta["augment"], meta["hflip"])
 
 
-class TimmAdapter:
+class TimmFamily(Family):
     """``timm:<arch>[.<tag>]`` with weights from ``model.weights`` (file or folder), or the hub where online."""
 
-    family = "timm"
+    name = "timm"
     modality = "image"
+    heads = ("classifier",)
+    preprocessor_class = ImagePreprocessor
+    cache_sequence_features = ()
 
-    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, head: str, pretrained: bool = True) -> nn.Module:
         import timm
 
         if not timm.is_model(ref.location.split(".")[0]):
@@ -118,13 +121,11 @@ class TimmAdapter:
             data_config["input_size"] = (3, cfg.data.image_size, cfg.data.image_size)
         return ImagePreprocessor(data_config, cfg.data.augment, cfg.data.hflip)
 
-    def load_preprocessor(self, path: Path) -> ImagePreprocessor:
-        return ImagePreprocessor.load(path)
-
+    # --- Classifier -----------------------------------------------------------------------------------
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(inputs["pixel_values"])
 
-    # --- frozen-prefix feature cache (ptm_ray.feature_cache): EfficientNet/MobileNet-style and ResNet ----
+    # --- PrefixCache: EfficientNet/MobileNet-style and ResNet -------------------------------------------
     def cache_unsupported(self, model: nn.Module, depth: int) -> str | None:
         """Why the prefix of ``depth`` blocks cannot be cached, or None."""
         stages = _stages(model)

@@ -1,18 +1,26 @@
-"""Classification: one label per input (text, image or audio), cross-entropy, accuracy and macro-F1."""
+"""Classification: one label per input (text, image or audio), cross-entropy, accuracy and macro-F1.
+
+Data: ``data.text_column`` (or media files) and ``data.label_column``. Predictions:
+``{label, probability, top_k: [{label, probability}, ...]}``; served requests of many clients share
+forward passes, and ``top_k`` (a top-level request field, or in ``parameters``) picks how many labels.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
-from ptm_ray.tasks import WorkerContext, all_reduce
+from ptm_ray.models.base import Classifier
+from ptm_ray.tasks.base import Task, all_reduce, parse_options
+from ptm_ray.tasks.registry import register_task
 
 if TYPE_CHECKING:
     from ptm_ray.checkpoint import Artifact
 
-__all__ = ["ClassificationTask", "classification_metrics"]
+__all__ = ["ClassificationTask", "classification_metrics", "format_prediction"]
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
@@ -32,52 +40,65 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     }
 
 
-class ClassificationTask:
+def format_prediction(probabilities: list[float], labels: list[str], top_k: int) -> dict[str, Any]:
+    """``{label, probability, top_k: [{label, probability}, ...]}`` from one input's class probabilities."""
+    ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[: min(top_k, len(labels))]
+    top = [{"label": labels[i], "probability": probabilities[i]} for i in ranked]
+    return {"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(default=3, ge=1, le=1000)
+
+
+@register_task
+class ClassificationTask(Task):
     """Rows ``input`` (text or file bytes) and ``label``; the head scores every label."""
 
     name = "classification"
-    stat_names = ("loss_sum", "correct", "examples")
+    metric, mode = "val_accuracy", "max"
+    head = "classifier"
+    requires = (Classifier,)
+    stat_names = ("loss_sum", "examples", "correct")
+    trains_on_logits = True
+    batched = True
+    request_fields = ("top_k",)
 
     def inspect(self, cfg, modality):
         from ptm_ray.data import inspect_data
 
-        return inspect_data(cfg, modality)
+        return inspect_data(cfg.data, modality)
 
-    def datasets(self, summary, cfg, seed):
+    def datasets(self, summary, cfg):
         from ptm_ray.data import ray_datasets
 
-        return ray_datasets(summary, cfg, seed)
+        return ray_datasets(summary, cfg.data, cfg.train.seed)
 
     @staticmethod
-    def logits_and_targets(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any],
-                           train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and targets of a batch: the whole model on preprocessed inputs, or its top on cached features."""
+    def _logits_and_targets(ctx, net, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         index = {label: i for i, label in enumerate(ctx.labels)}
         targets = torch.tensor([index[str(v)] for v in batch["label"]], device=ctx.device)
-        if ctx.store is not None:
-            return net(ctx.store.lookup(batch["input"], ctx.device)).float(), targets
-        inputs = {k: v.to(ctx.device) for k, v in ctx.preprocessor(list(batch["input"]), train=train).items()}
-        return ctx.adapter.logits(net, inputs).float(), targets
+        return ctx.logits(net, batch["input"], train).float(), targets
 
     def train_step(self, ctx, net, batch):
-        logits, targets = self.logits_and_targets(ctx, net, batch, train=True)
+        logits, targets = self._logits_and_targets(ctx, net, batch, train=True)
         loss = F.cross_entropy(logits, targets)
-        stats = [loss.item() * len(targets), (logits.argmax(-1) == targets).sum().item(), len(targets)]
+        stats = [loss.item() * len(targets), len(targets), (logits.argmax(-1) == targets).sum().item()]
         return loss, torch.tensor(stats, dtype=torch.float64, device=ctx.device)
 
     def train_metrics(self, stats):
-        loss_sum, correct, examples = stats.tolist()
+        loss_sum, examples, correct = stats.tolist()
         return {"train_loss": loss_sum / max(examples, 1), "train_accuracy": correct / max(examples, 1)}
 
     @torch.no_grad()
-    def evaluate(self, ctx: WorkerContext, model: torch.nn.Module, batches: Iterable[dict[str, Any]],
-                 autocast: Callable[[], Any]) -> dict[str, float]:
+    def evaluate(self, ctx, model, batches, autocast):
         n = len(ctx.labels)
         confusion = torch.zeros(n, n, dtype=torch.long, device=ctx.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for batch in batches:
             with autocast():
-                logits, targets = self.logits_and_targets(ctx, model, batch, train=False)
+                logits, targets = self._logits_and_targets(ctx, model, batch, train=False)
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
             confusion += torch.bincount(targets * n + logits.argmax(-1), minlength=n * n).view(n, n)
         all_reduce(confusion)
@@ -86,18 +107,15 @@ class ClassificationTask:
         return {"val_loss": (loss_sum / confusion.sum().clamp(min=1)).item()} | {f"val_{k}": v for k, v in metrics.items()}
 
     @torch.no_grad()
-    def probabilities(self, artifact: "Artifact", inputs: list[Any]) -> torch.Tensor:
-        """Class probabilities (len(inputs), num_labels) for raw inputs."""
-        batch = artifact.preprocessor(inputs)
-        return torch.softmax(artifact.adapter.logits(artifact.model, batch).float(), dim=-1)
+    def outputs(self, artifact: "Artifact", inputs: list[Any]) -> list[list[float]]:
+        """Class probabilities per input."""
+        logits = artifact.family.logits(artifact.model, artifact.preprocessor(list(inputs)))
+        return torch.softmax(logits.float(), dim=-1).tolist()
 
-    def predict(self, artifact, inputs, top_k: int = 3):
-        """For each input: its top label, that label's probability and the top-k labels."""
-        return [format_prediction(row.tolist(), artifact.labels, top_k) for row in self.probabilities(artifact, inputs)]
+    def format(self, output, artifact, top_k: int = 3):
+        """Its top label, that label's probability and the top-k labels."""
+        return format_prediction(output, artifact.labels, top_k)
 
-
-def format_prediction(probabilities: list[float], labels: list[str], top_k: int) -> dict[str, Any]:
-    """``{label, probability, top_k: [{label, probability}, ...]}`` from one input's class probabilities."""
-    ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[: min(top_k, len(labels))]
-    top = [{"label": labels[i], "probability": probabilities[i]} for i in ranked]
-    return {"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+    def request_options(self, parameters, settings):
+        return parse_options(_Options, {"top_k": settings.get("top_k", 3)} | parameters,
+                             hint="classification takes top_k")

@@ -13,7 +13,7 @@ and annotation, or with ``data.on_bad_file=skip`` is left out and counted. The l
 ``labels``, which size the class head) are the category names of the training data.
 
 Ray datasets have rows ``input`` (the image bytes) and ``target`` (JSON ``{"boxes": [[x1, y1, x2, y2],
-...], "labels": [name, ...]}`` in pixels of that image). The family adapters (``ptm_ray.models.detection``)
+...], "labels": [name, ...]}`` in pixels of that image). The detector families (``ptm_ray.models.detection``)
 bring ``loss``, ``evaluate_batch`` and ``detect``; this module turns their outputs into metrics and
 predictions: ``{"boxes": [[x1, y1, x2, y2], ...] (original pixels), "labels": [...], "scores": [...]}``.
 """
@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
 
-from ptm_ray.tasks import WorkerContext, all_reduce
+from ptm_ray.models.base import Detector
+from ptm_ray.tasks.base import Task, WorkerContext, all_reduce, gather_objects, loss_stats, parse_options
+from ptm_ray.tasks.registry import register_task
 
 __all__ = ["DetectionTask", "read_detection_records"]
 
@@ -99,32 +101,25 @@ def _targets(batch_targets, labels: list[str]) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _gather(state: list) -> list:
-    """Every worker's list, concatenated in rank order (the local list outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return state
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return [item for part in states for item in part]
-
-
-class DetectionTask:
+@register_task
+class DetectionTask(Task):
     """Faster R-CNN and YOLO: boxes + classes; val_loss, val_map (mAP@[.5:.95]) and val_map_50."""
 
     name = "detection"
+    metric, mode = "val_map", "max"
+    head = "detector"
+    requires = (Detector,)
+    modalities = ("image",)
     stat_names = ("loss_sum", "images")
 
     def inspect(self, cfg, modality):
         from ptm_ray.data import DataSummary
 
-        if modality != "image":
-            raise ValueError(f"model.task={self.name} needs a detector (torchvision:fasterrcnn_*, yolo:n); "
-                             f"this model takes {modality}")
-        train, val, categories, skipped = read_detection_records(cfg)
+        train, val, categories, skipped = read_detection_records(cfg.data)
         rows = lambda records: [(r["path"], _target_json(r)) for r in records]  # noqa: E731
         return DataSummary(categories, len(train), len(val), rows(train), rows(val), skipped)
 
-    def datasets(self, summary, cfg, seed):
+    def datasets(self, summary, cfg):
         from ptm_ray.data import media_dataset, quiet_ray_data
 
         quiet_ray_data()
@@ -135,13 +130,8 @@ class DetectionTask:
     def train_step(self, ctx: WorkerContext, net, batch):
         targets = _targets(batch["target"], ctx.labels)
         inputs = ctx.preprocessor(list(batch["input"]), targets, train=True)
-        loss = ctx.adapter.loss(net, _to(inputs, ctx.device))
-        n = len(targets)
-        return loss, torch.tensor([loss.item() * n, n], dtype=torch.float64, device=ctx.device)
-
-    def train_metrics(self, stats):
-        loss_sum, images = stats.tolist()
-        return {"train_loss": loss_sum / max(images, 1)}
+        loss = ctx.family.loss(net, _to(inputs, ctx.device))
+        return loss, loss_stats(loss, len(targets), ctx.device)
 
     @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
@@ -153,12 +143,12 @@ class DetectionTask:
             targets = _targets(batch["target"], ctx.labels)
             inputs = _to(ctx.preprocessor(list(batch["input"]), targets, train=False), ctx.device)
             with autocast():
-                loss, detections = ctx.adapter.evaluate_batch(model, inputs, EVAL_SCORE_THRESHOLD, EVAL_MAX_BOXES)
+                loss, detections = ctx.family.evaluate_batch(model, inputs, EVAL_SCORE_THRESHOLD, EVAL_MAX_BOXES)
             metric.update([{k: v.float().cpu() for k, v in d.items()} for d in detections], targets)
-            sums += torch.tensor([loss * len(targets), len(targets)], dtype=torch.float64, device=ctx.device)
+            sums += loss_stats(loss, len(targets), ctx.device)
         all_reduce(sums)
         merged = MeanAP(max_detections=EVAL_MAX_BOXES)
-        merged.merge(_gather(metric.state()))  # every rank computes mAP over every validation image
+        merged.merge(gather_objects(metric.state()))  # every rank computes mAP over every validation image
         scores = merged.compute()
         return {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), "val_map": scores["map"],
                 "val_map_50": scores["map_50"]}
@@ -168,14 +158,12 @@ class DetectionTask:
         """Per image ``{"boxes": [[x1, y1, x2, y2], ...] in original pixels, "labels": [...], "scores": [...]}``,
         best first: at most ``max_boxes`` detections scoring at least ``score_threshold``."""
         batch = artifact.preprocessor(list(inputs))
-        found = artifact.adapter.detect(artifact.model, batch, float(score_threshold), int(max_boxes))
+        found = artifact.family.detect(artifact.model, batch, float(score_threshold), int(max_boxes))
         return [{"boxes": [[round(float(v), 2) for v in box] for box in d["boxes"].tolist()],
                  "labels": [artifact.labels[int(i)] for i in d["labels"].tolist()],
                  "scores": [round(float(s), 4) for s in d["scores"].tolist()]} for d in found]
 
     def request_options(self, parameters, settings):
-        from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
         limit = int(settings.get("max_boxes", 300))
 
         class Options(BaseModel):
@@ -183,13 +171,8 @@ class DetectionTask:
             score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
             max_boxes: int = Field(default=min(100, limit), ge=1, le=limit)
 
-        try:
-            return Options.model_validate(parameters).model_dump()
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}"
-                                 for err in e.errors(include_url=False))
-            raise ValueError(f"{problems} (detection takes score_threshold in [0, 1] and max_boxes in 1..{limit}, "
-                             "the server's serve.max_boxes)") from None
+        return parse_options(Options, parameters, hint=f"detection takes score_threshold in [0, 1] and max_boxes in "
+                                                        f"1..{limit}, the server's serve.max_boxes")
 
 
 def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -20,9 +20,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ptm_ray.tasks import WorkerContext, all_reduce
+from ptm_ray.models.base import Generator
+from ptm_ray.tasks.base import Task, WorkerContext, all_reduce, loss_stats, parse_options
+from ptm_ray.tasks.registry import register_task
 
 if TYPE_CHECKING:
     from ptm_ray.checkpoint import Artifact
@@ -46,18 +48,14 @@ class GenerationOptions(BaseModel):
 def _request_options(parameters: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     if "max_new_tokens" not in parameters:  # the default, capped by this server's limit
         parameters = parameters | {"max_new_tokens": min(GenerationOptions().max_new_tokens, settings["max_new_tokens"])}
-    try:
-        options = GenerationOptions.model_validate(parameters)
-    except ValidationError as e:
-        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                                   for err in e.errors(include_url=False))) from None
-    if options.max_new_tokens > settings["max_new_tokens"]:
-        raise ValueError(f"max_new_tokens={options.max_new_tokens} exceeds the server's limit of "
+    options = parse_options(GenerationOptions, parameters)
+    if options["max_new_tokens"] > settings["max_new_tokens"]:
+        raise ValueError(f"max_new_tokens={options['max_new_tokens']} exceeds the server's limit of "
                          f"{settings['max_new_tokens']} (serve.max_new_tokens)")
-    if options.num_beams > settings["max_num_beams"]:
-        raise ValueError(f"num_beams={options.num_beams} exceeds the server's limit of {settings['max_num_beams']} "
+    if options["num_beams"] > settings["max_num_beams"]:
+        raise ValueError(f"num_beams={options['num_beams']} exceeds the server's limit of {settings['max_num_beams']} "
                          "(serve.max_num_beams)")
-    return options.model_dump()
+    return options
 
 
 @torch.no_grad()
@@ -73,15 +71,17 @@ def _generate(artifact: "Artifact", inputs: list[str], decoder_only: bool, **opt
         options = {k: v for k, v in options.items() if k not in ("temperature", "top_k", "top_p")}
     if seed is not None:
         torch.manual_seed(seed)
-    out = artifact.model.generate(**batch, **options, pad_token_id=tokenizer.pad_token_id)
+    out = artifact.family.generate(artifact.model, batch, **options, pad_token_id=tokenizer.pad_token_id)
     if decoder_only:
         out = out[:, batch["input_ids"].shape[1]:]
     return [[t for t in row.tolist() if t != tokenizer.pad_token_id] for row in out]
 
 
-class _TokenLoss:
-    """Training statistics of a language-model loss: a mean over target tokens, weighted by their count."""
+class _LanguageModelTask(Task):
+    """What both generation tasks share: text in, a token-weighted mean loss, ``generate`` options."""
 
+    requires = (Generator,)
+    modalities = ("text",)
     stat_names = ("loss_sum", "tokens")
 
     @staticmethod
@@ -90,29 +90,32 @@ class _TokenLoss:
 
     def train_step(self, ctx, net, batch):
         loss, tokens = self._loss(ctx, net, batch)
-        return loss, torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=ctx.device)
+        return loss, loss_stats(loss, tokens, ctx.device)
 
-    def train_metrics(self, stats):
-        loss_sum, tokens = stats.tolist()
-        return {"train_loss": loss_sum / max(tokens, 1)}
+    def request_options(self, parameters, settings):
+        return _request_options(parameters, settings)
 
 
-class Text2TextTask(_TokenLoss):
+@register_task
+class Text2TextTask(_LanguageModelTask):
     """T5-style sequence-to-sequence fine-tuning with teacher forcing."""
 
     name = "text2text"
+    metric, mode = "val_chrf", "max"
+    head = "seq2seq"
 
     def inspect(self, cfg, modality):
         from ptm_ray.data import inspect_table
 
-        _text_only(self.name, modality)
-        columns = {cfg.text_column: "data.text_column", cfg.target_column: "data.target_column"}
-        return inspect_table(cfg, columns, (cfg.text_column, cfg.target_column))
+        data = cfg.data
+        columns = {data.text_column: "data.text_column", data.target_column: "data.target_column"}
+        return inspect_table(data, columns, (data.text_column, data.target_column))
 
-    def datasets(self, summary, cfg, seed):
+    def datasets(self, summary, cfg):
         from ptm_ray.data import table_datasets
 
-        return table_datasets(cfg, {cfg.text_column: "input", cfg.target_column: "target"}, seed)
+        data = cfg.data
+        return table_datasets(data, {data.text_column: "input", data.target_column: "target"}, cfg.train.seed)
 
     @staticmethod
     def _loss(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -134,8 +137,8 @@ class Text2TextTask(_TokenLoss):
             with autocast():
                 loss, tokens = self._loss(ctx, model, batch)
                 inputs = {k: v.to(ctx.device) for k, v in ctx.preprocessor(list(batch["input"])).items()}
-                generated = model.generate(**inputs, max_new_tokens=ctx.cfg.model.max_length, num_beams=1,
-                                           do_sample=False)
+                generated = ctx.family.generate(model, inputs, max_new_tokens=ctx.cfg.model.max_length, num_beams=1,
+                                                do_sample=False)
             hyps = tokenizer.batch_decode(generated, skip_special_tokens=True)
             refs = [str(t) for t in batch["target"]]
             row = [loss.item() * tokens, tokens, len(refs), sum(exact_match(r, h) for r, h in zip(refs, hyps))]
@@ -155,25 +158,25 @@ class Text2TextTask(_TokenLoss):
         ids = _generate(artifact, inputs, decoder_only=False, **options)
         return [{"generated_text": text} for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def request_options(self, parameters, settings):
-        return _request_options(parameters, settings)
 
-
-class TextGenerationTask(_TokenLoss):
+@register_task
+class TextGenerationTask(_LanguageModelTask):
     """GPT-2-style causal language modelling on a text column."""
 
     name = "text_generation"
+    metric, mode = "val_perplexity", "min"
+    head = "causal_lm"
 
     def inspect(self, cfg, modality):
         from ptm_ray.data import inspect_table
 
-        _text_only(self.name, modality)
-        return inspect_table(cfg, {cfg.text_column: "data.text_column"}, (cfg.text_column,))
+        column = cfg.data.text_column
+        return inspect_table(cfg.data, {column: "data.text_column"}, (column,))
 
-    def datasets(self, summary, cfg, seed):
+    def datasets(self, summary, cfg):
         from ptm_ray.data import table_datasets
 
-        return table_datasets(cfg, {cfg.text_column: "input"}, seed)
+        return table_datasets(cfg.data, {cfg.data.text_column: "input"}, cfg.train.seed)
 
     @staticmethod
     def _loss(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -192,7 +195,7 @@ class TextGenerationTask(_TokenLoss):
         for batch in batches:
             with autocast():
                 loss, tokens = self._loss(ctx, model, batch)
-            sums += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=ctx.device)
+            sums += loss_stats(loss, tokens, ctx.device)
         all_reduce(sums)
         val_loss = (sums[0] / sums[1].clamp(min=1)).item()
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
@@ -205,11 +208,3 @@ class TextGenerationTask(_TokenLoss):
         completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [{"generated_text": prompt + completion, "completion": completion}
                 for prompt, completion in zip(inputs, completions)]
-
-    def request_options(self, parameters, settings):
-        return _request_options(parameters, settings)
-
-
-def _text_only(task: str, modality: str) -> None:
-    if modality != "text":
-        raise ValueError(f"model.task={task} needs a text model; this model takes {modality}")

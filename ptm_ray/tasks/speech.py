@@ -17,8 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ptm_ray.models.base import Classifier, FrameClassifier
 from ptm_ray.seq_metrics import CTC_BLANK, CTC_UNK, CTC_WORD_DELIMITER, ErrorRate, ctc_vocab, greedy_ctc_decode, normalize_text
-from ptm_ray.tasks import WorkerContext, all_reduce
+from ptm_ray.tasks.base import Task, WorkerContext, all_reduce, loss_stats
+from ptm_ray.tasks.registry import register_task
 
 __all__ = ["SpeechRecognitionTask", "decode_ids", "encode_transcripts"]
 
@@ -37,47 +39,40 @@ def decode_ids(ids: list[int], labels: list[str]) -> str:
     return " ".join("".join(chars).split())
 
 
-def _frame_lengths(adapter: Any, model: torch.nn.Module, inputs: dict[str, torch.Tensor], frames: int) -> torch.Tensor:
-    """Valid output frames per clip: from the attention mask where the model takes one, else all frames."""
-    batch = inputs["input_values"].shape[0]
-    mask = inputs.get("attention_mask")
-    if mask is None or not hasattr(model, "_get_feat_extract_output_lengths"):
-        return torch.full((batch,), frames, dtype=torch.long)
-    return model._get_feat_extract_output_lengths(mask.sum(-1)).clamp(max=frames).long().cpu()
-
-
-class SpeechRecognitionTask:
+@register_task
+class SpeechRecognitionTask(Task):
     """CTC fine-tuning on (audio, transcript) pairs; WER and CER on validation."""
 
     name = "speech_recognition"
-    stat_names = ("loss_sum", "examples")
+    metric, mode = "val_wer", "min"
+    head = "ctc"
+    requires = (Classifier, FrameClassifier)
+    modalities = ("audio",)
 
     def inspect(self, cfg, modality):
         from ptm_ray.data import DataSummary, check_media_files, list_media_files, split_counts
 
-        if modality != "audio":
-            raise ValueError(f"model.task={self.name} needs a speech model (wav2vec 2.0, HuBERT, DeepSpeech); "
-                             f"this model takes {modality}")
-        pairs = dataclasses.replace(cfg, label_column=cfg.target_column)  # (file, transcript) rows
-        for key, path in (("data.train", cfg.train), ("data.validation", cfg.validation)):
+        data = cfg.data
+        pairs = dataclasses.replace(data, label_column=data.target_column)  # (file, transcript) rows
+        for key, path in (("data.train", data.train), ("data.validation", data.validation)):
             if path is not None and "://" not in path and Path(path).expanduser().is_dir():
                 raise ValueError(f"{key}={path} is a folder; model.task={self.name} needs a manifest with columns "
-                                 f"{cfg.path_column!r} and {cfg.target_column!r} (data.path_column, data.target_column)")
-        train, skipped_train = check_media_files(list_media_files(cfg.train, pairs, "data.train", "audio"), cfg,
+                                 f"{data.path_column!r} and {data.target_column!r} (data.path_column, data.target_column)")
+        train, skipped_train = check_media_files(list_media_files(data.train, pairs, "data.train", "audio"), data,
                                                  "data.train", "audio")
         skipped = {"data.train": skipped_train} if skipped_train else {}
-        if cfg.validation is None:
-            num_train, _ = split_counts(len(train), cfg)
+        if data.validation is None:
+            num_train, _ = split_counts(len(train), data)
             train, val = train[:num_train], train[num_train:]  # the manifest's order; shuffle it beforehand
         else:
-            val, skipped_val = check_media_files(list_media_files(cfg.validation, pairs, "data.validation", "audio"),
-                                                 cfg, "data.validation", "audio")
+            val, skipped_val = check_media_files(list_media_files(data.validation, pairs, "data.validation", "audio"),
+                                                 data, "data.validation", "audio")
             if skipped_val:
                 skipped["data.validation"] = skipped_val
         vocab = ctc_vocab([text for _, text in train])
         return DataSummary(list(vocab), len(train), len(val), train, val, skipped)
 
-    def datasets(self, summary, cfg, seed):
+    def datasets(self, summary, cfg):
         from ptm_ray.data import media_dataset, quiet_ray_data
 
         quiet_ray_data()
@@ -90,8 +85,8 @@ class SpeechRecognitionTask:
     def _loss_and_log_probs(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any],
                             train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs = {k: v.to(ctx.device) for k, v in ctx.preprocessor(list(batch["input"]), train=train).items()}
-        log_probs = F.log_softmax(ctx.adapter.logits(net, inputs).float(), dim=-1)  # (batch, frames, vocab)
-        lengths = _frame_lengths(ctx.adapter, getattr(net, "module", net), inputs, log_probs.shape[1])
+        log_probs = F.log_softmax(ctx.family.logits(net, inputs).float(), dim=-1)  # (batch, frames, vocab)
+        lengths = ctx.family.frame_lengths(getattr(net, "module", net), inputs, log_probs.shape[1])
         targets, target_lengths = encode_transcripts([str(t) for t in batch["target"]], ctx.labels)
         loss = F.ctc_loss(log_probs.transpose(0, 1), targets.to(ctx.device), lengths.to(ctx.device),
                           target_lengths.to(ctx.device), blank=CTC_BLANK, reduction="mean", zero_infinity=True)
@@ -99,12 +94,7 @@ class SpeechRecognitionTask:
 
     def train_step(self, ctx, net, batch):
         loss, _, _ = self._loss_and_log_probs(ctx, net, batch, train=True)
-        n = len(batch["target"])
-        return loss, torch.tensor([loss.item() * n, n], dtype=torch.float64, device=ctx.device)
-
-    def train_metrics(self, stats):
-        loss_sum, examples = stats.tolist()
-        return {"train_loss": loss_sum / max(examples, 1)}
+        return loss, loss_stats(loss, len(batch["target"]), ctx.device)
 
     @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
@@ -115,7 +105,7 @@ class SpeechRecognitionTask:
                 loss, log_probs, lengths = self._loss_and_log_probs(ctx, model, batch, train=False)
             hyps = [decode_ids(ids, ctx.labels) for ids in greedy_ctc_decode(log_probs, lengths)]
             errors.update([str(t) for t in batch["target"]], hyps)
-            sums += torch.tensor([loss.item() * len(hyps), len(hyps)], dtype=torch.float64, device=ctx.device)
+            sums += loss_stats(loss, len(hyps), ctx.device)
         totals = all_reduce(torch.tensor(errors.totals(), dtype=torch.float64, device=ctx.device))
         all_reduce(sums)
         overall = ErrorRate.from_totals(totals.tolist())
@@ -125,11 +115,6 @@ class SpeechRecognitionTask:
     def predict(self, artifact, inputs):
         """``{"text": transcript}`` per audio clip, as the Hugging Face ASR pipeline returns."""
         batch = artifact.preprocessor(list(inputs))
-        log_probs = F.log_softmax(artifact.adapter.logits(artifact.model, batch).float(), dim=-1)
-        lengths = _frame_lengths(artifact.adapter, artifact.model, batch, log_probs.shape[1])
+        log_probs = F.log_softmax(artifact.family.logits(artifact.model, batch).float(), dim=-1)
+        lengths = artifact.family.frame_lengths(artifact.model, batch, log_probs.shape[1])
         return [{"text": decode_ids(ids, artifact.labels)} for ids in greedy_ctc_decode(log_probs, lengths)]
-
-    def request_options(self, parameters, settings):
-        if parameters:
-            raise ValueError(f"speech recognition takes no parameters, got {sorted(parameters)}")
-        return {}

@@ -1,4 +1,5 @@
-"""A model registry folder: promoted checkpoints as immutable, versioned artifacts.
+"""The model store (``search.registry``, ``serve.registry``): promoted checkpoints as immutable, versioned
+artifacts. Not to be confused with ``ptm_ray.models.registry``, which maps model names to families.
 
 Layout (local folder by default, any URI pyarrow understands on a cluster)::
 
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelRegistry", "RegisteredModel"]
+__all__ = ["ModelStore", "ModelVersion"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
-class RegisteredModel:
+class ModelVersion:
     """One version of a model in the registry."""
 
     name: str
@@ -32,7 +33,7 @@ class RegisteredModel:
     lineage: dict[str, Any]
 
 
-class ModelRegistry:
+class ModelStore:
     """Promote checkpoints into versioned artifacts and look them up by name and version."""
 
     def __init__(self, root: str) -> None:
@@ -51,7 +52,7 @@ class ModelRegistry:
         found = [info.base_name for info in self._fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.Directory]
         return sorted(int(v[1:]) for v in found if re.fullmatch(r"v\d+", v))
 
-    def promote(self, checkpoint: str, name: str, lineage: dict[str, Any]) -> RegisteredModel:
+    def promote(self, checkpoint: str, name: str, lineage: dict[str, Any]) -> ModelVersion:
         """Copy ``checkpoint`` to ``<name>/v<next>`` with ``lineage.json``; return the new version."""
         import pyarrow.fs
 
@@ -76,7 +77,7 @@ class ModelRegistry:
                   "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with self._fs.open_output_stream(f"{target}/lineage.json") as f:
             f.write(json.dumps(record, indent=2, default=str).encode())
-        return RegisteredModel(name, version, self._uri(target), record)
+        return ModelVersion(name, version, self._uri(target), record)
 
     def _uri(self, inner: str) -> str:
         return self.root + inner[len(self._base):] if "://" in self.root else inner
@@ -88,7 +89,7 @@ class ModelRegistry:
         selector = pyarrow.fs.FileSelector(self._base, allow_not_found=True)
         return sorted(i.base_name for i in self._fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.Directory)
 
-    def get(self, name: str, version: int | str = "latest") -> RegisteredModel:
+    def get(self, name: str, version: int | str = "latest") -> ModelVersion:
         """A registered version (``latest`` by default)."""
         versions = self._versions(name)
         if not versions:
@@ -99,8 +100,8 @@ class ModelRegistry:
         target = f"{self._base}/{name}/v{number}"
         with self._fs.open_input_stream(f"{target}/lineage.json") as f:
             lineage = json.loads(f.read())
-        return RegisteredModel(name, number, self._uri(target), lineage)
+        return ModelVersion(name, number, self._uri(target), lineage)
 
-    def versions(self, name: str) -> list[RegisteredModel]:
+    def versions(self, name: str) -> list[ModelVersion]:
         """Every version of ``name``, oldest first."""
         return [self.get(name, v) for v in self._versions(name)]

@@ -1,0 +1,400 @@
+"""The steps of one data-parallel training worker, each named for what it does.
+
+``ptm_ray.train.train_loop_per_worker`` strings them together:
+
+    worker = setup_worker(loop_config, session)       # model (fresh or restored), freezing, optimizer, data
+    for epoch in worker.epochs():
+        train = train_one_epoch(worker, epoch)         # this worker's shard; statistics summed across workers
+        val = validate(worker)                         # every validation row once across workers
+        metrics = record_epoch(worker, epoch, train, val)   # early stopping, the epoch's line, dashboard gauges
+        checkpoint_and_report(worker, metrics)         # rank 0 writes the checkpoint, every rank reports
+        if worker.stopper.should_stop: break
+
+A ``Session`` is where the worker runs: ``RaySession`` inside a Ray Train worker group; the steps never call
+Ray Train directly, so the same loop can run wherever a session is provided.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from ptm_ray.checkpoint import load_train_state, read_meta, save_checkpoint
+from ptm_ray.config import Config, config_from_dict, parse_freeze_depth
+from ptm_ray.feature_cache import FeatureStore
+from ptm_ray.freeze import Block, freeze, param_groups, parameter_counts, set_train_mode
+from ptm_ray.models import Classifier, Family, PrefixCache, Preprocessor, resolve_model
+from ptm_ray.tasks import Task, WorkerContext, task_for
+from ptm_ray.tasks.base import all_reduce
+
+__all__ = ["EarlyStopping", "RaySession", "Session", "Worker", "checkpoint_and_report", "record_epoch",
+           "setup_worker", "train_one_epoch", "validate"]
+
+
+class Session(Protocol):
+    """Where a worker runs: its rank among the workers, its data, and where its reports go."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    run_name: str
+
+    def restored(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The folder of the checkpoint to resume from, or None for a fresh run."""
+
+    def dataset(self, name: str) -> Any:
+        """This worker's share of the dataset ``name`` (``train`` is split; ``validation`` is whole)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        """Report an epoch's metrics (and rank 0's checkpoint folder); a barrier across workers."""
+
+
+class RaySession:
+    """The session of a Ray Train worker (``ray.train`` context, dataset shards, checkpoints)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_name = context.get_experiment_name()
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def dataset(self, name: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of the validation metric and how many epochs passed without improving it.
+
+    An epoch counts as an improvement only when it beats the best by more than ``min_delta``; a smaller
+    gain still moves ``best`` (the checkpoint ranking follows the metric itself).
+    """
+
+    mode: str
+    patience: int = 0
+    min_delta: float = 0.0
+    best: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> None:
+        """Take the metric of ``epoch`` (1-based)."""
+        if self._beats(value, 0.0):
+            improved = self._beats(value, self.min_delta)
+            self.best, self.best_epoch = value, epoch
+            self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        else:
+            self.bad_epochs += 1
+
+    def _beats(self, value: float, margin: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best + margin if self.mode == "max" else value < self.best - margin
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+@dataclass
+class Worker:
+    """Everything one training worker holds between steps."""
+
+    cfg: Config
+    task: Task
+    family: Family
+    session: Session
+    model: torch.nn.Module
+    """The model itself, as checkpoints save it."""
+    net: torch.nn.Module
+    """What a step runs: the model, or its unfrozen top over cached features; DDP-wrapped when world > 1."""
+    preprocessor: Preprocessor
+    labels: list[str]
+    blocks: list[Block]
+    depth: int
+    frozen: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    context: WorkerContext
+    steps_per_epoch: int
+    stopper: EarlyStopping
+    first_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra_metrics: dict[str, Any] = field(default_factory=dict)
+    """Constant per run, reported every epoch (parameter counts, depth, cache size, resumed-from epoch)."""
+    gauges: dict[str, Any] = field(default_factory=dict)
+
+    def epochs(self) -> range:
+        return range(self.first_epoch, self.cfg.train.epochs)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.cfg.train.precision
+        bf16 = precision == "bf16" or (precision == "auto" and self.session.device.type == "cuda")
+        return torch.autocast(self.session.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def batches(self, split: str, shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {"batch_size": self.cfg.train.batch_size, "batch_format": "numpy"}
+        if shuffle_seed is not None and self.cfg.train.shuffle_buffer > 0:
+            kwargs |= {"local_shuffle_buffer_size": self.cfg.train.shuffle_buffer, "local_shuffle_seed": shuffle_seed}
+        return self.session.dataset(split).iter_batches(**kwargs)
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+
+def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
+    """Build or restore the model, freeze its lower blocks, pick the forward strategy, build the optimizer."""
+    cfg = config_from_dict(loop_config["cfg"])
+    labels: list[str] = loop_config["labels"]
+    task = task_for(cfg.model.task)
+    torch.manual_seed(cfg.train.seed)
+    family, ref = resolve_model(cfg.model)
+    with session.restored() as folder:
+        if folder is None:
+            model = family.build(ref, labels, cfg.model, task.head)
+            preprocessor, saved = family.preprocessor(ref, model, cfg), None
+        else:
+            model, preprocessor = family.load(folder / "model"), family.load_preprocessor(folder / "preprocessor")
+            saved = load_train_state(folder) | {"history": read_meta(folder)["history"]}
+    blocks = family.blocks(model)
+    depth = parse_freeze_depth(cfg.model.freeze_depth, len(blocks))
+    frozen = freeze(model, blocks, depth)
+    net, logits = _forward_strategy(family, model, preprocessor, depth, loop_config, session)
+    steps = _steps_per_epoch(cfg, loop_config["num_train_rows"], session.world_size)
+    optimizer, scheduler = _optimizer(cfg, model, blocks, steps)
+    stopper = EarlyStopping(cfg.train.mode, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
+    worker = Worker(cfg, task, family, session, model, net, preprocessor, labels, blocks, depth, frozen, optimizer,
+                    scheduler, WorkerContext(family, preprocessor, labels, cfg, session.device, logits), steps, stopper)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        stopper.load_state_dict(saved)
+        worker.first_epoch, worker.history = saved["epoch"], saved["history"]
+    trainable, total = parameter_counts(model)
+    worker.extra_metrics = {"trainable_params": trainable, "total_params": total, "frozen_blocks": depth,
+                            "feature_cache_bytes": loop_config.get("feature_cache_bytes", 0), "num_blocks": len(blocks),
+                            "resumed_from_epoch": worker.first_epoch}
+    worker.gauges = _gauges(cfg)
+    _announce(worker)
+    return worker
+
+
+def _forward_strategy(family: Family, model: torch.nn.Module, preprocessor: Preprocessor, depth: int,
+                      loop_config: dict[str, Any], session: Session) -> tuple[torch.nn.Module, Callable]:
+    """(the module steps run, ``logits(net, raw_inputs, train)``), chosen once.
+
+    With a feature cache the frozen prefix already ran once for every row: each step looks its outputs up
+    by the row's raw input and runs only the unfrozen top, with the same rows, order and random draws as
+    without the cache. Otherwise a step preprocesses the raw inputs and runs the whole model.
+    """
+    import ray.train.torch
+
+    device = session.device
+    # moves to the device; DDP when world > 1 (told about layers a family may skip in a step, e.g. LayerDrop)
+    ddp = {"find_unused_parameters": family.ddp_find_unused_parameters}
+    if loop_config.get("feature_cache"):
+        store = FeatureStore(loop_config["feature_cache"])
+        top = ray.train.torch.prepare_model(_CachedSuffix(family, model, depth), parallel_strategy_kwargs=ddp)
+        return top, lambda net, inputs, train: net(store.lookup(inputs, device))
+    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp)
+    if not isinstance(family, Classifier):
+        return net, _no_logits
+
+    def logits(net: torch.nn.Module, inputs: Any, train: bool) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in preprocessor(list(inputs), train=train).items()}
+        return family.logits(net, batch)
+
+    return net, logits
+
+
+def _no_logits(net: torch.nn.Module, inputs: Any, train: bool) -> torch.Tensor:
+    raise TypeError("this model family computes no class scores (its task reads its own outputs)")
+
+
+class _CachedSuffix(torch.nn.Module):
+    """The model seen from cached prefix outputs: its forward runs only the unfrozen top.
+
+    A module of its own so that DDP wraps (and synchronises gradients through) the forward actually run.
+    """
+
+    def __init__(self, family: PrefixCache, model: torch.nn.Module, depth: int) -> None:
+        super().__init__()
+        self.family, self.model, self.depth = family, model, depth
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.family.suffix_logits(self.model, features, self.depth)
+
+
+def _steps_per_epoch(cfg: Config, num_train_rows: int, world_size: int) -> int:
+    """Micro-batches per epoch on each worker: its equal share of the rows, capped by ``max_steps_per_epoch``."""
+    steps = math.ceil(num_train_rows // world_size / cfg.train.batch_size)  # streaming_split(equal=True) shares
+    return min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps
+
+
+def _optimizer(cfg: Config, model: torch.nn.Module, blocks: list[Block], steps_per_epoch: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters (head and backbone learning rates, layer decay, no weight decay on
+    biases and norms) and the learning-rate schedule over every optimizer step of the run."""
+    from transformers import get_scheduler
+
+    opt = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, blocks, opt.lr, opt.head_lr or opt.lr, opt.layer_decay,
+                                               opt.weight_decay))
+    total = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps) * cfg.train.epochs
+    return optimizer, get_scheduler(opt.scheduler, optimizer, int(opt.warmup_ratio * total), total)
+
+
+def _gauges(cfg: Config) -> dict[str, Any]:
+    """Custom metrics for the dashboard's Metrics view (Prometheus/Grafana): throughput and validation score."""
+    from ray.util.metrics import Gauge
+
+    return {key: Gauge(f"ptm_ray_train_{key}", description, tag_keys=("run",)) for key, description in (
+        ("samples_per_s", "training samples per second, all workers"), ("val_score", f"validation {cfg.train.metric}"))}
+
+
+def _announce(worker: Worker) -> None:
+    import ray
+
+    session, extra = worker.session, worker.extra_metrics
+    node = ray.get_runtime_context().get_node_id()[:8]
+    print(f"[ptm_ray] rank {session.rank} on node {node} ({ray.util.get_node_ip_address()})")
+    if session.rank != 0:
+        return
+    trainable, total = extra["trainable_params"], extra["total_params"]
+    print(f"[ptm_ray] {worker.cfg.model.name}: froze {worker.depth}/{len(worker.blocks)} blocks; "
+          f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%); "
+          f"{session.world_size} worker(s) on {session.device}, {torch.get_num_threads()} torch threads each")
+    if extra["feature_cache_bytes"]:
+        print(f"[ptm_ray] training the top {len(worker.blocks) - worker.depth} block(s) and head on cached features "
+              f"({extra['feature_cache_bytes'] / 1e6:.1f} MB)")
+
+
+# --- one epoch -------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(worker: Worker, epoch: int) -> dict[str, float]:
+    """Train on this worker's shard; the task's statistics and the throughput, summed across workers."""
+    cfg, device = worker.cfg, worker.session.device
+    accumulate = cfg.train.grad_accum_steps
+    set_train_mode(worker.net, worker.frozen)
+    worker.optimizer.zero_grad(set_to_none=True)
+    started = time.perf_counter()
+    sums = torch.zeros(len(worker.task.stat_names), dtype=torch.float64, device=device)
+    examples = 0
+    for step, batch in enumerate(worker.batches("train", shuffle_seed=cfg.train.seed * 100_003 + epoch)):
+        if step >= worker.steps_per_epoch:
+            break
+        last = (step + 1) % accumulate == 0 or step + 1 == worker.steps_per_epoch
+        no_sync = worker.net.no_sync if (not last and hasattr(worker.net, "no_sync")) else contextlib.nullcontext
+        with no_sync():  # DDP: gradients are averaged across workers only on the step that updates
+            with worker.autocast():
+                loss, stats = worker.task.train_step(worker.context, worker.net, batch)
+            (loss / accumulate).backward()
+        if last:
+            _update(worker)
+        sums += stats
+        examples += len(next(iter(batch.values())))
+    seconds = time.perf_counter() - started
+    all_reduce(sums)
+    examples = int(all_reduce(torch.tensor(examples, device=device)).item())
+    return worker.task.train_metrics(sums) | {"samples_per_s": examples / max(seconds, 1e-9), "epoch_time_s": seconds}
+
+
+def _update(worker: Worker) -> None:
+    """One optimizer step: clip, step, advance the schedule, clear the gradients."""
+    if worker.cfg.optim.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(worker.model.parameters(), worker.cfg.optim.max_grad_norm)
+    worker.optimizer.step()
+    worker.scheduler.step()
+    worker.optimizer.zero_grad(set_to_none=True)
+
+
+def validate(worker: Worker) -> dict[str, float]:
+    """The task's validation metrics over every validation row: each worker takes every world-th batch."""
+    session = worker.session
+    net = getattr(worker.net, "module", worker.net)
+    net.eval()
+    batches = (b for i, b in enumerate(worker.batches("validation")) if i % session.world_size == session.rank)
+    val = worker.task.evaluate(worker.context, net, batches, worker.autocast)
+    metric = worker.cfg.train.metric
+    if metric not in val:
+        raise ValueError(f"train.metric={metric!r} is not a validation metric of model.task={worker.cfg.model.task}; "
+                         f"use one of {sorted(val)}")
+    return val
+
+
+def record_epoch(worker: Worker, epoch: int, train: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
+    """The epoch's metrics (with the overfitting gaps and the best so far); updates early stopping, the
+    history and the dashboard gauges, and prints the epoch's line on rank 0."""
+    cfg, stopper = worker.cfg, worker.stopper
+    stopper.update(val[cfg.train.metric], epoch + 1)
+    last = epoch + 1 == cfg.train.epochs
+    metrics = {"epoch": epoch + 1, **train, **val, **_gaps(train, val), f"best_{cfg.train.metric}": stopper.best,
+               "best_epoch": stopper.best_epoch, **worker.extra_metrics,
+               "stop_reason": "early_stopping" if stopper.should_stop else ("max_epochs" if last else "")}
+    worker.history.append(metrics)
+    if worker.session.rank == 0:
+        tags = {"run": worker.session.run_name}
+        worker.gauges["samples_per_s"].set(metrics["samples_per_s"], tags=tags)
+        worker.gauges["val_score"].set(val[cfg.train.metric], tags=tags)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in train.items() if k not in ("samples_per_s", "epoch_time_s"))
+        shown += " " + " ".join(f"{k}={v:.4f}" for k, v in val.items())
+        print(f"[ptm_ray] epoch {epoch + 1}/{cfg.train.epochs} {shown} gap_loss={metrics['gap_loss']:+.4f} "
+              f"{metrics['samples_per_s']:.1f} samples/s" + (" (early stop)" if stopper.should_stop else ""))
+    return metrics
+
+
+def _gaps(train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+    """Validation minus training loss (and training minus validation accuracy where both exist): the
+    overfitting monitor, growing as the model memorises."""
+    gaps = {"gap_loss": val["val_loss"] - train["train_loss"]}
+    if "train_accuracy" in train and "val_accuracy" in val:
+        gaps["gap_accuracy"] = train["train_accuracy"] - val["val_accuracy"]
+    return gaps
+
+
+def checkpoint_and_report(worker: Worker, metrics: dict[str, Any]) -> None:
+    """Rank 0 writes a self-describing checkpoint of this epoch; every rank reports (a barrier)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = None
+        if worker.session.rank == 0:
+            train_state = {"epoch": metrics["epoch"], **worker.stopper.state_dict(),
+                           "optimizer": worker.optimizer.state_dict(), "scheduler": worker.scheduler.state_dict()}
+            folder = save_checkpoint(Path(tmp), family=worker.family, model=worker.model,
+                                     preprocessor=worker.preprocessor, cfg=worker.cfg, labels=worker.labels,
+                                     metrics=metrics, history=worker.history, train_state=train_state,
+                                     task_state=worker.task.state())
+        worker.session.report(metrics, folder)
