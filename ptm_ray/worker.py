@@ -35,7 +35,7 @@ from ptm_ray.tasks import Task, WorkerContext, task_for
 from ptm_ray.tasks.base import all_reduce
 
 __all__ = ["EarlyStopping", "RaySession", "Session", "Worker", "checkpoint_and_report", "record_epoch",
-           "setup_worker", "train_one_epoch", "validate"]
+           "scores_of_raw_inputs", "setup_worker", "train_one_epoch", "validate"]
 
 
 class Session(Protocol):
@@ -231,14 +231,19 @@ def _forward_strategy(family: Family, model: torch.nn.Module, preprocessor: Prep
         top = ray.train.torch.prepare_model(_CachedSuffix(family, model, depth), parallel_strategy_kwargs=ddp)
         return top, lambda net, inputs, train: net(store.lookup(inputs, device))
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp)
+    return net, scores_of_raw_inputs(family, preprocessor, device)
+
+
+def scores_of_raw_inputs(family: Family, preprocessor: Preprocessor, device: torch.device) -> Callable:
+    """``logits(net, raw_inputs, train)`` that preprocesses a batch and runs the whole model."""
     if not isinstance(family, Classifier):
-        return net, _no_logits
+        return _no_logits
 
     def logits(net: torch.nn.Module, inputs: Any, train: bool) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in preprocessor(list(inputs), train=train).items()}
         return family.logits(net, batch)
 
-    return net, logits
+    return logits
 
 
 def _no_logits(net: torch.nn.Module, inputs: Any, train: bool) -> torch.Tensor:
