@@ -7,6 +7,7 @@ README.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -18,7 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
-from ptm_ray.config import Config, load_config
+from ptm_ray.config import Config, ServeConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).resolve().parent / "data" / "kuberay-crds"
@@ -26,6 +27,8 @@ KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
 LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"
 API_KEY_ENV = "PTM_RAY_API_KEY"  # the variable every serving pod gets from the API-key Secret
 URI_SCHEMES = ("s3://", "gs://")
+# serve.* fields that `ptm-ray deploy` itself uses (the Serve config around the app), not the running ingress
+DEPLOY_ONLY = {"registry", "models", "proxy_location", "app_name", "route_prefix", "config_out"}
 RAY_CONTAINER = 0  # KubeRay runs Ray in the first container of each pod template (utils.RayContainerIndex)
 
 
@@ -226,6 +229,9 @@ def test_rayservice_serve_config_binds_beyond_loopback_with_the_api_key():
     assert serve_config["http_options"]["host"] == "0.0.0.0"
     # the ingress's settings describe the proxy it runs behind: a mismatch misleads every reader and check
     assert {k: settings[k] for k in ("host", "port")} == serve_config["http_options"]
+    # the ingress and the tasks index these (serve.max_new_tokens, ...): a missing one is a KeyError per request
+    read_by_ingress = {f.name for f in dataclasses.fields(ServeConfig)} - DEPLOY_ONLY
+    assert read_by_ingress <= set(settings), f"settings lack {sorted(read_by_ingress - set(settings))}"
     # ptm_ray's own loader refuses unknown settings (a KeyError in the replica) and a host beyond loopback with no key
     overrides = [f"serve.{key}={json.dumps(value)}" for key, value in settings.items()]
     cfg = load_config(ROOT / "jobs" / "configs" / "serve.yaml", overrides)
