@@ -87,73 +87,92 @@ def _measure_endpoint(url: str, model: str, n: int = 30) -> dict[str, Any]:
                            "mean": statistics.fmean(latencies)}}
 
 
+class _Study:
+    """What the report reads, filled stage by stage: runs, comparisons, timings; prints stage headers."""
+
+    def __init__(self, metric: str, stages: int) -> None:
+        self.record: dict[str, Any] = {"title": "ptm_ray quickstart", "metric": metric, "runs": [], "timings_s": {},
+                                       "main_run": "text-pretrained"}
+        self.stages, self.started = stages, time.perf_counter()
+
+    def stage(self, i: int, title: str) -> None:
+        print(f"\n[quickstart {i}/{self.stages}] {title}  (t={time.perf_counter() - self.started:.0f}s)", flush=True)
+
+    def timed(self, key: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        value = fn(*args)
+        self.record["timings_s"][key] = time.perf_counter() - t0
+        return value
+
+    def fit(self, key: str, name: str, cfg: Config, **extra: Any) -> None:
+        from ptm_ray.train import fit
+
+        result = self.timed(key, fit, cfg)
+        self.record["runs"].append({"name": name, "path": result.run_path, "model": cfg.model.name,
+                                    "weights": cfg.model.weights or "pretrained", **extra})
+
+
 def run_quickstart(out: str | Path, configs: QuickstartConfigs | None = None, port: int = 8000) -> dict[str, Any]:
     """Run every stage into ``out`` and write ``study.json`` and ``report.html`` there; returns the study."""
     from ptm_ray.report import write_report
     from ptm_ray.runtime import init_ray
-    from ptm_ray.serve import deploy
-    from ptm_ray.train import fit
-    from ptm_ray.tune import format_leaderboard, run_search
 
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfgs = _stage_configs(out, configs or QuickstartConfigs(), port)
-    text: Config = cfgs["text"]
-    study: dict[str, Any] = {"title": "ptm_ray quickstart", "metric": text.train.metric, "runs": [],
-                             "timings_s": {}, "main_run": "text-pretrained"}
-    started = time.perf_counter()
-    stages = 5
-
-    def stage(i: int, title: str) -> None:
-        print(f"\n[quickstart {i}/{stages}] {title}  (t={time.perf_counter() - started:.0f}s)", flush=True)
-
-    def timed(key: str, fn, *args):
-        t0 = time.perf_counter()
-        value = fn(*args)
-        study["timings_s"][key] = time.perf_counter() - t0
-        return value
-
-    def add_run(name: str, cfg: Config, result, **extra) -> None:
-        study["runs"].append({"name": name, "path": result.run_path, "model": cfg.model.name,
-                              "weights": cfg.model.weights or "pretrained", **extra})
-
+    study = _Study(cfgs["text"].train.metric, stages=5)
     init_ray()
-    stage(1, f"fine-tune {text.model.name} on {Path(text.data.train).name}, then the same from scratch")
-    add_run("text-pretrained", text, timed("text fine-tune", fit, text))
-    add_run("text-scratch", cfgs["scratch"], timed("text from scratch", fit, cfgs["scratch"]))
-    study["comparisons"] = [{"task": "support intents (text)", "pretrained": "text-pretrained",
-                             "scratch": "text-scratch"}]
+    _transfer_stages(study, cfgs)
+    promoted = _search_stage(study, cfgs["search"])
+    _serve_stage(study, cfgs["serve"], promoted)
+    study.stage(5, "report")
+    study.record["total_s"] = time.perf_counter() - study.started
+    (out / "study.json").write_text(json.dumps(study.record, indent=2))
+    study.record["report"] = str(write_report(out))
+    return study.record
 
+
+def _transfer_stages(study: _Study, cfgs: dict[str, Any]) -> None:
+    """Pretrained vs from scratch on text, then on few digits per class (the data-efficiency sweep)."""
+    text: Config = cfgs["text"]
+    study.stage(1, f"fine-tune {text.model.name} on {Path(text.data.train).name}, then the same from scratch")
+    study.fit("text fine-tune", "text-pretrained", text)
+    study.fit("text from scratch", "text-scratch", cfgs["scratch"])
+    study.record["comparisons"] = [{"task": "support intents (text)", "pretrained": "text-pretrained",
+                                    "scratch": "text-scratch"}]
     vision = cfgs["vision"]
-    stage(2, f"{vision[0][2].model.name} vs from scratch on {sorted({s for s, _, _ in vision})} digits per class")
+    study.stage(2, f"{vision[0][2].model.name} vs from scratch on {sorted({s for s, _, _ in vision})} digits per class")
     sweep: dict[int, dict[str, Any]] = {}
     for shots, init, cfg in vision:
         name = f"digits-{shots}-{init}"
-        add_run(name, cfg, timed(f"digits {shots}/class {init}", fit, cfg), shots=shots)
+        study.fit(f"digits {shots}/class {init}", name, cfg, shots=shots)
         sweep.setdefault(shots, {"shots": shots})[init] = name
-    study["data_efficiency"] = {"task": "handwritten digits (images)", "runs": list(sweep.values())}
+    study.record["data_efficiency"] = {"task": "handwritten digits (images)", "runs": list(sweep.values())}
 
-    search = cfgs["search"]
-    stage(3, f"search {', '.join(f'{k}' for k in search.search.space)} (Ray Tune, ASHA)")
-    result = timed("search", run_search, search)
+
+def _search_stage(study: _Study, search: Config) -> list[Any]:
+    """The search over candidates, depths and learning rates; returns the promoted versions."""
+    from ptm_ray.tune import format_leaderboard, run_search
+
+    study.stage(3, f"search {', '.join(search.search.space)} (Ray Tune, ASHA)")
+    result = study.timed("search", run_search, search)
     print(format_leaderboard(result.leaderboard, result.metric))
-    study["search"] = {"path": result.experiment_path}
-    study["promoted"] = [{"name": m.name, "version": m.version, "path": m.path} for m in result.promoted]
+    study.record["search"] = {"path": result.experiment_path}
+    study.record["promoted"] = [{"name": m.name, "version": m.version, "path": m.path} for m in result.promoted]
     if not result.promoted:
         raise RuntimeError(f"the search at {result.experiment_path} produced no checkpoint to promote")
+    return result.promoted
 
-    serve_cfg = cfgs["serve"]
-    stage(4, f"deploy {result.promoted[0].name} v{result.promoted[0].version} on Ray Serve")
-    url, config_path = timed("deploy", deploy, serve_cfg)
-    served = timed("predict + latency", _measure_endpoint, url, result.promoted[0].name)
-    study["serve"] = served | {"serve_config": str(config_path)}
+
+def _serve_stage(study: _Study, serve_cfg: Config, promoted: list[Any]) -> None:
+    """The winner on Ray Serve: live predictions and a latency measurement over HTTP."""
+    from ptm_ray.serve import deploy
+
+    study.stage(4, f"deploy {promoted[0].name} v{promoted[0].version} on Ray Serve")
+    url, config_path = study.timed("deploy", deploy, serve_cfg)
+    served = study.timed("predict + latency", _measure_endpoint, url, promoted[0].name)
+    study.record["serve"] = served | {"serve_config": str(config_path)}
     for p in served["predictions"]:
         print(f"  {p['input']!r:50} -> {p['label']} ({p['probability']:.2f})")
     lat = served["latency_ms"]
     print(f"  latency over {lat['n']} requests: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms")
-
-    stage(5, "report")
-    study["total_s"] = time.perf_counter() - started
-    (out / "study.json").write_text(json.dumps(study, indent=2))
-    study["report"] = str(write_report(out))
-    return study

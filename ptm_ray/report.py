@@ -126,8 +126,7 @@ def claims(study: Study, histories: dict[str, list[dict[str, Any]]]) -> list[dic
         out.append({"claim": f"reduced training time ({pair['task']})", "held": held, "evidence": evidence})
     sweep = study.get("data_efficiency")
     if sweep:
-        rows = [(r["shots"], _best(histories[r["pretrained"]], metric)[metric],
-                 _best(histories[r["scratch"]], metric)[metric]) for r in sweep["runs"]]
+        rows = _sweep_points(sweep, histories, metric)
         most = max(rows)
         enough = [shots for shots, p, _ in rows if p >= most[2] and shots < most[0]]
         held = all(p > s for _, p, s in rows)
@@ -138,6 +137,13 @@ def claims(study: Study, histories: dict[str, list[dict[str, Any]]]) -> list[dic
         out.append({"claim": f"data efficiency ({sweep['task']})", "held": "yes" if held else "no",
                     "evidence": evidence})
     return out
+
+
+def _sweep_points(sweep: dict[str, Any], histories: dict[str, list[dict[str, Any]]],
+                  metric: str) -> list[tuple[int, float, float]]:
+    """(examples per class, best pretrained score, best from-scratch score) per run pair of the sweep."""
+    return [(r["shots"], _best(histories[r["pretrained"]], metric)[metric], _best(histories[r["scratch"]], metric)[metric])
+            for r in sweep["runs"]]
 
 
 # --- plots --------------------------------------------------------------------------------------------------
@@ -277,62 +283,10 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     study = load_study(path)
     metric = study.get("metric", "val_accuracy")
     histories = {r["name"]: run_history(r["path"])[0] for r in study.get("runs", [])}
-    sections = []
-
-    judged = claims(study, histories)
-    if judged:
-        rows = "".join(f'<tr><td style="text-align:left">{html.escape(c["claim"])}</td>'
-                       f'<td class="{c["held"]}">{c["held"]}</td>'
-                       f'<td style="text-align:left">{html.escape(c["evidence"])}</td></tr>' for c in judged)
-        sections.append(_section("claims", "Did pretraining help? (measured in this run)",
-                                 f"<table><tr><th>claim</th><th>held</th><th>numbers</th></tr>{rows}</table>"))
-
     board = _leaderboard(study["search"]["path"]) if study.get("search") else []
-    curves = []
-    if study.get("main_run"):
-        curves.append(_learning_curves(histories[study["main_run"]], metric, study["main_run"]))
-    if board and board[0]["history"]:
-        curves.append(_learning_curves(board[0]["history"], metric, f"search winner {board[0]['trial_id']}"))
-    if curves:
-        sections.append(_section("learning-curves", "Learning curves",
-                                 "<p>Train and validation loss and metric per epoch; the dashed line marks the best "
-                                 "epoch (the checkpoint kept), a dotted red line where early stopping stopped.</p>"
-                                 + "".join(curves)))
-    if board:
-        header = ["rank", "trial", "model", "freeze", "lr", "head lr", "trainable", f"best {metric}", "@epoch",
-                  "epochs", "wall s", "stop"]
-        rows = [[r["rank"], r["trial_id"], r["model"].split("/")[-1], r["freeze_depth"], f"{r['lr']:.2e}",
-                 f"{(r['head_lr'] or r['lr']):.2e}", f"{r['trainable_params'] or 0:,}",
-                 "-" if r["best_score"] is None else f"{r['best_score']:.4f}", r["best_epoch"] or "-",
-                 r["epochs_run"], f"{r['wall_time_s']:.1f}", r["stop_reason"]] for r in board]
-        sections.append(_section("leaderboard", "Leaderboard (ranked by each trial's best epoch)",
-                                 _table(header, rows) + _score_vs_depth(board, metric)))
-        sections.append(_section("cost", "Score vs training cost",
-                                 "<p>Red: the Pareto front, the trials no other trial beats on both score and "
-                                 "cost.</p>" + _score_vs_cost(board, metric)))
-    if study.get("comparisons"):
-        body = "".join(_pretrained_vs_scratch(histories[c["pretrained"]], histories[c["scratch"]], metric, c["task"])
-                       for c in study["comparisons"])
-        sections.append(_section("pretrained-vs-scratch", "Pretrained vs from scratch (same data and budget)", body))
-    sweep = study.get("data_efficiency")
-    if sweep:
-        points = [(r["shots"], _best(histories[r["pretrained"]], metric)[metric],
-                   _best(histories[r["scratch"]], metric)[metric]) for r in sweep["runs"]]
-        sections.append(_section("data-efficiency", "Score vs labelled examples per class",
-                                 _data_efficiency(points, metric, sweep["task"])))
-    served = study.get("serve")
-    if served:
-        lat = served["latency_ms"]
-        body = (f"<p>{html.escape(served['model'])} at <code>{html.escape(served['url'])}</code>: "
-                f"{lat['n']} sequential single-input requests over HTTP, p50 {lat['p50']:.1f} ms, "
-                f"p95 {lat['p95']:.1f} ms, mean {lat['mean']:.1f} ms.</p>")
-        body += _table(["input", "top label", "probability"],
-                       [[p["input"], p["label"], f"{p['probability']:.3f}"] for p in served["predictions"]])
-        sections.append(_section("serving", "Served model", body))
-    if study.get("timings_s"):
-        sections.append(_section("timings", "Where the time went",
-                                 _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in study["timings_s"].items()])))
-
+    sections = [_claims_section(study, histories), _curves_section(study, histories, board, metric),
+                *_search_sections(board, metric), *_transfer_sections(study, histories, metric),
+                _serving_section(study.get("serve")), _timings_section(study.get("timings_s"))]
     title = html.escape(study.get("title", "ptm_ray report"))
     document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"
                 f"</head><body><h1>{title}</h1><p>From <code>{html.escape(study['folder'])}</code>.</p>"
@@ -340,3 +294,75 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     target = Path(out).expanduser() if out else Path(study["folder"]) / "report.html"
     target.write_text(document)
     return target
+
+
+def _claims_section(study: Study, histories: dict[str, list[dict[str, Any]]]) -> str:
+    judged = claims(study, histories)
+    if not judged:
+        return ""
+    rows = "".join(f'<tr><td style="text-align:left">{html.escape(c["claim"])}</td>'
+                   f'<td class="{c["held"]}">{c["held"]}</td>'
+                   f'<td style="text-align:left">{html.escape(c["evidence"])}</td></tr>' for c in judged)
+    return _section("claims", "Did pretraining help? (measured in this run)",
+                    f"<table><tr><th>claim</th><th>held</th><th>numbers</th></tr>{rows}</table>")
+
+
+def _curves_section(study: Study, histories: dict[str, list[dict[str, Any]]], board: list[dict[str, Any]],
+                    metric: str) -> str:
+    curves = []
+    if study.get("main_run"):
+        curves.append(_learning_curves(histories[study["main_run"]], metric, study["main_run"]))
+    if board and board[0]["history"]:
+        curves.append(_learning_curves(board[0]["history"], metric, f"search winner {board[0]['trial_id']}"))
+    if not curves:
+        return ""
+    return _section("learning-curves", "Learning curves",
+                    "<p>Train and validation loss and metric per epoch; the dashed line marks the best epoch (the "
+                    "checkpoint kept), a dotted red line where early stopping stopped.</p>" + "".join(curves))
+
+
+def _search_sections(board: list[dict[str, Any]], metric: str) -> list[str]:
+    if not board:
+        return []
+    header = ["rank", "trial", "model", "freeze", "lr", "head lr", "trainable", f"best {metric}", "@epoch",
+              "epochs", "wall s", "stop"]
+    rows = [[r["rank"], r["trial_id"], r["model"].split("/")[-1], r["freeze_depth"], f"{r['lr']:.2e}",
+             f"{(r['head_lr'] or r['lr']):.2e}", f"{r['trainable_params'] or 0:,}",
+             "-" if r["best_score"] is None else f"{r['best_score']:.4f}", r["best_epoch"] or "-",
+             r["epochs_run"], f"{r['wall_time_s']:.1f}", r["stop_reason"]] for r in board]
+    return [_section("leaderboard", "Leaderboard (ranked by each trial's best epoch)",
+                     _table(header, rows) + _score_vs_depth(board, metric)),
+            _section("cost", "Score vs training cost", "<p>Red: the Pareto front, the trials no other trial beats on "
+                     "both score and cost.</p>" + _score_vs_cost(board, metric))]
+
+
+def _transfer_sections(study: Study, histories: dict[str, list[dict[str, Any]]], metric: str) -> list[str]:
+    sections = []
+    if study.get("comparisons"):
+        body = "".join(_pretrained_vs_scratch(histories[c["pretrained"]], histories[c["scratch"]], metric, c["task"])
+                       for c in study["comparisons"])
+        sections.append(_section("pretrained-vs-scratch", "Pretrained vs from scratch (same data and budget)", body))
+    sweep = study.get("data_efficiency")
+    if sweep:
+        sections.append(_section("data-efficiency", "Score vs labelled examples per class",
+                                 _data_efficiency(_sweep_points(sweep, histories, metric), metric, sweep["task"])))
+    return sections
+
+
+def _serving_section(served: dict[str, Any] | None) -> str:
+    if not served:
+        return ""
+    lat = served["latency_ms"]
+    body = (f"<p>{html.escape(served['model'])} at <code>{html.escape(served['url'])}</code>: "
+            f"{lat['n']} sequential single-input requests over HTTP, p50 {lat['p50']:.1f} ms, "
+            f"p95 {lat['p95']:.1f} ms, mean {lat['mean']:.1f} ms.</p>")
+    body += _table(["input", "top label", "probability"],
+                   [[p["input"], p["label"], f"{p['probability']:.3f}"] for p in served["predictions"]])
+    return _section("serving", "Served model", body)
+
+
+def _timings_section(timings: dict[str, float] | None) -> str:
+    if not timings:
+        return ""
+    rows = [[stage, f"{seconds:.1f}"] for stage, seconds in timings.items()]
+    return _section("timings", "Where the time went", _table(["stage", "seconds"], rows))
