@@ -1,12 +1,17 @@
 """The ``ptm-ray`` command line. Each subcommand parses a config, calls one library function, prints.
 
     ptm-ray finetune --config jobs/configs/text_quickstart.yaml optim.lr=3e-5 scaling.num_workers=2
+    ptm-ray config show --config text_quickstart optim.lr=3e-5      # a shipped config, by name
+
+Only the standard library and the config loader are imported here: ``--help``, ``--version`` and
+``config`` answer without loading torch, Ray or transformers (each command imports what it runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,9 +32,10 @@ def _serve_until_interrupted() -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     from ptm_ray.config import load_config
+    from ptm_ray.configs import config_path
     from ptm_ray.train import fit
 
-    cfg = load_config(args.config, args.overrides)  # config errors surface before any Ray work
+    cfg = load_config(config_path(args.config), args.overrides)  # config errors surface before any Ray work
     result = fit(cfg)
     metric = cfg.train.metric
     print("\n== ptm_ray fine-tuning finished")
@@ -48,9 +54,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from ptm_ray.config import load_config
+    from ptm_ray.configs import config_path
     from ptm_ray.tune import format_leaderboard, run_search
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     result = run_search(cfg)
     print(f"\n== ptm_ray search finished: {result.experiment_path}")
     print(f"leaderboard (ranked by each trial's best {result.metric}, mode {result.mode}; also leaderboard.csv):")
@@ -67,9 +74,10 @@ def _search(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     from ptm_ray.config import load_config
+    from ptm_ray.configs import config_path
     from ptm_ray.serve import deploy
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     url, config_path = deploy(cfg)
     print("\n== ptm_ray deployed")
     for model in cfg.serve.models:
@@ -109,19 +117,91 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_list(args: argparse.Namespace) -> int:
+    from ptm_ray.configs import shipped_configs
+
+    configs = shipped_configs()
+    width = max(map(len, configs))
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {_summary(path)}")
+    print(f"\n{len(configs)} shipped configs in {next(iter(configs.values())).parent}\n"
+          "use one by name (--config text_quickstart) or copy it: ptm-ray config show --config <name> > my.yaml")
+    return 0
+
+
+def _summary(path: Path) -> str:
+    """The first sentence of a shipped YAML's leading comment (what it is for), or its file name."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = re.search(r"(?<!\.)\.(\s|$)", text)  # a full stop, not an ellipsis
+    return text[: end.start() + 1] if end else text or path.name
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from ptm_ray.config import Config, load_config
+    from ptm_ray.config_docs import format_config
+    from ptm_ray.configs import config_path
+
+    if args.config is None and not args.overrides:  # the defaults alone: model.name and data.train stay empty
+        print(format_config(Config(), "the defaults (model.name and data.train are required in a real config)"),
+              end="")
+        return 0
+    path = None if args.config is None else config_path(args.config)
+    cfg = load_config(path, args.overrides)
+    source = " ".join([str(path) if path else "the defaults", *(["+", *args.overrides] if args.overrides else [])])
+    print(format_config(cfg, source), end="")
+    return 0
+
+
+def _version() -> str:
+    """This package's version and those of the stack it runs on, read from package metadata (no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ptm_ray import __version__
+
+    stack = []
+    for dist in ("torch", "ray", "transformers"):
+        try:
+            stack.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            stack.append(f"{dist} not installed")
+    return f"ptm-ray {__version__} ({', '.join(stack)}, python {sys.version.split()[0]})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, whose text is only computed when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of ptm-ray, torch, Ray and "
+                         "transformers, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(_version())
+        parser.exit()
+
+
+_CONFIG_HELP = "YAML file, or the name of a shipped config (ptm-ray config list)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptm-ray", description="Fine-tune pretrained models on Ray.")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("finetune", help="data-parallel fine-tuning with Ray Train")
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+    p.add_argument("--config", required=True, help=_CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-5")
     p.set_defaults(func=_finetune)
     p = sub.add_parser("search", help="Ray Tune search over models, freeze depths and learning rates")
-    p.add_argument("--config", required=True, help="YAML config with a search: group (see jobs/configs/)")
+    p.add_argument("--config", required=True, help=_CONFIG_HELP + " with a search: group")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as search.num_samples=4")
     p.set_defaults(func=_search)
     p = sub.add_parser("deploy", help="deploy registry models on Ray Serve behind an HTTP API")
-    p.add_argument("--config", required=True, help="YAML config with a serve: group (see jobs/configs/)")
+    p.add_argument("--config", required=True, help=_CONFIG_HELP + " with a serve: group")
     p.add_argument("--block", action="store_true",
                    help="keep this process (and a Ray it started) alive; not needed on a running cluster")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as serve.port=8001")
@@ -136,17 +216,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a quickstart folder (study.json), search folder (leaderboard.csv) or run folder")
     p.add_argument("--out", default=None, help="where to write it (default: <path>/report.html)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("config", help="the shipped configs, and any config resolved with its defaults and docs")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    q = config_sub.add_parser("list", help="the configs shipped with ptm_ray, usable by name in --config")
+    q.set_defaults(func=_config_list)
+    q = config_sub.add_parser("show", help="a config resolved (file + overrides + defaults) as YAML, each field "
+                              "with its doc; changed values show their default")
+    q.add_argument("--config", default=None, help=_CONFIG_HELP + "; none: the defaults")
+    q.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-5")
+    q.set_defaults(func=_config_show)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``ptm-ray``; returns the exit code (2 for a bad config or bad data)."""
+    """Entry point of ``ptm-ray``; returns the exit code (2 for a bad config or bad data, 1 for a missing extra)."""
+    from ptm_ray._optional import MissingExtraError
+
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as e:
         print(f"ptm-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except MissingExtraError as e:
+        print(f"ptm-ray {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

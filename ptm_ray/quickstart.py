@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ptm_ray._optional import require_extra
 from ptm_ray.config import Config, load_config, with_overrides
+from ptm_ray.configs import config_path
 
 __all__ = ["QuickstartConfigs", "run_quickstart"]
 
@@ -36,10 +38,10 @@ EXAMPLES = ["where is my parcel, it was due yesterday", "I want my money back fo
 class QuickstartConfigs:
     """The YAML config of each stage and extra dotted overrides per stage (tests shrink them)."""
 
-    text: str = "jobs/configs/text_quickstart.yaml"
-    search: str = "jobs/configs/quickstart_search.yaml"
-    vision: str = "jobs/configs/vision_digits.yaml"
-    serve: str = "jobs/configs/serve.yaml"
+    text: str = str(config_path("text_quickstart"))  # the shipped configs (ptm_ray/configs, jobs/configs)
+    search: str = str(config_path("quickstart_search"))
+    vision: str = str(config_path("vision_digits"))
+    serve: str = str(config_path("serve"))
     overrides: dict[str, list[str]] = field(default_factory=dict)  # keys: text, search, vision, serve
     shots: tuple[int, ...] = (5, 20)  # labelled digits per class in the data-efficiency sweep
 
@@ -47,6 +49,8 @@ class QuickstartConfigs:
 def _stage_configs(out: Path, c: QuickstartConfigs, port: int) -> dict[str, Any]:
     """Every stage's config, loaded and checked before Ray starts (a bad key fails in a second)."""
     from ptm_ray.datasets.digits import make_digits_split
+
+    require_extra("matplotlib", "report", "the quickstart's report")  # before an hour of work, not after
 
     runs = out / "runs"
     text = load_config(c.text, [f"storage.path={runs}", "storage.name=text-pretrained", *c.overrides.get("text", [])])

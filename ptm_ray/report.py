@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ptm_ray._optional import require_extra
 from ptm_ray.checkpoint import read_meta
 
 __all__ = ["Study", "claims", "load_study", "pareto_front", "run_history", "write_report"]
@@ -277,9 +278,7 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     ``freeze-depth`` and ``cost`` for a search; ``pretrained-vs-scratch`` and ``data-efficiency`` for
     those runs; ``serving`` once deployed; ``claims`` when there is something to judge them by.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require_extra("matplotlib", "report", "the report's plots").use("Agg")
     study = load_study(path)
     metric = study.get("metric", "val_accuracy")
     histories = {r["name"]: run_history(r["path"])[0] for r in study.get("runs", [])}

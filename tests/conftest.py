@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import socket
 import sys
 
@@ -24,6 +25,15 @@ VAL_CSV = str(bundled_path("support_intents_val.csv"))
 
 
 _RAY_DEFAULT_PORTS = {6379, 8000, 8265, 10001, 52365, 52366}  # Ray binds these itself
+
+ESPEAK_MISSING = ("espeak-ng is not installed: it synthesises the speech test data. Install the Debian package "
+                  "espeak-ng (`sudo apt-get install espeak-ng`; `make setup` does it when run as root)")
+
+
+def require_espeak() -> None:
+    """Skip the calling test (or fixture's tests) when espeak-ng is missing, saying so."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip(ESPEAK_MISSING)
 
 
 def free_port() -> int:
@@ -97,6 +107,7 @@ def speech_dir(tmp_path_factory) -> str:
     """Ten spoken commands synthesised with espeak-ng (several voices, speeds, pitches) as wav files."""
     from ptm_ray.datasets.speech_commands import make_speech_commands
 
+    require_espeak()
     return str(make_speech_commands(tmp_path_factory.mktemp("speech")))
 
 

@@ -9,7 +9,7 @@ import pytest
 from ptm_ray.config import config_from_dict, config_to_dict, load_config, parse_freeze_depth
 from ptm_ray.train import plan_run
 
-from conftest import TRAIN_CSV, VAL_CSV
+from conftest import TRAIN_CSV, VAL_CSV, require_espeak
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("jobs", "configs").glob("*.yaml"))
 BASE = [f"model.name=minilm-l6", f"data.train={TRAIN_CSV}"]
@@ -31,6 +31,7 @@ def test_every_shipped_config_parses_and_plans(path, tmp_path):
     if path.name == "speech_sentences.yaml":  # its data is written by python -m ptm_ray.datasets.spoken_sentences
         from ptm_ray.datasets.spoken_sentences import make_spoken_sentences
 
+        require_espeak()
         sentences = make_spoken_sentences(tmp_path, num_train=8, num_val=4)
         overrides = [f"data.train={sentences['train']}", f"data.validation={sentences['validation']}"]
     if path.name in ("t5_replies.yaml", "gpt2_replies.yaml"):  # a hub id or local folder; here a tiny one

@@ -17,6 +17,8 @@ from ptm_ray.datasets.support_text2text import REPLIES, make_support_replies
 from ptm_ray.seq_metrics import (CTC_BLANK, ErrorRate, chrf, chrf_from_stats, chrf_stats, ctc_tokenizer, ctc_vocab,
                                  edit_distance, exact_match, greedy_ctc_decode)
 
+from conftest import ESPEAK_MISSING
+
 TRAIN_TRANSCRIPTS = ["open the red door", "stop the blue fan", "Close the  GREEN lamp"]
 
 
@@ -153,7 +155,7 @@ def test_ctc_tokenizer_round_trip_greedy_decode_and_unknown(tmp_path):
 # --- demo data ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not on PATH (apt-get install espeak-ng)")
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason=ESPEAK_MISSING)
 def test_spoken_sentences_manifests_audio_and_split(tmp_path):
     manifests = make_spoken_sentences(tmp_path / "a", num_train=24, num_val=8, seed=3)
     train, val = _rows(manifests["train"]), _rows(manifests["validation"])

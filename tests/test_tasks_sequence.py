@@ -19,7 +19,7 @@ from ptm_ray.model_registry import ModelRegistry
 from ptm_ray.train import fit, plan_run
 from ptm_ray.tune import run_search
 
-from conftest import free_port
+from conftest import free_port, require_espeak
 
 REPLIES_TRAIN = str(bundled_path("support_replies_train.csv"))
 REPLIES_VAL = str(bundled_path("support_replies_val.csv"))
@@ -46,6 +46,7 @@ def tiny_lm(tmp_path_factory) -> dict[str, str]:
 def sentences(tmp_path_factory) -> dict[str, Path]:
     from ptm_ray.datasets.spoken_sentences import make_spoken_sentences
 
+    require_espeak()
     return make_spoken_sentences(tmp_path_factory.mktemp("sentences"), num_train=160, num_val=32)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptm_ray._optional import require_extra
+
 __all__ = ["make_digits_folder", "make_digits_split"]
 
 
@@ -22,7 +24,8 @@ def make_digits_folder(out_dir: str | Path, size: int = 32, per_class: int | Non
         per_class: keep only the first N images of each digit (few-shot experiments); all when None.
     """
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    load_digits = require_extra("sklearn.datasets", "demo", "the digits demo data").load_digits
 
     out = Path(out_dir)
     marker = out / f".complete-{size}-{per_class}"
@@ -48,7 +51,8 @@ def make_digits_split(root: str | Path, shots: int, val_per_class: int = 30, siz
     ``root/val`` with the last ``val_per_class`` of each class (never trained on, the same for every
     ``shots``); returns (train folder, validation folder). Reused when already written."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    load_digits = require_extra("sklearn.datasets", "demo", "the digits demo data").load_digits
 
     root = Path(root)
     train, val = root / f"train_{shots}", root / "val"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptm_ray._optional import require_extra
+
 __all__ = ["CLASSES", "make_shapes"]
 
 CLASSES = ("circle", "square", "triangle")
@@ -77,11 +79,11 @@ def make_shapes(
 
 
 def _photos() -> list[np.ndarray]:
-    import skimage.data
+    skimage_data = require_extra("skimage.data", "demo", "the shapes demo data (photo backgrounds)")
 
     photos = []
     for name in _PHOTOS:
-        pixels = getattr(skimage.data, name)()
+        pixels = getattr(skimage_data, name)()
         photos.append(np.stack([pixels] * 3, axis=-1) if pixels.ndim == 2 else pixels[..., :3])
     return photos
 
