@@ -15,7 +15,7 @@ from ptm_ray.checkpoint import load_artifact, read_meta
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
 from ptm_ray.datasets import bundled_path
-from ptm_ray.model_registry import ModelRegistry
+from ptm_ray.model_store import ModelStore
 from ptm_ray.train import fit, plan_run
 from ptm_ray.tune import run_search
 
@@ -102,11 +102,11 @@ def test_sequence_tasks_pick_their_own_metric_and_heads(tiny_lm, sentences, tiny
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> ModelRegistry:
-    return ModelRegistry(str(tmp_path_factory.mktemp("seq_registry") / "registry"))
+def registry(tmp_path_factory) -> ModelStore:
+    return ModelStore(str(tmp_path_factory.mktemp("seq_registry") / "registry"))
 
 
-def _train_and_check(cfg, registry: ModelRegistry, name: str):
+def _train_and_check(cfg, registry: ModelStore, name: str):
     """Train, check the task's metric improved, promote; then relaunch with one more epoch: it resumes."""
     from ptm_ray.config import with_overrides
 
