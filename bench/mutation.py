@@ -9,6 +9,7 @@ is killed / (killed + survived + no tests). Only fast, pure tests run (no Ray cl
 whole run fits a 2-core machine; it is not part of ``make test``.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/mutation.py [--workers 2] [--module freeze ...] [--survivors]
+                                                        [--survivors-only]
 
 ``mutants/`` (ignored by git) holds mutmut's copy of the code; ``.venv/bin/python -m mutmut show NAME``
 prints the diff of one mutant afterwards.
@@ -77,20 +78,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--module", nargs="+", choices=list(SCOPE), default=list(SCOPE))
     parser.add_argument("--survivors", action="store_true", help="list the surviving mutants by name")
-    parser.add_argument("--keep", action="store_true",
-                        help="reuse mutants/ from the last run (mutmut retests only what changed); default: fresh")
+    parser.add_argument("--survivors-only", action="store_true",
+                        help="retest only the last run's survivors (after sharpening a test); default: a fresh run")
     args = parser.parse_args()
 
     os.chdir(ROOT)  # mutmut reads pyproject.toml and writes mutants/ in the current folder
-    if not args.keep:
+    if args.survivors_only:
+        names = [n for groups in results(args.module).values() for n in groups["survived"]]
+        if not names:
+            sys.exit("no survivors to retest")
+    else:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+        names = mutant_globs(args.module)
     # mutmut puts its mutated copy first on the path itself. It forks each mutant's test run from a process
     # that already ran torch: with OpenMP's thread pool alive at the fork, the children spin until their CPU
     # limit and every mutant of a torch-using function reads as a (false) timeout kill. One thread avoids it.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.workers),
-                          *mutant_globs(args.module)], env=env, capture_output=True, text=True)
+                          *names], env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if not (ROOT / "mutants" / "ptm_ray").is_dir() or run.returncode not in (0, 1):
         sys.exit(f"mutmut run failed (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")

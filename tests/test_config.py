@@ -218,6 +218,11 @@ def test_boundary_values_are_accepted():
     assert (cfg.data.max_seconds, cfg.scaling.resources_per_worker) == (0.5, {"CPU": 0.5, "GPU": 0.0})
     assert cfg.model.freeze_depth == 1.0 and cfg.optim.head_lr == pytest.approx(1e-6)
     assert load_config(None, BASE + ["serve.min_replicas=2", "serve.max_replicas=2"]).serve.min_replicas == 2
+    smallest = ["serve.max_batch_size=1", "serve.max_replicas=1", "serve.target_ongoing_requests=0.5",
+                "serve.max_items=1", "serve.max_body_bytes=1", "serve.top_k=1", "serve.port=1", "serve.max_new_tokens=1",
+                "serve.max_num_beams=1", "serve.max_boxes=1", "search.trial_cpus=0.1", "optim.lr=1e-9"]
+    serve = load_config(None, BASE + smallest).serve
+    assert (serve.max_batch_size, serve.max_replicas, serve.target_ongoing_requests, serve.max_boxes) == (1, 1, 0.5, 1)
 
 
 @pytest.mark.parametrize("host, key", [("localhost", ""), ("::1", ""), ("0.0.0.0", "serve.api_key_env=MY_KEY"),
@@ -281,6 +286,11 @@ def test_with_overrides_and_format_overrides_round_trip():
     strings = format_overrides(trial)
     assert strings[:4] == ["optim.lr=3.0e-05", "model.freeze_depth=all", "optim.head_lr=null", "train.epochs=4"]
     assert load_config(None, BASE + strings) == changed  # a trial re-runs from the command line as it ran
+    # containers stay on one line, in flow style, nested ones too (block style would span lines)
+    models = [{"name": "a", "versions": [{"version": 1, "weight": 90}]}]
+    assert format_overrides({"serve.models": models, "scaling.resources_per_worker": {"CPU": 0.5, "GPU": 1}}) == [
+        "serve.models=[{name: a, versions: [{version: 1, weight: 90}]}]",
+        "scaling.resources_per_worker={CPU: 0.5, GPU: 1}"]
     with pytest.raises(ValueError, match=r"^optim.lr=-1.0 must be > 0$"):
         with_overrides(cfg, {"optim.lr": -1.0})  # validated like load_config
 

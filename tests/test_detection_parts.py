@@ -411,7 +411,8 @@ def test_mean_ap_threshold_edges():
     assert only_50.compute() == {"map": 1.0, "map_50": 1.0}
     # a threshold of 1.0 accepts an IoU within float error of 1 (COCO caps it at 1 - 1e-10)
     exact = MeanAP(iou_thresholds=(0.5, 1.0))
-    exact.update([_pred([[0, 0, 10, 10 + 1e-12]], [0.9], [0])], [gt])
+    off_by_float_error = np.array([[0, 0, 10, 10 + 1e-12]])  # float64: in float32 the box would be exact
+    exact.update([{"boxes": off_by_float_error, "scores": np.array([0.9]), "labels": np.array([0])}], [gt])
     assert exact.compute() == {"map": 1.0, "map_50": 1.0}
     with pytest.raises(ValueError, match=r"^iou_thresholds=\[0.75\]: the first must be 0.5 \(for map_50\)$"):
         MeanAP(iou_thresholds=(0.75,))
@@ -454,15 +455,31 @@ def test_mean_ap_keeps_the_order_of_tied_scores():
     metric = MeanAP(iou_thresholds=(0.5,))
     metric.update([_pred(boxes, scores, [0] * 40)], [_target(hits, [0] * 30)])
     assert metric.compute()["map_50"] == 1.0
+    # the same across images: 20 images, each a hit at 0.9 and one at 0.5 (the first 10) or a miss at 0.5 (the
+    # last 10); merged in image order the tied 0.5s keep it, so the hits still come first
+    across = MeanAP(iou_thresholds=(0.5,))
+    for i in range(20):
+        targets = [[0, 0, 8, 8]] + ([[20, 20, 28, 28]] if i < 10 else [])
+        second = [20, 20, 28, 28] if i < 10 else [50, 50, 58, 58]
+        across.update([_pred([[0, 0, 8, 8], second], [0.9, 0.5], [0, 0])], [_target(targets, [0] * len(targets))])
+    assert across.compute()["map_50"] == 1.0
 
 
 def test_mean_ap_takes_single_detections_and_integer_boxes():
-    gt = _target([[0, 0, 200, 200]], [0])
+    # one detection or one object may come as a [4] box with a 0-d score and label
     single = {"boxes": torch.tensor([0.0, 0.0, 200.0, 190.0]), "scores": torch.tensor(0.9), "labels": torch.tensor(0)}
-    int16 = {"boxes": torch.tensor([[0, 0, 200, 190]], dtype=torch.int16), "scores": torch.tensor([0.9]),
-             "labels": torch.tensor([0])}  # 200 * 190 overflows int16: areas are computed in float
-    int16_gt = {"boxes": torch.tensor([[0, 0, 200, 200]], dtype=torch.int16), "labels": torch.tensor([0])}
-    for prediction, target in [(single, gt), (int16, int16_gt)]:
+    single_gt = {"boxes": torch.tensor([0.0, 0.0, 200.0, 200.0]), "labels": torch.tensor(0)}
+    # integer boxes: 200 * 190 overflows int16, so areas must be computed in float (a wrapped, negative area makes
+    # a tiny overlap look like a huge IoU)
+    big16 = torch.tensor([[0, 0, 200, 190]], dtype=torch.int16)
+    small = torch.tensor([[0.0, 0.0, 60.0, 60.0]])  # IoU with big16: 3600 / 38000, a miss
+    cases = [
+        ({"boxes": single["boxes"], "scores": single["scores"], "labels": single["labels"]}, single_gt, 1.0),
+        (_pred(big16.tolist(), [0.9], [0]) | {"boxes": big16}, _target([[0, 0, 200, 200]], [0]), 1.0),  # IoU .95
+        (_pred(big16.tolist(), [0.9], [0]) | {"boxes": big16}, _target(small.tolist(), [0]), 0.0),
+        (_pred(small.tolist(), [0.9], [0]), {"boxes": big16, "labels": torch.tensor([0])}, 0.0),
+    ]
+    for prediction, target, expected in cases:
         metric = MeanAP()
         metric.update([prediction], [target])
-        assert metric.compute() == pytest.approx({"map": 1.0, "map_50": 1.0})  # IoU .95: a hit at every threshold
+        assert metric.compute() == pytest.approx({"map": expected, "map_50": expected})

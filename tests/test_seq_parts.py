@@ -220,11 +220,12 @@ def test_metrics_refuse_a_single_string_and_unpaired_lists_naming_the_function()
 
 def test_greedy_ctc_decode_collapses_runs_of_any_length_and_keeps_a_first_frame():
     blank, a, b = CTC_BLANK, 3, 4
-    rows = [[a, blank, b, blank, a],  # starts on a label, no repeats: a first frame is kept whatever ends the row
+    rows = [[a, blank, b, blank, a, a, blank, a],  # starts (and ends) on a: the first frame has no predecessor
             [a, a, a, b, blank, blank, b, a]]  # a held 3 frames, b twice around two blanks
-    log_probs = torch.nn.functional.one_hot(torch.tensor([rows[0] + [blank] * 3, rows[1]]), 6).float()
-    assert greedy_ctc_decode(log_probs, torch.tensor([5, 8])) == [[a, b, a], [a, b, b, a]]
-    assert greedy_ctc_decode(log_probs, torch.tensor([5, 8]), blank=a) == [[0, 4, 0], [4, 0, 4]]  # another blank id
+    log_probs = torch.nn.functional.one_hot(torch.tensor(rows), 6).float()
+    assert greedy_ctc_decode(log_probs, torch.tensor([8, 8])) == [[a, b, a, a], [a, b, b, a]]
+    assert greedy_ctc_decode(log_probs, torch.tensor([5, 8])) == [[a, b, a], [a, b, b, a]]  # frames past 5 ignored
+    assert greedy_ctc_decode(log_probs, torch.tensor([8, 8]), blank=a) == [[0, 4, 0, 0], [4, 0, 4]]  # another blank
     with pytest.raises(ValueError, match=r"^greedy_ctc_decode takes log_probs of shape \(batch, frames, vocab\), got "
                                          r"\(8, 6\)$"):
         greedy_ctc_decode(log_probs[0])
