@@ -38,7 +38,7 @@ class MeanAP:
     def __init__(self, iou_thresholds: tuple[float, ...] | None = None, max_detections: int = 100) -> None:
         self.iou_thresholds = np.linspace(0.5, 0.95, 10) if iou_thresholds is None else np.asarray(iou_thresholds, float)
         if not np.isclose(self.iou_thresholds[0], 0.5):
-            raise ValueError(f"iou_thresholds={list(self.iou_thresholds)}: the first must be 0.5 (for map_50)")
+            raise ValueError(f"iou_thresholds={self.iou_thresholds.tolist()}: the first must be 0.5 (for map_50)")
         self.max_detections = max_detections
         self._images: list[dict[str, np.ndarray]] = []
 

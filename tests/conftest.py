@@ -120,3 +120,22 @@ def tiny_audio(tmp_path_factory) -> dict[str, str]:
     paths = {family: str(make_tiny_audio_model(family, root / family)) for family in AUDIO_FAMILIES}
     paths["deepspeech"] = str(make_tiny_deepspeech(root / "deepspeech.safetensors"))
     return paths
+
+
+def check_classification_predictions(artifact, inputs: list, predictions: list[dict], top_k: int = 3) -> None:
+    """Each prediction is its input's most probable label with that probability, and its top-k the k most probable
+    labels in order, against the artifact's full probability rows, which sum to 1 over every label. (A label drawn
+    from the label list but not the argmax, say after a label-order mix-up, passed `label in artifact.labels`.)"""
+    import torch
+
+    from ptm_ray.tasks import task_for
+
+    probs = torch.tensor(task_for(artifact.task_name).outputs(artifact, inputs))
+    assert probs.shape == (len(inputs), len(artifact.labels))
+    assert torch.allclose(probs.sum(-1), torch.ones(len(inputs)), atol=1e-5)
+    assert len(predictions) == len(inputs)
+    for row, p in zip(probs, predictions):
+        ranked = row.argsort(descending=True)[:top_k].tolist()
+        assert p["label"] == artifact.labels[ranked[0]] and abs(p["probability"] - row.max().item()) < 1e-5
+        assert [t["label"] for t in p["top_k"]] == [artifact.labels[i] for i in ranked]
+        assert [t["probability"] for t in p["top_k"]] == sorted((t["probability"] for t in p["top_k"]), reverse=True)

@@ -385,3 +385,101 @@ def test_mean_ap_merges_states_across_workers_and_averages_classes():
     # class 0: 3 boxes, two found first -> recall 2/3 at precision 1; class 1: 0; class 2 left out
     assert whole.compute()["map"] == pytest.approx((67 / 101 + 0.0) / 2)
     assert MeanAP().compute() == {"map": -1.0, "map_50": -1.0}
+
+
+def test_iou_hand_computed_pairs():
+    from ptm_ray.detection_metrics import _iou
+
+    a = np.array([[0, 0, 10, 20], [0, 0, 10, 10], [0.1, 0.1, 0.2, 0.2]], float)  # tall, square, tiny (normalised)
+    b = np.array([[0, 0, 20, 10], [30, 30, 40, 40], [0.1, 0.1, 0.2, 0.2]], float)  # wide, far away, the same tiny
+    # tall x wide: 100 / (200 + 200 - 100); square x wide: 100 / 200; anything x far away: 0 (no overlap is not 1 px);
+    # a tiny box inside a larger one: its area over the larger one's;
+    # tiny boxes (area 0.01) compare like any other: the union is not floored at 1
+    assert _iou(a, b) == pytest.approx(np.array([[1 / 3, 0, 0.01 / 200], [0.5, 0, 0.01 / 100], [0.01 / 200, 0, 1]]))
+
+
+def test_mean_ap_threshold_edges():
+    gt = _target([[0, 0, 10, 10]], [0])
+    metric = MeanAP()
+    metric.update([_pred([[0, 0, 10, 19]], [0.9], [0])], [gt])  # IoU 100/190 = .526: a hit at .50 only
+    assert metric.compute() == pytest.approx({"map": 0.1, "map_50": 1.0})
+    metric.reset()  # a reset metric starts over
+    metric.update([_pred([[0, 0, 10, 20]], [0.9], [0])], [gt])  # IoU exactly .5 counts at .5 (COCO: >=)
+    assert metric.compute() == pytest.approx({"map": 0.1, "map_50": 1.0})
+    only_50 = MeanAP(iou_thresholds=(0.5,))
+    only_50.update([_pred([[0, 0, 10, 19]], [0.9], [0])], [gt])
+    assert only_50.compute() == {"map": 1.0, "map_50": 1.0}
+    # a threshold of 1.0 accepts an IoU within float error of 1 (COCO caps it at 1 - 1e-10)
+    exact = MeanAP(iou_thresholds=(0.5, 1.0))
+    off_by_float_error = np.array([[0, 0, 10, 10 + 1e-12]])  # float64: in float32 the box would be exact
+    exact.update([{"boxes": off_by_float_error, "scores": np.array([0.9]), "labels": np.array([0])}], [gt])
+    assert exact.compute() == {"map": 1.0, "map_50": 1.0}
+    with pytest.raises(ValueError, match=r"^iou_thresholds=\[0.75\]: the first must be 0.5 \(for map_50\)$"):
+        MeanAP(iou_thresholds=(0.75,))
+    with pytest.raises(ValueError, match="^2 predictions but 1 targets: one of each per image$"):
+        metric.update([_pred([], [], []), _pred([], [], [])], [gt])
+
+
+def test_mean_ap_greedy_matching_in_score_order():
+    # two detections of one box: the higher score takes it (IoU .6), the lower one (IoU 1.0) is a false positive;
+    # matched the other way round, AP would be 0.5 at .50
+    metric = MeanAP(iou_thresholds=(0.5,))
+    metric.update([_pred([[0, 0, 10, 10], [0, 0, 10, 6]], [0.3, 0.9], [0, 0])], [_target([[0, 0, 10, 10]], [0])])
+    assert metric.compute()["map_50"] == 1.0
+    # a box is matched once: a duplicate is a false positive, so AP = (51 * 1 + 50 * 2/3) / 101
+    metric = MeanAP(iou_thresholds=(0.5,))
+    metric.update([_pred([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.8, 0.7], [0, 0, 0])], [TWO])
+    assert metric.compute()["map_50"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+
+
+def test_mean_ap_counts_the_top_100_detections_per_image_and_class():
+    # 100 confident misses, then the hit: it is the 101st and does not count; 99 misses leave it in
+    def image(misses: int):
+        boxes = [[50, 50, 60, 60]] * misses + [[0, 0, 10, 10]]
+        return _pred(boxes, [0.9] * misses + [0.1], [0] * (misses + 1)), _target([[0, 0, 10, 10]], [0])
+
+    for misses, expected in [(100, 0.0), (99, 0.01)]:
+        metric = MeanAP(iou_thresholds=(0.5,))
+        metric.update(*[[x] for x in image(misses)])
+        assert metric.compute()["map_50"] == pytest.approx(expected)
+
+
+def test_mean_ap_keeps_the_order_of_tied_scores():
+    # 20 hits at 0.9, then at 0.5 ten hits followed by ten misses (input order): sorted stably the hits come
+    # first and AP is 1; an unstable sort would interleave the tied misses with the hits
+    hits = [[x, 0, x + 8, 8] for x in range(0, 300, 10)]  # 30 disjoint boxes, all ground truth
+    boxes, scores = [], []
+    for i in range(20):
+        boxes += [hits[20 + i] if i < 10 else [500 + 10 * i, 500, 508 + 10 * i, 508], hits[i]]
+        scores += [0.5, 0.9]
+    metric = MeanAP(iou_thresholds=(0.5,))
+    metric.update([_pred(boxes, scores, [0] * 40)], [_target(hits, [0] * 30)])
+    assert metric.compute()["map_50"] == 1.0
+    # the same across images: 20 images, each a hit at 0.9 and one at 0.5 (the first 10) or a miss at 0.5 (the
+    # last 10); merged in image order the tied 0.5s keep it, so the hits still come first
+    across = MeanAP(iou_thresholds=(0.5,))
+    for i in range(20):
+        targets = [[0, 0, 8, 8]] + ([[20, 20, 28, 28]] if i < 10 else [])
+        second = [20, 20, 28, 28] if i < 10 else [50, 50, 58, 58]
+        across.update([_pred([[0, 0, 8, 8], second], [0.9, 0.5], [0, 0])], [_target(targets, [0] * len(targets))])
+    assert across.compute()["map_50"] == 1.0
+
+
+def test_mean_ap_takes_single_detections_and_integer_boxes():
+    # one detection or one object may come as a [4] box with a 0-d score and label
+    single = {"boxes": torch.tensor([0.0, 0.0, 200.0, 190.0]), "scores": torch.tensor(0.9), "labels": torch.tensor(0)}
+    single_gt = {"boxes": torch.tensor([0.0, 0.0, 200.0, 200.0]), "labels": torch.tensor(0)}
+    # integer boxes: 200 * 190 overflows int16, so areas must be computed in float (a wrapped, negative area makes
+    # a tiny overlap look like a huge IoU)
+    big16 = torch.tensor([[0, 0, 200, 190]], dtype=torch.int16)
+    small = torch.tensor([[0.0, 0.0, 60.0, 60.0]])  # IoU with big16: 3600 / 38000, a miss
+    cases = [
+        ({"boxes": single["boxes"], "scores": single["scores"], "labels": single["labels"]}, single_gt, 1.0),
+        (_pred(big16.tolist(), [0.9], [0]) | {"boxes": big16}, _target([[0, 0, 200, 200]], [0]), 1.0),  # IoU .95
+        (_pred(big16.tolist(), [0.9], [0]) | {"boxes": big16}, _target(small.tolist(), [0]), 0.0),
+        (_pred(small.tolist(), [0.9], [0]), {"boxes": big16, "labels": torch.tensor([0])}, 0.0),
+    ]
+    for prediction, target, expected in cases:
+        metric = MeanAP()
+        metric.update([prediction], [target])
+        assert metric.compute() == pytest.approx({"map": expected, "map_50": expected})

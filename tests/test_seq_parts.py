@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -196,3 +197,53 @@ def test_support_replies_rows_and_bundled_copy_is_current(tmp_path):
         (bad / f"support_intents_{split}.csv").write_text("text,label\nhello,refund\nhi,greeting\n")
     with pytest.raises(ValueError, match=r"support_intents_train.csv row 3: label 'greeting' has no reply"):
         make_support_replies(bad / "out", intents_dir=bad)
+
+
+# --- edges the corpus tests above do not reach ---------------------------------------------------------------
+
+
+def test_chrf_skips_orders_the_reference_is_too_short_for():
+    # ref "a" has unigrams only; hyp "ab" adds a bigram that has no reference bigram to be compared with, so only
+    # order 1 counts: P = 1/2, R = 1, F2 = 5 * 1/2 / (4 * 1/2 + 1) = 5/6
+    assert chrf(["a"], ["ab"]) == pytest.approx(250 / 3)
+    assert chrf(["ab"], ["a"]) == pytest.approx(100 * 5 * 0.5 / (4 + 0.5))  # P = 1, R = 1/2
+    assert chrf([""], [""]) == 0.0 and chrf([], []) == 0.0
+
+
+def test_metrics_refuse_a_single_string_and_unpaired_lists_naming_the_function():
+    for call, where in [(lambda r, h: ErrorRate().update(r, h), "ErrorRate.update"), (chrf, "chrf")]:
+        for refs, hyps in [("open the door", ["open the door"]), (["open the door"], "open the door")]:
+            with pytest.raises(TypeError, match=rf"^{where} takes lists of strings \(one per example\), not a single "
+                                                r"string$"):
+                call(refs, hyps)
+        with pytest.raises(ValueError, match=rf"^{where}: 2 references but 1 hypotheses; they pair up one to one$"):
+            call(["a", "b"], ["a"])
+
+
+def test_greedy_ctc_decode_collapses_runs_of_any_length_and_keeps_a_first_frame():
+    blank, a, b = CTC_BLANK, 3, 4
+    rows = [[a, blank, b, blank, a, a, blank, a],  # starts (and ends) on a: the first frame has no predecessor
+            [a, a, a, b, blank, blank, b, a]]  # a held 3 frames, b twice around two blanks
+    log_probs = torch.nn.functional.one_hot(torch.tensor(rows), 6).float()
+    assert greedy_ctc_decode(log_probs, torch.tensor([8, 8])) == [[a, b, a, a], [a, b, b, a]]
+    assert greedy_ctc_decode(log_probs, torch.tensor([5, 8])) == [[a, b, a], [a, b, b, a]]  # frames past 5 ignored
+    assert greedy_ctc_decode(log_probs, torch.tensor([8, 8]), blank=a) == [[0, 4, 0, 0], [4, 0, 4]]  # another blank
+    with pytest.raises(ValueError, match=r"^greedy_ctc_decode takes log_probs of shape \(batch, frames, vocab\), got "
+                                         r"\(8, 6\)$"):
+        greedy_ctc_decode(log_probs[0])
+
+
+def test_ctc_tokenizer_folders(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where mkdtemp puts the default folder
+    (tmp_path / "tmp").mkdir()
+    tokenizer = ctc_tokenizer(["café au lait"])  # no folder given: a new temporary one
+    (written,) = (tmp_path / "tmp").glob("ctc_vocab_*/vocab.json")
+    assert '"é"' in written.read_text(encoding="utf-8")  # readable beside a checkpoint, not \u00e9
+    assert tokenizer("café").input_ids == [ctc_vocab(["café au lait"])[c] for c in "café"]
+    nested = tmp_path / "run" / "checkpoint" / "tokenizer"  # parents are made
+    ctc_tokenizer(TRAIN_TRANSCRIPTS, nested)
+    again = ctc_tokenizer(TRAIN_TRANSCRIPTS, nested)  # and an existing folder is reused
+    assert json.loads((nested / "vocab.json").read_text()) == ctc_vocab(TRAIN_TRANSCRIPTS)
+    assert again("stop").input_ids == [ctc_vocab(TRAIN_TRANSCRIPTS)[c] for c in "stop"]

@@ -172,19 +172,28 @@ def registry(tmp_path_factory) -> ModelStore:
     return ModelStore(str(tmp_path_factory.mktemp("det_registry") / "registry"))
 
 
-def test_faster_rcnn_trains_data_parallel_with_rising_map_and_resumes(ray_cluster, shapes, tmp_path, registry):
-    cfg = load_config(None, _overrides(shapes, tmp_path, "lite0"))
-    assert (cfg.train.metric, cfg.train.mode) == ("val_map", "max")
+@pytest.fixture(scope="module")
+def frcnn_run(ray_cluster, shapes, tmp_path_factory, registry):
+    """The Faster R-CNN, trained and promoted once by whichever test needs it first (so serving does not depend
+    on the training test having run before it)."""
+    storage = tmp_path_factory.mktemp("frcnn")
+    cfg = load_config(None, _overrides(shapes, storage, "lite0"))
     result = fit(cfg)
+    registry.promote(result.best_checkpoint, "shapes-frcnn", {"test": "detection"})
+    return storage, cfg, result
+
+
+def test_faster_rcnn_trains_data_parallel_with_rising_map_and_resumes(frcnn_run, shapes):
+    storage, cfg, result = frcnn_run
+    assert (cfg.train.metric, cfg.train.mode) == ("val_map", "max")
     history = result.history
     maps = [h["val_map"] for h in history]
     assert len(history) == 3 and max(maps[1:]) > maps[0], maps
     assert {"val_map_50", "val_loss", "train_loss"} <= set(history[-1])
     assert history[-1]["frozen_blocks"] == 5 and history[-1]["trainable_params"] < history[-1]["total_params"]
     assert result.best_metrics["val_map"] == max(maps)
-    registry.promote(result.best_checkpoint, "shapes-frcnn", {"test": "detection"})
     # the same storage.name with one more epoch continues after the last checkpoint
-    longer = fit(load_config(None, _overrides(shapes, tmp_path, "lite0", train__epochs=4)))
+    longer = fit(load_config(None, _overrides(shapes, storage, "lite0", train__epochs=4)))
     assert [h["epoch"] for h in longer.history] == [1, 2, 3, 4]
     assert longer.history[-1]["resumed_from_epoch"] == 3
     assert read_meta(result.best_checkpoint)["task"] == "detection"
@@ -217,13 +226,11 @@ def _post(url: str, name: str, body: dict) -> requests.Response:
     return requests.post(f"{url}/v1/models/{name}/predict", json=body, timeout=120)
 
 
-def test_served_boxes_equal_offline(ray_cluster, registry, shapes):
+def test_served_boxes_equal_offline(ray_cluster, registry, shapes, frcnn_run):
     from ray import serve
 
     from ptm_ray.serve import deploy
 
-    if not registry.versions("shapes-frcnn"):
-        pytest.skip("needs the model the training test promotes")
     cfg = load_config(None, ["data.train=unused", "model.name=minilm-l6", f"serve.registry={registry.root}",
                              f"serve.port={free_port()}", "serve.models=[{name: shapes-frcnn}]", "serve.num_cpus=0.1",
                              "serve.max_boxes=50", "serve.min_replicas=1", "serve.max_replicas=1"])

@@ -18,7 +18,7 @@ from ptm_ray.inference import predict
 from ptm_ray.tasks.classification import classification_metrics
 from ptm_ray.train import fit
 
-from conftest import VAL_CSV, tiny_overrides
+from conftest import VAL_CSV, check_classification_predictions, tiny_overrides
 
 
 def test_classification_metrics_from_confusion():
@@ -52,8 +52,7 @@ def test_two_workers_learn_and_write_self_describing_checkpoints(ray_cluster, ti
     artifact = load_artifact(best)
     texts = [line.split(",")[0] for line in Path(VAL_CSV).read_text().splitlines()[1:40] if '"' not in line]
     predictions = predict(artifact, texts, top_k=3)
-    assert len(predictions) == len(texts)
-    assert all(p["label"] in artifact.labels and len(p["top_k"]) == 3 for p in predictions)
+    check_classification_predictions(artifact, texts, predictions, top_k=3)
     assert read_meta(best)["labels"] == artifact.labels and len(artifact.labels) == 8
 
 

@@ -19,7 +19,7 @@ from ptm_ray.inference import predict
 from ptm_ray.model_store import ModelStore
 from ptm_ray.tune import run_search, validate_search
 
-from conftest import TRAIN_CSV, tiny_overrides
+from conftest import TRAIN_CSV, check_classification_predictions, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,8 @@ def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, t
     top = result.promoted[0]
     assert top.lineage["trial_id"] == board[0].trial_id and top.lineage["best_score"] == board[0].best_score
     artifact = load_artifact(top.path)
-    assert predict(artifact, ["where is my order #12345"])[0]["label"] in artifact.labels
+    texts = ["where is my order #12345", "i want my money back"]
+    check_classification_predictions(artifact, texts, predict(artifact, texts))
     assert json.loads((Path(top.path) / "lineage.json").read_text())["overrides"] == board[0].overrides
 
     # a rerun of the trial alone from its overrides is a valid config
