@@ -197,16 +197,18 @@ def test_api_key_guards_every_route_but_health(api, registry, tmp_path):
                                                  serve__api_key_file=str(key_file), serve__app_name="guarded",
                                                  serve__route_prefix="/guarded"))
     serve.run(build_app(app_args(guarded)), name="guarded", route_prefix="/guarded")
-    base = f"http://127.0.0.1:{cfg.serve.port}/guarded"
-    assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
-    assert requests.get(f"{base}/v1/models", timeout=10).status_code == 401
-    wrong = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
-                          headers={"Authorization": "Bearer nope"}, timeout=10)
-    assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
-    right = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
-                          headers={"Authorization": "Bearer s3cret"}, timeout=30)
-    assert right.status_code == 200
-    serve.delete("guarded")
+    try:
+        base = f"http://127.0.0.1:{cfg.serve.port}/guarded"
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        assert requests.get(f"{base}/v1/models", timeout=10).status_code == 401
+        wrong = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
+                              headers={"Authorization": "Bearer nope"}, timeout=10)
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
+        right = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
+                              headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert right.status_code == 200
+    finally:
+        serve.delete("guarded")
 
 
 def _replicas(app: str, deployment: str) -> int:
@@ -267,14 +269,18 @@ def test_rolling_out_a_new_version_fails_no_request(api, registry, tmp_path):
     thread.start()
     time.sleep(2)
     only_v2 = "[{name: intents, versions: [{version: 2, weight: 100}]}, {name: digits}, {name: commands}]"
-    deploy(load_config(None, _serve_overrides(registry, cfg.serve.port, only_v2,
-                                              serve__config_out=str(tmp_path / "serve_config.yaml"))))
-    time.sleep(3)
-    done.set()
-    thread.join()
-    assert not failures, failures[:5]
-    assert successes > 10
-    last = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=30).json()
-    assert last["version"] == 2
-    assert {d for d in serve.status().applications[cfg.serve.app_name].deployments} >= {"intents-v2"}
-    assert "intents-v1" not in serve.status().applications[cfg.serve.app_name].deployments  # retired
+    try:
+        deploy(load_config(None, _serve_overrides(registry, cfg.serve.port, only_v2,
+                                                  serve__config_out=str(tmp_path / "serve_config.yaml"))))
+        time.sleep(3)
+        done.set()
+        thread.join()
+        assert not failures, failures[:5]
+        assert successes > 10
+        last = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=30).json()
+        assert last["version"] == 2
+        assert {d for d in serve.status().applications[cfg.serve.app_name].deployments} >= {"intents-v2"}
+        assert "intents-v1" not in serve.status().applications[cfg.serve.app_name].deployments  # retired
+    finally:
+        done.set()
+        deploy(cfg)  # the module's other tests expect the 50/50 canary, whatever order they run in

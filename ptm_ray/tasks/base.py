@@ -155,7 +155,8 @@ def parse_options(options_class: type[BaseModel], values: dict[str, Any], prefix
 
 def loss_stats(loss: torch.Tensor | float, count: int, device: torch.device) -> torch.Tensor:
     """Statistics (loss sum, count) of a batch whose loss is a mean over ``count`` items."""
-    return torch.tensor([float(loss) * count, count], dtype=torch.float64, device=device)
+    value = loss.detach().item() if isinstance(loss, torch.Tensor) else float(loss)
+    return torch.tensor([value * count, count], dtype=torch.float64, device=device)
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
