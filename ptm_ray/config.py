@@ -221,6 +221,8 @@ class ServeConfig:
     """Autoscaling: fewest replicas per model version."""
     max_replicas: int = 2
     """Autoscaling: most replicas per model version."""
+    ingress_replicas: int = 1
+    """Replicas of the HTTP ingress; 2 or more where availability matters (one can die without losing requests)."""
     target_ongoing_requests: float = 2.0
     """Autoscaling: ongoing requests per replica it aims for."""
     upscale_delay_s: float = 5.0
@@ -234,7 +236,17 @@ class ServeConfig:
     max_items: int = 64
     """Most inputs in one request."""
     max_body_bytes: int = 10_000_000
-    """Largest request body accepted."""
+    """Largest request body accepted, counted while it streams in (chunked and multipart bodies too): HTTP 413."""
+    max_text_chars: int = 20_000
+    """Text models: longer strings are cut to this many characters before tokenizing (the prediction says so)."""
+    max_image_pixels: int = 25_000_000
+    """Image models: most pixels an image may declare in its header (checked before decoding): HTTP 413."""
+    max_audio_seconds: float = 60.0
+    """Audio models: longest clip, read from its header before decoding: HTTP 413."""
+    request_timeout_s: float = 60.0
+    """Longest a prediction may take before the ingress answers 503 with Retry-After."""
+    max_queued_requests: int = 100
+    """Requests a model deployment queues beyond those running; past it, 503 with Retry-After (Serve's own bound)."""
     top_k: int = 3
     """Labels returned per input unless the request asks for fewer or more (up to the label count)."""
     max_new_tokens: int = 64
@@ -504,7 +516,8 @@ def _check_search_and_serve(cfg: Config) -> None:
         raise ValueError(f"search.reduction_factor={search.reduction_factor} must be >= 2")
     _require({f"serve.{key}": getattr(sv, key) for key in (
         "max_batch_size", "max_replicas", "target_ongoing_requests", "max_items", "max_body_bytes", "top_k", "port",
-        "max_new_tokens", "max_num_beams", "max_boxes")})
+        "max_new_tokens", "max_num_beams", "max_boxes", "max_text_chars", "max_image_pixels", "max_audio_seconds",
+        "request_timeout_s", "max_queued_requests", "ingress_replicas")})
     if not 0 <= sv.min_replicas <= sv.max_replicas:
         raise ValueError(f"serve.min_replicas={sv.min_replicas} must lie in 0..serve.max_replicas={sv.max_replicas}")
     if sv.host not in ("127.0.0.1", "localhost", "::1") and not (sv.api_key_env or sv.api_key_file):

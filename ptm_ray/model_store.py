@@ -53,7 +53,11 @@ class ModelStore:
         return sorted(int(v[1:]) for v in found if re.fullmatch(r"v\d+", v))
 
     def promote(self, checkpoint: str, name: str, lineage: dict[str, Any]) -> ModelVersion:
-        """Copy ``checkpoint`` to ``<name>/v<next>`` with ``lineage.json``; return the new version."""
+        """Copy ``checkpoint`` to ``<name>/v<next>`` with ``lineage.json``; return the new version.
+
+        Promoting a checkpoint that ``name`` already holds returns that version instead of a copy, so a search
+        run again (restored, or re-submitted after it finished) does not register its winners twice.
+        """
         import pyarrow.fs
 
         if not _NAME.match(name):
@@ -62,6 +66,9 @@ class ModelStore:
             pyarrow.fs.LocalFileSystem(), str(Path(checkpoint).resolve()))
         if source_fs.get_file_info(f"{source}/ptm_ray.json").type != pyarrow.fs.FileType.File:
             raise ValueError(f"{checkpoint} is not a ptm_ray checkpoint (no ptm_ray.json)")
+        for existing in self.versions(name):
+            if existing.lineage.get("source_checkpoint") == checkpoint:
+                return existing
         while True:  # claim the next free version; a folder that exists already is never written into
             version = (self._versions(name) or [0])[-1] + 1
             target = f"{self._base}/{name}/v{version}"

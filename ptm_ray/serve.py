@@ -6,7 +6,7 @@ checks the optional API key, and splits traffic between versions of a model by w
 preprocessing is the artifact's own (tokenizer, image transform, audio resampling), so a served
 prediction equals ``load_artifact(path).predict`` for the same input.
 
-Routes: ``GET /healthz``, ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}/predict``,
+Routes: ``GET /healthz`` (liveness), ``GET /readyz`` (every model answers), ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}/predict``,
 ``POST /v1/models/{name}/versions/{version}/predict``, and the OpenAPI schema at ``/openapi.json``.
 
 ``build_app(args)`` is the import path for ``serve deploy``; ``deploy(cfg)`` runs it from a config.
@@ -31,6 +31,7 @@ from ray import serve
 from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import Config, ServeConfig
 from ptm_ray.model_store import ModelStore
+from ptm_ray.request_limits import InputError, TooLarge, cap_text, probe_audio, probe_image, read_limited
 from ptm_ray.tasks import Task, task_for
 
 __all__ = ["Ingress", "ModelServer", "app_args", "build_app", "deploy", "write_serve_config"]
@@ -48,12 +49,41 @@ class PredictRequest(BaseModel):
         "max_new_tokens, num_beams, do_sample, temperature, top_p, seed), bounded by the server's limits")
 
 
+class ErrorBody(BaseModel):
+    """Every error's JSON body: what was wrong and where; some errors add fields (``known``, ``errors``)."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str = Field(description="what was wrong and where, e.g. \"inputs[0]: not decodable as an image\"")
+
+
+_STATUSES = {400: "the body is not valid JSON, or a malformed multipart body",
+             401: "missing or wrong API key (when the server requires one)",
+             404: "unknown model, or a version of it that is not deployed",
+             413: "the body, the number of inputs, an image's pixels or a clip's length exceeds a limit",
+             415: "a multipart upload sent to a text model",
+             422: "the body or an input does not validate (field, base64, undecodable file, option out of bounds)",
+             503: "the model is busy (its queue is full) or the prediction took too long: retry after Retry-After"}
+
+
+def _documented(*statuses: int) -> dict[int, dict[str, Any]]:
+    """The ``responses`` of a route: each error status it can answer, with the body it answers with."""
+    return {status: {"model": ErrorBody, "description": _STATUSES[status]} for status in statuses}
+
+
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "top_k": {"type": "integer", "minimum": 1},
+        "parameters": {"type": "string", "description": "task options as a JSON object"}}}}}}}
+
+
 class ApiError(Exception):
     """A client error: becomes a JSON response with this status and message."""
 
-    def __init__(self, status: int, message: str, **detail: Any) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **detail: Any) -> None:
         super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
+        self.status, self.message, self.headers, self.detail = status, message, headers, detail
 
 
 @serve.deployment
@@ -90,6 +120,10 @@ class ModelServer:
         items = list(items)
         return list(zip(self.task.outputs(self.artifact, items), self.artifact.preprocessor.notes(items)))
 
+    def ready(self) -> bool:
+        """True: the artifact is loaded (a replica answers only after ``__init__`` finished)."""
+        return True
+
     async def predict(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
         """Predictions for one request's inputs, as ``ptm_ray.inference.predict`` makes them offline."""
         import asyncio
@@ -119,6 +153,22 @@ def _api_key(sv: dict[str, Any]) -> str | None:
     return None
 
 
+# Helpers the ingress calls are defined above it: ``@serve.ingress`` snapshots the class where it stands, and a
+# name defined further down the module is missing in the replica (NameError).
+def _replay(request: Request, body: bytes) -> Request:
+    """A request whose body is ``body``, already read (and counted) from ``request``'s stream."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
 app = FastAPI(title="ptm_ray", description="Fine-tuned pretrained models served by Ray Serve.", version="1")
 
 
@@ -133,7 +183,7 @@ class Ingress:
         self.api_key = _api_key(settings)
 
     def _error(self, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message, **exc.detail}, status_code=exc.status)
+        return JSONResponse({"error": exc.message, **exc.detail}, status_code=exc.status, headers=exc.headers)
 
     def _check_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -151,7 +201,26 @@ class Ingress:
     def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/readyz", responses=_documented(503))
+    async def ready(self):
+        """200 once every deployed model version answers; 503 naming those that do not (yet)."""
+        import asyncio
+
+        async def answers(handle: Any) -> bool:
+            try:
+                return await asyncio.wait_for(handle.ready.remote(), 5.0)
+            except Exception:  # starting, dead, or too slow to answer: not ready, whatever the reason
+                return False
+
+        keys = sorted(self.handles)
+        answered = await asyncio.gather(*(answers(self.handles[key]) for key in keys))
+        waiting = [key for key, ok in zip(keys, answered) if not ok]
+        if waiting:
+            return self._error(ApiError(503, f"not ready: {', '.join(waiting)} did not answer", waiting=waiting,
+                                        headers={"Retry-After": "5"}))
+        return {"status": "ready", "models": keys}
+
+    @app.get("/v1/models", responses=_documented(401))
     def list_models(self, request: Request):
         try:
             self._check_key(request)
@@ -159,7 +228,7 @@ class Ingress:
             return self._error(e)
         return {"models": [self._describe(name, brief=True) for name in sorted(self.models)]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses=_documented(401, 404))
     def get_model(self, name: str, request: Request):
         try:
             self._check_key(request)
@@ -179,11 +248,13 @@ class Ingress:
             versions.append(item)
         return {"name": name, "versions": versions}
 
-    @app.post("/v1/models/{name}/predict")
+    @app.post("/v1/models/{name}/predict", openapi_extra=_PREDICT_BODY,
+              responses=_documented(400, 401, 404, 413, 415, 422, 503))
     async def predict(self, name: str, request: Request):
         return await self._predict(name, None, request)
 
-    @app.post("/v1/models/{name}/versions/{version}/predict")
+    @app.post("/v1/models/{name}/versions/{version}/predict", openapi_extra=_PREDICT_BODY,
+              responses=_documented(400, 401, 404, 413, 415, 422, 503))
     async def predict_version(self, name: str, version: str, request: Request):
         return await self._predict(name, version, request)
 
@@ -195,10 +266,45 @@ class Ingress:
             meta = entry["versions"][chosen]["meta"]
             inputs, fields, parameters = await self._read_inputs(request, meta["modality"])
             options = self._task_options(task_for(meta["task"]), fields, parameters)
-            predictions = await self.handles[f"{name}:{chosen}"].predict.remote(inputs, options)
+            inputs, notes = self._cap_texts(inputs) if meta["modality"] == "text" else (inputs, {})
+            predictions = await self._call_model(self.handles[f"{name}:{chosen}"], inputs, options)
         except ApiError as e:
             return self._error(e)
+        for i, note in notes.items():
+            predictions[i] |= note
         return {"model": name, "version": chosen, "predictions": predictions}
+
+    async def _call_model(self, handle: Any, inputs: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+        """The model deployment's predictions, within ``serve.request_timeout_s`` and its queue bound."""
+        import asyncio
+
+        from ray.serve.exceptions import BackPressureError
+
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        busy = {"Retry-After": "1"}
+        timeout = self.settings["request_timeout_s"]
+        try:
+            try:
+                return await asyncio.wait_for(handle.predict.remote(inputs, options), timeout)
+            except (RayActorError, ActorUnavailableError):  # its replica died mid-request: predictions are
+                return await asyncio.wait_for(handle.predict.remote(inputs, options), timeout)  # idempotent, ask another
+        except BackPressureError:
+            raise ApiError(503, "the model is busy: its request queue is full (serve.max_queued_requests); "
+                                "retry shortly", headers=busy) from None
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"the prediction took longer than {self.settings['request_timeout_s']:g} s "
+                                "(serve.request_timeout_s); retry shortly or send fewer inputs", headers=busy) from None
+
+    def _cap_texts(self, texts: list[str]) -> tuple[list[str], dict[int, dict[str, Any]]]:
+        """Texts cut to ``serve.max_text_chars`` before any tokenizer sees them, and a note per cut input."""
+        capped, notes = [], {}
+        for i, text in enumerate(texts):
+            text, note = cap_text(text, self.settings["max_text_chars"])
+            capped.append(text)
+            if note:
+                notes[i] = note
+        return capped, notes
 
     def _task_options(self, task: Task, fields: dict[str, Any], parameters: dict[str, Any] | None) -> dict[str, Any]:
         """The request's options, checked by the task: ``parameters`` plus the top-level fields it takes."""
@@ -226,13 +332,14 @@ class Ingress:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.settings["max_body_bytes"]:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {self.settings['max_body_bytes']}")
+        try:
+            body = await read_limited(request.stream(), self.settings["max_body_bytes"])
+        except TooLarge as e:
+            raise ApiError(413, str(e)) from None
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            inputs, fields, parameters = await self._read_multipart(request, modality)
+            inputs, fields, parameters = await self._read_multipart(_replay(request, body), modality)
         else:
-            body = await request.body()
-            if len(body) > self.settings["max_body_bytes"]:
-                raise ApiError(413, f"request body exceeds the limit of {self.settings['max_body_bytes']} bytes")
             try:
                 parsed = PredictRequest.model_validate_json(body)
             except ValidationError as e:
@@ -249,13 +356,18 @@ class Ingress:
             raise ApiError(413, f"{len(inputs)} inputs exceed the limit of {self.settings['max_items']} per request")
         if modality != "text":
             for i, data in enumerate(inputs):
-                self._check_decodable(i, data, modality)
+                self._check_input(i, data, modality)
         return inputs, fields, parameters
 
     async def _read_multipart(self, request: Request, modality: str) -> tuple[list[bytes], dict[str, Any], dict | None]:
         if modality == "text":
             raise ApiError(415, "this is a text model: send JSON {\"inputs\": [\"...\"]}")
-        form = await request.form()
+        from fastapi.exceptions import StarletteHTTPException  # what Starlette's form parser raises
+
+        try:  # Starlette stops parsing at these counts (2,000 tiny parts would otherwise each be a file object)
+            form = await request.form(max_files=self.settings["max_items"], max_fields=16)
+        except StarletteHTTPException as e:
+            raise ApiError(413 if "Too many" in str(e.detail) else 400, f"multipart body: {e.detail}") from None
         files = [await f.read() for key, f in form.multi_items() if key == "files" and hasattr(f, "read")]
         if not files:
             raise ApiError(422, "multipart upload needs one or more parts named 'files'")
@@ -281,14 +393,19 @@ class Ingress:
         except (binascii.Error, ValueError):
             raise ApiError(422, f"inputs[{index}] is not valid base64 (send the file's bytes base64-encoded)") from None
 
-    @staticmethod
-    def _check_decodable(index: int, data: bytes, modality: str) -> None:
-        from ptm_ray.models.audio import decode_audio
+    def _check_input(self, index: int, data: bytes, modality: str) -> None:
+        """Header limits first (pixels, duration, sample rate), then a decode of what passed them."""
         from ptm_ray.models.vision import decode_image
 
         try:
-            decode_image(data) if modality == "image" else decode_audio(data, 16000)
-        except ValueError as e:
+            if modality == "image":
+                probe_image(data, self.settings["max_image_pixels"])
+                decode_image(data)
+            else:
+                probe_audio(data, self.settings["max_audio_seconds"])
+        except TooLarge as e:
+            raise ApiError(413, f"inputs[{index}]: {e}") from None
+        except (InputError, ValueError) as e:
             raise ApiError(422, f"inputs[{index}]: {e}") from None
 
 
@@ -351,11 +468,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         entry = models.setdefault(model["name"], {"versions": {}})
         for v in model["versions"]:
             deployment = ModelServer.options(name=f"{model['name']}-v{v['version']}", autoscaling_config=autoscaling,
-                                             ray_actor_options=actor_options, max_surge_percent=_SURGE)
+                                             ray_actor_options=actor_options, max_surge_percent=_SURGE,
+                                             max_queued_requests=settings["max_queued_requests"])
             handles[f"{model['name']}:{v['version']}"] = deployment.bind(
                 v["path"], settings["max_batch_size"], settings["batch_wait_timeout_s"])
             entry["versions"][v["version"]] = {"weight": v["weight"], "meta": _meta(v["path"])}
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_surge_percent=_SURGE).bind(models, handles, settings)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_surge_percent=_SURGE,
+                           num_replicas=settings["ingress_replicas"],
+                           max_queued_requests=settings["max_queued_requests"]).bind(models, handles, settings)
 
 
 def write_serve_config(args: dict[str, Any], sv: ServeConfig) -> Path:
@@ -397,6 +517,21 @@ def _wait_until_settled(app_name: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+def _refuse_another_bind(sv: ServeConfig) -> None:
+    """A running Serve keeps its proxy's host and port whatever a later ``serve.start`` asks: refuse to pretend."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    running = client.http_config
+    if (running.host, running.port) != (sv.host, sv.port):
+        raise ValueError(f"Serve is already running with its HTTP proxy on {running.host}:{running.port}, but "
+                         f"serve.host/serve.port ask for {sv.host}:{sv.port}; a running proxy keeps its bind, so "
+                         f"this deploy would not be where the config says. Run `serve shutdown` first, or deploy "
+                         f"with serve.host={running.host} serve.port={running.port}")
+
+
 def deploy(cfg: Config) -> tuple[str, Path]:
     """Deploy ``cfg.serve.models`` on Serve (starting Serve on ``serve.host:port`` if needed).
 
@@ -411,6 +546,7 @@ def deploy(cfg: Config) -> tuple[str, Path]:
     args = app_args(cfg)  # registry lookups and validation before any Ray work
     init_ray()
     sv = cfg.serve
+    _refuse_another_bind(sv)
     serve.start(proxy_location=sv.proxy_location, http_options={"host": sv.host, "port": sv.port})
     registry = ModelStore(sv.registry)
     bridge = {"models": [dict(m, versions=list(m["versions"])) for m in args["models"]], "settings": args["settings"]}

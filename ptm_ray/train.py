@@ -105,6 +105,7 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
     from ptm_ray.runtime import init_ray
 
     plan = plan_run(cfg)
+    refuse_changed_resume(cfg, plan.labels)
     init_ray()
     _warn_local_storage_on_many_nodes(cfg)
     datasets = task_for(cfg.model.task).datasets(plan.data, cfg)
@@ -118,6 +119,8 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
     previous_sigint = signal.getsignal(signal.SIGINT) if in_main_thread else None
     try:
         result = trainer.fit()
+    except Exception as e:
+        raise _plain_failure(e, trainer.run_config) from e
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_sigint)
@@ -128,6 +131,60 @@ def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
     latest = result.checkpoint or best
     history = read_meta(latest.path)["history"] if "://" not in latest.path else metrics.get("history", [])
     return FitResult(best.path, metrics, history, result.path)
+
+
+# What a resumed run may change: its length, patience, workers and where results go. Anything else would be
+# silently overridden by the saved state (the optimizer restores its own learning rates) or would not fit it.
+_FIXED_ON_RESUME = ("model.", "data.", "optim.", "train.batch_size", "train.grad_accum_steps", "train.seed",
+                    "train.metric", "train.mode", "train.precision", "train.feature_cache")
+
+
+def refuse_changed_resume(cfg: Config, labels: list[str]) -> None:
+    """Refuse to resume a run whose saved checkpoints came from a different model, data, optimizer or labels.
+
+    Re-running with the same ``storage.name`` resumes from the latest checkpoint (Ray Train's own behaviour).
+    """
+    import yaml
+
+    root = storage_path(cfg)
+    if "://" in root:  # object storage: Ray Train's own resume applies unchecked
+        return
+    saved = sorted(Path(root, _run_name(cfg)).glob("checkpoint_*/config.yaml"))
+    if not saved:
+        return
+    before = _flat(yaml.safe_load(saved[-1].read_text()))
+    now = _flat(config_to_dict(cfg))
+    changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
+               if key.startswith(_FIXED_ON_RESUME) and before.get(key) != now.get(key)]
+    saved_labels = read_meta(saved[-1].parent)["labels"]
+    if saved_labels != labels:
+        changed.append(f"labels: {saved_labels} -> {labels}")
+    if changed:
+        raise ValueError(f"storage.name={_run_name(cfg)!r} already holds a run ({saved[-1].parent.parent}) that this "
+                         f"config would resume, but it differs: {'; '.join(changed)}. Resuming would ignore or break "
+                         "on these; use a new storage.name, or put the values back to continue that run")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("kwargs", "task_options", "space", "resources_per_worker"):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _plain_failure(error: Exception, run_config: Any) -> Exception:
+    """A worker's own error, when every worker failed for a reason of ours, in place of Ray's traceback dump."""
+    from ptm_ray.worker import NonFiniteLoss
+
+    causes = list(getattr(error, "worker_failures", {}).values())
+    ours = [c for c in causes if isinstance(c, NonFiniteLoss)]
+    if not ours:
+        return error
+    return NonFiniteLoss(f"run {run_config.name} stopped: {ours[0]} (checkpoints: "
+                         f"{run_config.storage_path}/{run_config.name})")
 
 
 def _trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict, callbacks: list | None) -> Any:

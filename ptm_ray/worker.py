@@ -310,6 +310,10 @@ def _announce(worker: Worker) -> None:
 # --- one epoch -------------------------------------------------------------------------------------------------
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite: training on would only overwrite good weights with bad ones."""
+
+
 def train_one_epoch(worker: Worker, epoch: int) -> dict[str, float]:
     """Train on this worker's shard; the task's statistics and the throughput, summed across workers."""
     cfg, device = worker.cfg, worker.session.device
@@ -334,6 +338,11 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, float]:
         examples += len(next(iter(batch.values())))
     seconds = time.perf_counter() - started
     all_reduce(sums)
+    if not torch.isfinite(sums).all():  # every worker sees the same sums, so every worker stops here
+        raise NonFiniteLoss(f"epoch {epoch + 1}: the training loss is not finite "
+                            f"({dict(zip(worker.task.stat_names, sums.tolist()))}); the run stops without "
+                            "checkpointing this epoch, and earlier checkpoints are kept. Lower optim.lr / "
+                            "optim.head_lr, set optim.max_grad_norm, or check the data for bad values")
     examples = int(all_reduce(torch.tensor(examples, device=device)).item())
     return worker.task.train_metrics(sums) | {"samples_per_s": examples / max(seconds, 1e-9), "epoch_time_s": seconds}
 

@@ -46,6 +46,19 @@ def free_port() -> int:
             return port
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG of a few dozen bytes that declares ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1)))
+            + chunk(b"IEND", b""))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster: 2 CPUs, node IP and dashboard on 127.0.0.1. Yields the dashboard URL."""

@@ -99,7 +99,8 @@ def test_search_then_deploy_as_submitted_jobs_serve_predictions_over_http(local_
 
     proc = _submit(address, env, ["jobs/deploy.py", "--config", "jobs/configs/serve.yaml", f"serve.registry={registry}",
                                   "serve.models=[{name: intents}]", f"serve.port={port}", "serve.proxy_location=HeadOnly",
-                                  "serve.num_cpus=0.25", f"serve.config_out={tmp_path / 'serve_config.yaml'}"])
+                                  "serve.num_cpus=0.25", "serve.min_replicas=1", "serve.ingress_replicas=1",
+                                  f"serve.config_out={tmp_path / 'serve_config.yaml'}"])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     # the job has ended; the application lives on in the cluster

@@ -22,7 +22,7 @@ from ptm_ray.model_store import ModelStore
 from ptm_ray.models import resolve_model
 from ptm_ray.serve import app_args, build_app, deploy
 
-from conftest import free_port
+from conftest import free_port, png_header
 
 INTENTS = ["billing", "cancel_order", "refund"]
 
@@ -158,6 +158,13 @@ def test_served_predictions_equal_offline(api, registry, digits_dir, speech_dir)
     ("digits/predict", {"files": [("other", ("a.png", b"x"))]}, 422, "parts named 'files'"),
     ("commands/predict", {"json": {"inputs": [base64.b64encode(b"RIFFjunkWAVE").decode()]}}, 422,
      "inputs[0]: not decodable as audio"),
+    ("digits/predict", {"json": {"inputs": [base64.b64encode(png_header(20_000, 20_000)).decode()]}}, 413,
+     "inputs[0]: image exceeds the limit of 25000000 pixels"),
+    ("digits/predict", {"files": [("files", ("bomb.png", png_header(12_000, 9_000)))]}, 413,
+     "inputs[0]: image of 12000x9000 = 108000000 pixels exceeds the limit"),
+    ("digits/predict", {"files": [("files", (f"{i}.png", b"x")) for i in range(1_000)]}, 413, "Too many files"),
+    ("digits/predict", {"data": (b"x" * 10_000 for _ in range(30)), "headers": {"Content-Type": "application/json"}},
+     413, "request body exceeds the limit of 200000 bytes"),
     ("nope/predict", {"json": {"inputs": ["hi"]}}, 404, "unknown model 'nope'"),
     ("intents/versions/7/predict", {"json": {"inputs": ["hi"]}}, 404, "has no deployed version '7'"),
 ])
@@ -166,6 +173,9 @@ def test_bad_input_is_a_4xx_json_error_and_the_replica_survives(api, path, kwarg
     response = requests.post(f"{url}/v1/models/{path}", timeout=30, **kwargs)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+    route = "/v1/models/{name}/versions/{version}/predict" if "/versions/" in path else "/v1/models/{name}/predict"
+    documented = requests.get(f"{url}/openapi.json", timeout=10).json()["paths"][route]["post"]["responses"]
+    assert documented[str(status)]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
     ok = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund please"]}, timeout=30)
     assert ok.status_code == 200
 
@@ -177,6 +187,37 @@ def test_long_text_is_truncated_and_says_so(api):
     first, second = body["predictions"]
     assert first["truncated"] is True and "truncated" in first["warning"]
     assert "truncated" not in second
+
+
+def test_readiness_names_every_model_and_a_second_bind_is_refused(api, registry):
+    url, _, cfg = api
+    ready = requests.get(f"{url}/readyz", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "models": ["commands:1", "digits:1", "intents:1", "intents:2"]}
+    elsewhere = load_config(None, _serve_overrides(registry, free_port(), MODELS))
+    with pytest.raises(ValueError, match=rf"already running with its HTTP proxy on 127.0.0.1:{cfg.serve.port}, but "
+                                         rf"serve.host/serve.port ask for 127.0.0.1:{elsewhere.serve.port}"):
+        deploy(elsewhere)
+    assert requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["hi"]}, timeout=30).status_code == 200
+
+
+def test_huge_text_is_cut_by_characters_before_tokenizing(api):
+    url, _, _ = api
+    body = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund " * 25_000]}, timeout=30)
+    assert body.status_code == 200, body.text
+    (prediction,) = body.json()["predictions"]
+    assert prediction["truncated"] is True
+    assert "input of 175000 characters was cut to the first 20000" in prediction["warning"]
+
+
+def test_audio_declaring_an_odd_sample_rate_is_answered_not_resampled_for_minutes(api):
+    url, _, _ = api
+    clip = io.BytesIO()
+    soundfile.write(clip, np.zeros(1, dtype="float32"), 44_099, format="WAV")  # 46 bytes, one sample
+    # before: torchaudio built a 44,099 x 16,000 resampling kernel and the request took ~2 minutes
+    response = requests.post(f"{url}/v1/models/commands/predict", json={"inputs": [_b64(clip.getvalue())]}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert {p["label"] for p in response.json()["predictions"][0]["top_k"]} == {"go", "stop"}
 
 
 def test_canary_split_is_visible_in_the_version_field(api):

@@ -74,6 +74,12 @@ def test_relaunch_with_same_name_resumes_at_the_saved_epoch(ray_cluster, tiny_te
     assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
     assert second.history[:2] == first.history  # the first two epochs were not trained again
     assert [h["resumed_from_epoch"] for h in second.history[2:]] == [2, 2]
+    # the saved optimizer state would silently keep the old learning rate: a changed one is refused, by name
+    changed = tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=6, optim__lr=0.5, model__max_length=16)
+    with pytest.raises(ValueError, match=r"storage.name='resume' already holds a run .* model.max_length: 32 -> 16; "
+                                         r"optim.lr: 0.001 -> 0.5\. .*use a new storage.name"):
+        fit(load_config(None, changed))
+    assert [h["epoch"] for h in read_meta(second.best_checkpoint)["history"]][-1] <= 4  # nothing was trained on
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
@@ -103,3 +109,13 @@ def test_worker_failure_restarts_from_the_latest_checkpoint(ray_cluster, tiny_te
     assert resumed[0] == 0 and max(resumed) >= 1  # the later epochs ran in a restarted worker group
     meta = json.loads((Path(result.best_checkpoint) / "ptm_ray.json").read_text())
     assert meta["family"] == "hf-text"
+
+
+def test_a_non_finite_loss_stops_every_worker_with_a_clear_error(ray_cluster, tiny_text, tmp_path):
+    # an absurd learning rate: every weight overflows after the first update and the loss turns NaN
+    exploding = tiny_overrides(tiny_text["bert"], tmp_path, "nan", train__epochs=2, optim__lr=1e30,
+                               optim__head_lr=1e30, optim__max_grad_norm=0)
+    with pytest.raises(Exception, match=r"epoch 1: the training loss is not finite") as caught:
+        fit(load_config(None, exploding))  # two workers: both stop at the same epoch, neither waits on the other
+    assert "earlier checkpoints are kept" in str(caught.value) and "optim.lr" in str(caught.value)
+    assert not list((tmp_path / "runs" / "nan").glob("checkpoint_*"))  # the NaN weights were never saved

@@ -89,9 +89,13 @@ def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, t
     rerun = load_config(None, [f"model.name=minilm-l6", f"data.train={TRAIN_CSV}", *board[0].overrides.split()])
     assert rerun.optim.lr == board[0].lr
 
-    # promoting again never overwrites: it takes the next version
-    again = ModelStore(str(tmp_path / "registry")).promote(board[0].checkpoint, "intents", {"note": "again"})
-    assert again.version == 3 and ModelStore(str(tmp_path / "registry")).get("intents", 1).lineage["rank"] == 1
+    # promoting the same checkpoint again (a search run twice) returns its version; another one takes the next
+    store = ModelStore(str(tmp_path / "registry"))
+    again = store.promote(board[0].checkpoint, "intents", {"note": "again"})
+    assert (again.version, again.lineage["rank"]) == (1, 1) and [v.version for v in store.versions("intents")] == [1, 2]
+    other = next(r.checkpoint for r in board[2:] if r.checkpoint)
+    assert store.promote(other, "intents", {"note": "third"}).version == 3
+    assert store.get("intents", 1).lineage["rank"] == 1  # never overwritten
 
 
 def _terminated_trials(experiment: Path) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,13 @@ __all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechClassifier", "De
 AUDIO_MODEL_TYPES = frozenset({"wav2vec2", "hubert"})
 
 
-def decode_audio(data: bytes, sampling_rate: int) -> np.ndarray:
-    """Encoded audio (wav, flac, ogg) -> mono float32 at ``sampling_rate``.
+def decode_audio(data: bytes, sampling_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Encoded audio (wav, flac, ogg) -> mono float32 at ``sampling_rate``, at most ``max_seconds`` long.
+
+    The clip is cut to ``max_seconds`` before it is resampled, so a long upload costs no more than the part
+    the model keeps. A rate whose ratio to ``sampling_rate`` reduces to huge integers (a header claiming
+    44,099 Hz against 16 kHz asks torchaudio for a 44,099 x 16,000 polyphase kernel: minutes of work) is
+    resampled as the nearest 100 Hz, a pitch change no model hears.
 
     Raises:
         ValueError: if the bytes do not decode or hold no samples.
@@ -44,15 +50,25 @@ def decode_audio(data: bytes, sampling_rate: int) -> np.ndarray:
     import torchaudio.functional
 
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as clip:
+            rate = clip.samplerate
+            frames = -1 if max_seconds is None else int(math.ceil(max_seconds * rate))
+            samples = clip.read(frames, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(f"not decodable as audio: {e}") from None
     if samples.shape[0] == 0:
         raise ValueError("audio has no samples (zero length)")
     mono = torch.from_numpy(samples.mean(axis=1))
     if rate != sampling_rate:
-        mono = torchaudio.functional.resample(mono, rate, sampling_rate)
+        mono = torchaudio.functional.resample(mono, _resampling_rate(rate, sampling_rate), sampling_rate)
     return mono.numpy()
+
+
+def _resampling_rate(rate: int, target: int) -> int:
+    """``rate``, or the nearest 100 Hz when ``rate/target`` reduces to a fraction too fine to resample cheaply."""
+    if rate // math.gcd(rate, target) <= 1000:
+        return rate
+    return max(100, round(rate / 100) * 100)
 
 
 class AudioPreprocessor(Preprocessor):
@@ -69,7 +85,7 @@ class AudioPreprocessor(Preprocessor):
         values = torch.zeros(len(clips), length)
         mask = torch.zeros(len(clips), length, dtype=torch.long)
         for i, clip in enumerate(clips):
-            wave = torch.from_numpy(decode_audio(clip, self.sampling_rate))[:length]
+            wave = torch.from_numpy(decode_audio(clip, self.sampling_rate, self.max_seconds))[:length]
             if self.normalize:  # zero mean, unit variance per clip, as Wav2Vec2FeatureExtractor does
                 wave = (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + 1e-7)
             values[i, : len(wave)] = wave
