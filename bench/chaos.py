@@ -75,7 +75,7 @@ def _replica_pids(deployment: str) -> list[int]:
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a.pid for a in actors if a.class_name.startswith("ServeReplica") and a.name and f":{deployment}#" in a.name]
+    return [a.pid for a in actors if a.class_name == f"ServeReplica:ptm_ray:{deployment}"]
 
 
 def _rss_mb(pids: list[int]) -> float:
@@ -103,7 +103,7 @@ def r3_kills(url: str, seconds: float, threads: int) -> tuple[int, int, list]:
                 sent[0] += 1
                 answered[0] += status == 200
                 if status != 200:
-                    failures.append(status)
+                    failures.append((status, round(time.time() - (stop - seconds), 1)))
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     for w in workers:
@@ -112,7 +112,8 @@ def r3_kills(url: str, seconds: float, threads: int) -> tuple[int, int, list]:
         time.sleep(max(0.0, stop - seconds + at - time.time()))
         pids = _replica_pids(deployment)
         os.kill(pids[0], signal.SIGKILL)  # one replica of this benchmark's own Serve app
-        print(f"  killed a {deployment} replica (pid {pids[0]}; {len(pids)} were running)")
+        print(f"  t={time.time() - (stop - seconds):.1f} s: killed a {deployment} replica (pid {pids[0]}; "
+              f"{len(pids)} were running)")
     for w in workers:
         w.join()
     return answered[0], sent[0], failures
@@ -142,8 +143,9 @@ def _bombs() -> dict[str, tuple[str, dict]]:
 
 
 def r5_bombs(url: str) -> float:
-    pids = [p for d in ("intents-v1", "digits-v1", "commands-v1", "Ingress") for p in _replica_pids(d)]
-    before = _rss_mb(pids)
+    deployments = ("intents-v1", "digits-v1", "commands-v1", "Ingress")
+    pids = {d: _replica_pids(d) for d in deployments}
+    before = {d: _rss_mb(p) for d, p in pids.items()}
     worst = 0.0
     for name, (model, kwargs) in _bombs().items():
         started = time.perf_counter()
@@ -155,9 +157,9 @@ def r5_bombs(url: str) -> float:
         seconds = time.perf_counter() - started
         worst = max(worst, seconds)
         print(f"  {name:26s} {seconds:6.2f} s  {outcome}")
-    growth = _rss_mb(pids) - before
-    print(f"  replicas' RSS growth: {growth:.0f} MB ({len(pids)} processes)")
-    return worst if growth < 100 else float("inf")
+    growth = {d: _rss_mb(p) - before[d] for d, p in pids.items()}
+    print("  RSS growth per deployment (all its replicas): " + ", ".join(f"{d} {g:+.0f} MB" for d, g in growth.items()))
+    return worst if max(growth.values()) < 100 else float("inf")
 
 
 def r6_defaults() -> bool:
@@ -198,7 +200,7 @@ def main() -> None:
             print(f"R3 {args.threads} clients for {args.seconds:g} s, one model and one ingress replica killed:")
             answered, sent, failures = r3_kills(url, args.seconds, args.threads)
             r3 = 100.0 * answered / max(sent, 1)
-            print(f"  answered {answered} of {sent} ({r3:.2f} %); failures: {failures[:10]}")
+            print(f"  answered {answered} of {sent} ({r3:.2f} %); failures (status, t): {failures[:10]}")
         finally:
             serve.shutdown()
     print("R6 security defaults:")

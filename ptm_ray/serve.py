@@ -278,17 +278,17 @@ class Ingress:
         """The model deployment's predictions, within ``serve.request_timeout_s`` and its queue bound."""
         import asyncio
 
-        from ray.serve.exceptions import BackPressureError
-
         from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
         busy = {"Retry-After": "1"}
         timeout = self.settings["request_timeout_s"]
+        died = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
         try:
             try:
                 return await asyncio.wait_for(handle.predict.remote(inputs, options), timeout)
-            except (RayActorError, ActorUnavailableError):  # its replica died mid-request: predictions are
-                return await asyncio.wait_for(handle.predict.remote(inputs, options), timeout)  # idempotent, ask another
+            except died:  # its replica died mid-request: predictions are idempotent, so ask another once
+                return await asyncio.wait_for(handle.predict.remote(inputs, options), timeout)
         except BackPressureError:
             raise ApiError(503, "the model is busy: its request queue is full (serve.max_queued_requests); "
                                 "retry shortly", headers=busy) from None
