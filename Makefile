@@ -21,22 +21,26 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# espeak-ng (a Debian package) synthesises the speech demo data; the tests that need it skip without it.
-# Installed only when missing, and only as root: never a sudo prompt.
+# Debian packages some tests need (each skips, naming it, without it): espeak-ng synthesises the speech demo
+# data; chromium renders the served /docs page as a browser would. Installed only when missing, and only as
+# root: never a sudo prompt.
+SYSTEM_PACKAGES := espeak-ng chromium
+
 system-packages:
-	@if command -v espeak-ng >/dev/null; then \
-	  echo "espeak-ng: found at $$(command -v espeak-ng)"; \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  if command -v $$p >/dev/null; then echo "$$p: found at $$(command -v $$p)"; else missing="$$missing $$p"; fi; \
+	done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" != 0 ]; then \
-	  echo "note: espeak-ng is not installed, and installing it needs root (not asked for here)."; \
-	  echo "      It synthesises the speech demo data; the tests that need it will be skipped."; \
-	  echo "      To add it: sudo apt-get install espeak-ng   (or your system's package manager)"; \
+	  echo "note:$$missing not installed, and installing needs root (not asked for here)."; \
+	  echo "      The tests that need them will be skipped. To add them: sudo apt-get install$$missing"; \
 	elif ! command -v apt-get >/dev/null; then \
-	  echo "note: espeak-ng is not installed and there is no apt-get here: install it with your system's"; \
-	  echo "      package manager for the speech demo data (the tests that need it skip without it)."; \
+	  echo "note:$$missing not installed and there is no apt-get here: install them with your system's"; \
+	  echo "      package manager (the tests that need them skip without them)."; \
 	else \
-	  echo "espeak-ng: missing, installing it with apt-get"; \
-	  { apt-get update -qq && apt-get install -y -qq espeak-ng; } \
-	    || echo "warning: apt-get could not install espeak-ng; the tests that need it will be skipped"; \
+	  echo "missing:$$missing; installing with apt-get"; \
+	  { apt-get update -qq && apt-get install -y -qq $$missing; } \
+	    || echo "warning: apt-get could not install$$missing; the tests that need them will be skipped"; \
 	fi
 
 quickstart: setup

@@ -7,7 +7,8 @@ preprocessing is the artifact's own (tokenizer, image transform, audio resamplin
 prediction equals ``load_artifact(path).predict`` for the same input.
 
 Routes: ``GET /healthz`` (liveness), ``GET /readyz`` (every model answers), ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}/predict``,
-``POST /v1/models/{name}/versions/{version}/predict``, and the OpenAPI schema at ``/openapi.json``.
+``POST /v1/models/{name}/versions/{version}/predict``, the OpenAPI schema at ``/openapi.json``, and its pages
+``/docs`` (Swagger UI) and ``/redoc``, whose JS/CSS the app serves itself (no CDN: clusters often have no internet).
 
 ``build_app(args)`` is the import path for ``serve deploy``; ``deploy(cfg)`` runs it from a config.
 """
@@ -24,7 +25,9 @@ from typing import Any
 
 import yaml
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from ray import serve
 
@@ -169,7 +172,20 @@ def _replay(request: Request, body: bytes) -> Request:
     return Request(request.scope, receive)
 
 
-app = FastAPI(title="ptm_ray", description="Fine-tuned pretrained models served by Ray Serve.", version="1")
+app = FastAPI(title="ptm_ray", description="Fine-tuned pretrained models served by Ray Serve.", version="1",
+              docs_url=None, redoc_url=None)  # FastAPI's own pages load their JS from a CDN: see _docs_assets
+DOCS_ASSETS = "/docs-assets"
+"""Where the app serves Swagger UI's and ReDoc's JS/CSS (package data of fastapi-offline), so the /docs
+and /redoc pages render on a cluster without internet."""
+
+
+def _docs_assets() -> str:
+    import importlib.resources
+
+    return str(importlib.resources.files("fastapi_offline") / "static")
+
+
+app.mount(DOCS_ASSETS, StaticFiles(directory=_docs_assets()), name="docs-assets")
 
 
 @serve.deployment
@@ -200,6 +216,21 @@ class Ingress:
     @app.get("/healthz")
     def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="ptm_ray - Swagger UI",
+                                   swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title="ptm_ray - ReDoc",
+                              redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
 
     @app.get("/readyz", responses=_documented(503))
     async def ready(self):

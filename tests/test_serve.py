@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +121,56 @@ def test_listing_health_and_openapi(api):
     assert "/v1/models/{name}/predict" in paths and "/v1/models/{name}/versions/{version}/predict" in paths
     text = Path(config_path).read_text()
     assert "import_path: ptm_ray.serve:build_app" in text and "intents" in text
+
+
+# the content types a browser accepts for each asset (Python's mimetypes says application/javascript before 3.12)
+_ASSET_TYPES = {".js": ("text/javascript", "application/javascript"), ".css": ("text/css",), ".png": ("image/png",),
+                ".json": ("application/json",)}
+
+
+def _page_references(html: str) -> list[str]:
+    """Every URL an HTML page loads: src/href attributes, Swagger UI's spec url, ReDoc's spec-url."""
+    return re.findall(r'(?:src|href|spec-url)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_doc_pages_load_only_assets_the_app_serves(api, page):
+    url = api[0]
+    response = requests.get(f"{url}{page}", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    references = _page_references(response.text)
+    assert "/openapi.json" in references and len(references) >= 3, references  # the spec, a script, an icon
+    assert "://" not in response.text and all(r.startswith("/") and not r.startswith("//") for r in references)
+    for ref in references:
+        asset = requests.get(f"{url}{ref}", timeout=10)
+        assert asset.status_code == 200, ref
+        suffix = Path(ref).suffix
+        assert asset.headers["content-type"].split(";")[0] in _ASSET_TYPES[suffix], (ref, asset.headers["content-type"])
+        assert len(asset.content) > (100_000 if suffix == ".js" else 500), ref  # the real bundle, not a stub
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium that can reach 127.0.0.1 only: every other host name fails to resolve (no internet)."""
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if browser is None:
+        pytest.skip("Chromium is not installed: it renders /docs as a browser would. Install the Debian package "
+                    "chromium (`sudo apt-get install chromium`)")
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--virtual-time-budget=20000", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_docs_page_renders_the_api_in_headless_chromium_without_internet(api, tmp_path):
+    url = api[0]
+    dom = _chromium("--dump-dom", f"{url}/docs").stdout
+    shown = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom))
+    assert {"/v1/models", "/v1/models/{name}/predict", "/v1/models/{name}/versions/{version}/predict"} <= shown, dom[-2000:]
+    assert "Failed to load API definition" not in dom
+    shot = tmp_path / "docs.png"
+    _chromium("--window-size=1280,1000", f"--screenshot={shot}", f"{url}/docs")
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1000, 1280)
+    assert (pixels < 200).mean() > 0.02  # text and coloured operation bars, not a blank page
 
 
 def test_served_predictions_equal_offline(api, registry, digits_dir, speech_dir):
@@ -248,6 +301,10 @@ def test_api_key_guards_every_route_but_health(api, registry, tmp_path):
         right = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
                               headers={"Authorization": "Bearer s3cret"}, timeout=30)
         assert right.status_code == 200
+        # the docs pages are open (as health) and, under a route prefix, load their assets through it
+        references = _page_references(requests.get(f"{base}/docs", timeout=10).text)
+        assert references and all(r.startswith("/guarded/") for r in references), references
+        assert all(requests.get(f"http://127.0.0.1:{cfg.serve.port}{r}", timeout=10).status_code == 200 for r in references)
     finally:
         serve.delete("guarded")
 
