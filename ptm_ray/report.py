@@ -199,10 +199,16 @@ def _score_vs_depth(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def _score_vs_cost(rows: list[dict[str, Any]], metric: str) -> str:
+    return _png(score_vs_cost_figure(rows, metric))
+
+
+def score_vs_cost_figure(rows: list[dict[str, Any]], metric: str):
+    """Each trial's best score against its wall time and against its trainable parameters (log axis), with
+    the Pareto front of each."""
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["best_score"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for ax, key, label in ((axes[0], "wall_time_s", "trial wall time (s)"),
                            (axes[1], "trainable_params", "trainable parameters")):
         points = [(float(r[key] or 0), r["best_score"]) for r in rows]
@@ -213,11 +219,40 @@ def _score_vs_cost(rows: list[dict[str, Any]], metric: str) -> str:
             ax.annotate(f"#{r['rank']}", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel(f"best {metric}")
+        ax.margins(x=0.08, y=0.12)  # room for the rank labels at the edges
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[1].set_xscale("log")
+    _readable_log_axis(axes[1], [float(r["trainable_params"] or 0) for r in rows])
     fig.suptitle("validation score vs training cost")
-    return _png(fig)
+    return fig
+
+
+def _readable_log_axis(ax, values: list[float]) -> None:
+    """A log x axis whose tick labels never overlap: padded limits, ticks at 1-2-3-5, 1-2-5, 1-3 or 1 per
+    decade as the span widens, labelled 200k / 5M, and no minor-tick labels (matplotlib's default labels
+    minor ticks as 2x10^5, 3x10^5, ..., which run into each other when the data spans a decade or two)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return
+    low, high = min(positive) / 1.6, max(positive) * 1.6
+    decades = math.log10(high / low)
+    subs = (1.0, 2.0, 3.0, 5.0) if decades <= 1 else (1.0, 2.0, 5.0) if decades <= 2 else (
+        (1.0, 3.0) if decades <= 3.5 else (1.0,))
+    ax.set_xscale("log")
+    ax.set_xlim(low, high)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: short_number(x)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def short_number(x: float) -> str:
+    """``1500`` -> ``1.5k``, ``2e7`` -> ``20M``: tick labels that stay short."""
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:g}{suffix}"
+    return f"{x:g}"
 
 
 def _pretrained_vs_scratch(pre: list[dict], scratch: list[dict], metric: str, task: str) -> str:
