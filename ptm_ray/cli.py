@@ -2,6 +2,8 @@
 
     ptm-ray finetune --config jobs/configs/text_quickstart.yaml optim.lr=3e-5 scaling.num_workers=2
     ptm-ray config show --config text_quickstart optim.lr=3e-5      # a shipped config, by name
+    ptm-ray predict support-intents:2 "where is my order?"          # a registry model (or a checkpoint folder)
+    ptm-ray evaluate <checkpoint> --data test.csv                   # metrics, confusion matrix
 
 Only the standard library and the config loader are imported here: ``--help``, ``--version`` and
 ``config`` answer without loading torch, Ray or transformers (each command imports what it runs).
@@ -14,6 +16,8 @@ import json
 import re
 import sys
 from pathlib import Path
+
+from ptm_ray.cli_checkpoints import add_commands as add_checkpoint_commands
 
 __all__ = ["main"]
 
@@ -216,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a quickstart folder (study.json), search folder (leaderboard.csv) or run folder")
     p.add_argument("--out", default=None, help="where to write it (default: <path>/report.html)")
     p.set_defaults(func=_report)
+    add_checkpoint_commands(sub)
     p = sub.add_parser("config", help="the shipped configs, and any config resolved with its defaults and docs")
     config_sub = p.add_subparsers(dest="config_command", required=True)
     q = config_sub.add_parser("list", help="the configs shipped with ptm_ray, usable by name in --config")
@@ -232,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ptm-ray``; returns the exit code (2 for a bad config or bad data, 1 for a missing extra)."""
     from ptm_ray._optional import MissingExtraError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (``evaluate CKPT --data F data.text_column=x``) are overrides too
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return args.func(args)
     except ValueError as e:

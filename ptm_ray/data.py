@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import ray.data
 
 __all__ = ["DataSummary", "MEDIA_EXTENSIONS", "check_columns", "check_media_files", "inspect_data", "inspect_table", "list_media_files",
-           "media_dataset", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
+           "media_dataset", "media_decoder", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
            "split_counts", "table_datasets"]
 
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -275,7 +275,8 @@ def _check_declared_rates(rows: list[tuple[str, str]], declared: list, manifest:
                              f"but the file is {actual} Hz")
 
 
-def _decoder(modality: str) -> Callable[[bytes], object]:
+def media_decoder(modality: str) -> Callable[[bytes], object]:
+    """Decodes one encoded image or audio file (raises ValueError or OSError when it cannot)."""
     if modality == "image":
         from ptm_ray.models.vision import decode_image
 
@@ -287,7 +288,7 @@ def _decoder(modality: str) -> Callable[[bytes], object]:
 
 def check_media_files(rows: list[tuple[str, str]], cfg: DataConfig, key: str, modality: str) -> tuple[list, list[str]]:
     """Decode every file once; fail on the first bad one, or (``on_bad_file=skip``) leave them out."""
-    decode = _decoder(modality)
+    decode = media_decoder(modality)
     good, bad = [], []
     for file, label in rows:
         try:

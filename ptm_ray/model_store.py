@@ -103,7 +103,7 @@ class ModelStore:
             raise ValueError(f"model {name!r} is not in the registry {self.root}; known: {self.names()}")
         number = versions[-1] if version == "latest" else int(str(version).lstrip("v"))
         if number not in versions:
-            raise ValueError(f"model {name!r} has no version {version}; versions: {versions}")
+            raise ValueError(f"model {name!r} in the registry {self.root} has no version {version}; versions: {versions}")
         target = f"{self._base}/{name}/v{number}"
         with self._fs.open_input_stream(f"{target}/lineage.json") as f:
             lineage = json.loads(f.read())

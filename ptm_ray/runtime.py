@@ -35,12 +35,13 @@ def start_local_ray(**kwargs: Any) -> str:
     return address
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Connect to Ray once per process.
 
     Under ``ray job submit`` (or with ``RAY_ADDRESS`` set) this joins that cluster. Otherwise it starts a
     local Ray bound to 127.0.0.1 with the dashboard on 127.0.0.1:8265, so nothing listens on other
-    interfaces. Keeping the dashboard on matters: Tune's placement-group cleanup relies on it.
+    interfaces. Keeping the dashboard on matters: Tune's placement-group cleanup relies on it; short
+    commands that only read data (``ptm-ray evaluate``) start without it (``dashboard=False``).
     """
     import ray
 
@@ -51,4 +52,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if address and address not in _STARTED_HERE:
         ray.init(address=address, log_to_driver=True)
         return
-    start_local_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    if dashboard:
+        start_local_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    else:
+        start_local_ray(num_cpus=num_cpus, include_dashboard=False)

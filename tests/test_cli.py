@@ -37,12 +37,13 @@ def test_help_version_and_config_commands_do_not_import_heavy_packages():
     # (``config show --config F`` validates the config like a job, and validation asks the task registry,
     # whose tasks import torch: it is not among these fast paths)
     commands = [["--help"], ["--version"], ["config", "list"], ["config", "show"]]
-    commands += [[name, "--help"] for name in ("finetune", "search", "deploy", "quickstart", "report", "config")]
+    commands += [[name, "--help"] for name in ("finetune", "search", "deploy", "quickstart", "report", "config",
+                                                    "predict", "evaluate")]
     commands += [["config", "list", "--help"], ["config", "show", "--help"]]
     probe = _PROBE.format(commands=commands, heavy=HEAVY)
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("usage: ptm-ray") == 9  # every --help answered
+    assert proc.stdout.count("usage: ptm-ray") == 11  # every --help answered
     assert f"ptm-ray {ptm_ray.__version__} (torch " in proc.stdout
     assert proc.stdout.rstrip().endswith("IMPORTED: []"), proc.stdout[-500:]
 

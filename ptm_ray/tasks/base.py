@@ -13,6 +13,7 @@ A new task is a ``Task`` subclass in one module, decorated with ``@register_task
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -118,6 +119,11 @@ class Task(ABC):
         """What the latest ``evaluate`` learned that prediction needs (saved with the checkpoint)."""
         return {}
 
+    def details(self) -> dict[str, Any]:
+        """Tables the latest ``evaluate`` computed beside its metrics, for people (``ptm-ray evaluate``):
+        classification's confusion matrix. Empty by default."""
+        return {}
+
     # --- prediction and serving ------------------------------------------------------------------------------
     def predict(self, artifact: "Artifact", inputs: list[Any], **options: Any) -> list[dict[str, Any]]:
         """Predictions for raw inputs (strings, or encoded image/audio bytes), one JSON-ready dict per input."""
@@ -130,6 +136,10 @@ class Task(ABC):
     def format(self, output: Any, artifact: "Artifact", **options: Any) -> dict[str, Any]:
         """Batched tasks: one input's prediction from its ``outputs`` entry and the request's options."""
         raise NotImplementedError(f"{self.name} predicts in one call (batched = False)")
+
+    def describe(self, prediction: dict[str, Any]) -> str:
+        """One prediction as a short line for people (``ptm-ray predict``); JSON by default."""
+        return json.dumps(prediction)
 
     def request_options(self, parameters: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         """The ``predict`` options of an HTTP request's ``parameters``, checked and bounded by the server's

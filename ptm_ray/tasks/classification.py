@@ -65,6 +65,9 @@ class ClassificationTask(Task):
     batched = True
     request_fields = ("top_k",)
 
+    def __init__(self) -> None:
+        self._confusion: torch.Tensor | None = None  # set by evaluate
+
     def inspect(self, cfg, modality):
         from ptm_ray.data import inspect_data
 
@@ -103,8 +106,14 @@ class ClassificationTask(Task):
             confusion += torch.bincount(targets * n + logits.argmax(-1), minlength=n * n).view(n, n)
         all_reduce(confusion)
         all_reduce(loss_sum)
-        metrics = classification_metrics(confusion.cpu())
+        self._confusion = confusion.cpu()
+        metrics = classification_metrics(self._confusion)
         return {"val_loss": (loss_sum / confusion.sum().clamp(min=1)).item()} | {f"val_{k}": v for k, v in metrics.items()}
+
+    def details(self):
+        """The latest validation's confusion matrix: ``matrix[true][predicted]`` counts, rows and columns in
+        label order."""
+        return {"confusion": self._confusion.tolist()} if self._confusion is not None else {}
 
     @torch.no_grad()
     def outputs(self, artifact: "Artifact", inputs: list[Any]) -> list[list[float]]:
@@ -115,6 +124,10 @@ class ClassificationTask(Task):
     def format(self, output, artifact, top_k: int = 3):
         """Its top label, that label's probability and the top-k labels."""
         return format_prediction(output, artifact.labels, top_k)
+
+    def describe(self, prediction):
+        others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in prediction["top_k"][1:])
+        return f"{prediction['label']} {prediction['probability']:.3f}" + (f"  (then: {others})" if others else "")
 
     def request_options(self, parameters, settings):
         return parse_options(_Options, {"top_k": settings.get("top_k", 3)} | parameters,

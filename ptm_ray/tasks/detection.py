@@ -163,6 +163,11 @@ class DetectionTask(Task):
                  "labels": [artifact.labels[int(i)] for i in d["labels"].tolist()],
                  "scores": [round(float(s), 4) for s in d["scores"].tolist()]} for d in found]
 
+    def describe(self, prediction):
+        boxes = [f"{label} {score:.3f} at [{', '.join(f'{v:g}' for v in box)}]"
+                 for label, score, box in zip(prediction["labels"], prediction["scores"], prediction["boxes"])]
+        return f"{len(boxes)} box(es)" + (": " + "; ".join(boxes) if boxes else "")
+
     def request_options(self, parameters, settings):
         limit = int(settings.get("max_boxes", 300))
 

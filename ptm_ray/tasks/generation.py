@@ -95,6 +95,9 @@ class _LanguageModelTask(Task):
     def request_options(self, parameters, settings):
         return _request_options(parameters, settings)
 
+    def describe(self, prediction):
+        return repr(prediction["generated_text"])
+
 
 @register_task
 class Text2TextTask(_LanguageModelTask):

@@ -230,6 +230,12 @@ class MultiLabelTask(Task):
         return {"labels": [artifact.labels[i] for i in chosen],
                 "scores": {label: score for label, score in zip(artifact.labels, output)}}
 
+    def describe(self, prediction):
+        scores = prediction["scores"]
+        best = sorted(scores, key=lambda label: -scores[label])[:5]
+        chosen = ", ".join(prediction["labels"]) or "(no label)"
+        return f"{chosen}  (scores: {', '.join(f'{label} {scores[label]:.3f}' for label in best)})"
+
     def request_options(self, parameters, settings):
         options = parse_options(_RequestOptions, parameters, hint="multilabel takes threshold in [0, 1]")
         return {k: v for k, v in options.items() if v is not None}

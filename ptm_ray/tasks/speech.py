@@ -111,6 +111,9 @@ class SpeechRecognitionTask(Task):
         overall = ErrorRate.from_totals(totals.tolist())
         return {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), "val_wer": overall.wer, "val_cer": overall.cer}
 
+    def describe(self, prediction):
+        return repr(prediction["text"])
+
     @torch.no_grad()
     def predict(self, artifact, inputs):
         """``{"text": transcript}`` per audio clip, as the Hugging Face ASR pipeline returns."""
