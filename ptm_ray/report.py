@@ -272,7 +272,14 @@ def _pretrained_vs_scratch(pre: list[dict], scratch: list[dict], metric: str, ta
 
 
 def _data_efficiency(points: list[tuple[int, float, float]], metric: str, task: str) -> str:
+    return _png(data_efficiency_figure(points, metric, task))
+
+
+def data_efficiency_figure(points: list[tuple[int, float, float]], metric: str, task: str):
+    """Best pretrained and from-scratch scores per number of labelled examples per class (log axis, one tick
+    per sweep point)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     points = sorted(points)
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -280,12 +287,13 @@ def _data_efficiency(points: list[tuple[int, float, float]], metric: str, task: 
     ax.plot([p[0] for p in points], [p[2] for p in points], "s--", label="from scratch")
     ax.set_xscale("log")
     ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # else matplotlib labels minor ticks too (6x10^0 beside 5)
     ax.set_xlabel("labelled training examples per class")
     ax.set_ylabel(f"best {metric}")
     ax.set_title(f"{task}: data efficiency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return fig
 
 
 # --- HTML ---------------------------------------------------------------------------------------------------

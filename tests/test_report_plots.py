@@ -1,11 +1,11 @@
 """The report's plots as drawn: the log axis of "score vs trainable parameters" has readable, non-overlapping
-tick labels whatever the span of the trials' parameter counts."""
+tick labels whatever the span of the trials' parameter counts; the data-efficiency axis labels only its points."""
 
 from __future__ import annotations
 
 import pytest
 
-from ptm_ray.report import score_vs_cost_figure, short_number
+from ptm_ray.report import data_efficiency_figure, score_vs_cost_figure, short_number
 
 # (rank, wall time s, trainable parameters, best score): the quickstart's search (MiniLM-L6/L3 half or all
 # frozen: 148k to 5.5M), trials within one decade, and a head-only trial beside full fine-tuning (4 decades)
@@ -19,6 +19,15 @@ SEARCHES = {
 }
 
 
+def _labels(fig, axes: int) -> list:
+    """The x tick labels a reader sees on ``fig.axes[axes]`` (drawn, non-empty, inside the limits)."""
+    fig.canvas.draw()
+    axis = fig.axes[axes].xaxis
+    low, high = fig.axes[axes].get_xlim()
+    return [t for t in axis.get_majorticklabels() + axis.get_minorticklabels()
+            if t.get_visible() and t.get_text() and low <= t.get_position()[0] <= high]
+
+
 @pytest.mark.parametrize("search", SEARCHES)
 def test_trainable_parameter_ticks_are_labelled_without_overlap(search):
     import matplotlib.pyplot as plt
@@ -26,13 +35,10 @@ def test_trainable_parameter_ticks_are_labelled_without_overlap(search):
     rows = [{"rank": r, "wall_time_s": t, "trainable_params": p, "best_score": s} for r, t, p, s in SEARCHES[search]]
     fig = score_vs_cost_figure(rows, "val_accuracy")
     try:
-        fig.canvas.draw()
+        labels = _labels(fig, 1)
         renderer = fig.canvas.get_renderer()
-        axis = fig.axes[1].xaxis
-        low, high = fig.axes[1].get_xlim()
-        labels = [t for t in axis.get_majorticklabels() + axis.get_minorticklabels()
-                  if t.get_visible() and t.get_text() and low <= t.get_position()[0] <= high]
         boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        low, high = fig.axes[1].get_xlim()
         assert len(boxes) >= 2, [t.get_text() for t in labels]
         gaps = [right.x0 - left.x1 for left, right in zip(boxes, boxes[1:])]
         assert min(gaps) > 2, ([t.get_text() for t in labels], gaps)  # pixels between neighbouring labels
@@ -44,3 +50,13 @@ def test_trainable_parameter_ticks_are_labelled_without_overlap(search):
 
 def test_short_numbers():
     assert [short_number(x) for x in (3, 1500, 200_000, 1e6, 2.5e7, 3e9)] == ["3", "1.5k", "200k", "1M", "25M", "3G"]
+
+
+def test_data_efficiency_ticks_are_the_sweep_points_only():
+    import matplotlib.pyplot as plt
+
+    fig = data_efficiency_figure([(20, 0.717, 0.523), (5, 0.32, 0.123)], "val_accuracy", "digits")
+    try:
+        assert [t.get_text() for t in _labels(fig, 0)] == ["5", "20"]
+    finally:
+        plt.close(fig)
