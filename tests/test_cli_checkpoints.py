@@ -141,6 +141,24 @@ def test_evaluate_reproduces_the_validation_metrics_and_counts_the_confusion(tra
                for line in text.splitlines())
 
 
+def test_evaluate_an_image_folder_counts_what_predict_says(ray_cluster, image_checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    files = []
+    for label in ("circle", "square"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            files.append((tmp_path / label / f"{i}.png", label))
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(files[-1][0])
+    result = json.loads(_cli("evaluate", image_checkpoint, "--data", str(tmp_path), "--json").stdout)
+    labels = result["labels"]
+    predicted = predict(load_artifact(image_checkpoint), [path.read_bytes() for path, _ in files])
+    counts = np.zeros((3, 3), dtype=int)
+    for (_, label), p in zip(files, predicted):
+        counts[labels.index(label), labels.index(p["label"])] += 1
+    assert result["rows"] == 6 and result["confusion"] == counts.tolist()
+    assert result["metrics"]["accuracy"] == pytest.approx(np.trace(counts) / 6)
+
+
 def test_predict_takes_image_files_and_names_the_bad_one(image_checkpoint, tmp_path):
     picture = tmp_path / "square.png"
     Image.fromarray((np.arange(32 * 32 * 3) % 255).astype(np.uint8).reshape(32, 32, 3)).save(picture)
