@@ -45,7 +45,9 @@ def evaluate(artifact: Artifact, data: str, data_overrides: dict[str, Any] | Non
     training reads its validation file (the checkpoint's ``data`` settings plus ``data_overrides``, e.g.
     ``{"data.text_column": "sentence"}``), with the task's own validation code.
 
-    Runs Ray Data (joins the cluster of ``RAY_ADDRESS``, or starts a local Ray without a dashboard).
+    Runs Ray Data (joins the cluster of ``RAY_ADDRESS``, or starts a local Ray without a dashboard). As in
+    validation, a multilabel checkpoint with ``threshold: tune`` tunes its thresholds on this file, so its F1
+    here is an optimistic estimate.
 
     Raises:
         ValueError: naming ``key`` and the file, with the row and column where there is one; a label the
