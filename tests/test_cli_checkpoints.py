@@ -77,9 +77,12 @@ def trained(ray_cluster, tiny_text, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def registry(trained, tmp_path_factory) -> ModelStore:
+    import shutil
+
     store = ModelStore(str(tmp_path_factory.mktemp("cli_registry")))
     store.promote(trained, "intents", {"note": "first"})
-    store.promote(trained, "intents", {"note": "second"})
+    copy = shutil.copytree(trained, tmp_path_factory.mktemp("cli_copy") / "checkpoint")  # a checkpoint is promoted once
+    store.promote(str(copy), "intents", {"note": "second"})
     return store
 
 
