@@ -171,8 +171,15 @@ class SearchConfig:
     """Dotted config keys to search, each ``{choice: [...]}``, ``{grid: [...]}``, ``{uniform: [lo, hi]}``,
     ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}``. A float freeze depth is a fraction of each
     candidate's own depth, so one space fits models of different depths."""
+    algorithm: str = "random"
+    """How trials are chosen: ``random`` (grid entries crossed, every other entry drawn at random), ``grid``
+    (every entry a ``grid``: the full grid), ``tpe`` (Optuna's Bayesian TPE: each trial drawn from the
+    scores so far; ``choice``/``uniform``/``loguniform``/``randint`` entries only)."""
     num_samples: int = 1
-    """Trials drawn from the space (each grid point is repeated this many times)."""
+    """Trials drawn from the space (each grid point is repeated this many times); with ``tpe``, the trials."""
+    in_trial: bool = True
+    """Single-worker trials train inside the Tune trial itself (no Ray Train worker group to start); multi-worker
+    trials always run a Ray Train ``TorchTrainer``. False: every trial starts a worker group (the older path)."""
     scheduler: str = "asha"
     """``asha`` stops weak trials early (per epoch); ``fifo`` runs every trial to the end."""
     grace_period: int = 1
@@ -288,6 +295,7 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.feature_cache": ("auto", "on", "off"),
     "search.scheduler": ("asha", "fifo"),
+    "search.algorithm": ("random", "grid", "tpe"),
 }
 
 

@@ -6,6 +6,9 @@ validation is computed across all workers, and rank 0 writes a self-describing c
 or drops by the validation metric. A run that finds a checkpoint (worker restart, or the same
 ``storage.name`` launched again) continues after the epoch that checkpoint holds. The loop's steps are
 in ``ptm_ray.worker``.
+
+A search hands every trial the data it checked and read once (``prepare_data``), and a single-worker trial
+runs the same loop inside the Tune trial itself (``fit_in_trial``) instead of starting a worker group.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from ptm_ray.data import DataSummary
 from ptm_ray.feature_cache import cache_decision, prepare_cache
 from ptm_ray.models import resolve_model
 from ptm_ray.tasks import task_for, tasks_for_family
-from ptm_ray.worker import RaySession, checkpoint_and_report, record_epoch, setup_worker, train_one_epoch, validate
+from ptm_ray.worker import (RaySession, Session, TuneSession, checkpoint_and_report, record_epoch, setup_worker,
+                            train_one_epoch, validate)
 
-__all__ = ["FitResult", "RunPlan", "fit", "plan_run", "storage_path", "train_loop_per_worker"]
+__all__ = ["FitResult", "PreparedData", "RunPlan", "fit", "fit_in_trial", "plan_run", "prepare_data", "run_loop",
+           "storage_path", "train_loop_per_worker"]
 
 
 @dataclass
@@ -61,8 +66,29 @@ class RunPlan:
         return self.data.labels
 
 
-def plan_run(cfg: Config) -> RunPlan:
-    """Check the task, the data and the model's depth on the driver, before any Ray work.
+@dataclass(frozen=True)
+class PreparedData:
+    """Data checked on the driver and read into Ray's object store once; runs take it by reference."""
+
+    summary: DataSummary
+    datasets: dict[str, Any]
+    """``train`` and ``validation``, materialized Ray datasets (their blocks stay in the object store)."""
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """Check ``cfg.data`` for ``cfg.model`` and read it into the object store, for runs that share it."""
+    from ptm_ray.runtime import init_ray
+
+    family, _ = resolve_model(cfg.model)
+    task = task_for(cfg.model.task)
+    summary = task.inspect(cfg, family.modality)
+    init_ray()
+    return PreparedData(summary, task.datasets(summary, cfg))
+
+
+def plan_run(cfg: Config, data: DataSummary | None = None) -> RunPlan:
+    """Check the task, the data (unless ``data`` is its summary, checked already) and the model's depth on
+    the driver, before any Ray work.
 
     Raises:
         ValueError: for bad data, an unknown model, a task the model cannot do or a freeze depth beyond the
@@ -74,7 +100,7 @@ def plan_run(cfg: Config) -> RunPlan:
     if reason:
         raise ValueError(f"model.task={cfg.model.task} is not available for model.name={cfg.model.name}: {reason} "
                          f"({family.name} models do {', '.join(tasks_for_family(family))})")
-    summary = task.inspect(cfg, family.modality)
+    summary = data or task.inspect(cfg, family.modality)
     with torch.device("meta"):  # architecture only: no weights read, no memory used
         skeleton = family.build(ref, summary.labels, cfg.model, task.head, pretrained=False)
     num_blocks = len(family.blocks(skeleton))
@@ -95,22 +121,22 @@ def _run_name(cfg: Config) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def fit(cfg: Config, run_config_callbacks: list | None = None) -> FitResult:
+def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedData | None = None) -> FitResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with Ray Train and return the best checkpoint.
 
     Args:
         cfg: a validated config (``load_config``).
         run_config_callbacks: extra Ray Train callbacks (the search uses Tune's report callback).
+        data: ``cfg.data`` already checked and read (``prepare_data``); read here when None.
     """
     from ptm_ray.runtime import init_ray
 
-    plan = plan_run(cfg)
+    plan = plan_run(cfg, data.summary if data else None)
     refuse_changed_resume(cfg, plan.labels)
     init_ray()
     _warn_local_storage_on_many_nodes(cfg)
-    datasets = task_for(cfg.model.task).datasets(plan.data, cfg)
-    loop_config = {"cfg": config_to_dict(cfg), "labels": plan.labels, "num_train_rows": datasets["train"].count()}
-    loop_config |= _feature_cache(cfg, plan, datasets)
+    datasets = data.datasets if data else task_for(cfg.model.task).datasets(plan.data, cfg)
+    loop_config = _loop_config(cfg, plan, datasets)
     trainer = _trainer(cfg, loop_config, datasets, run_config_callbacks)
     # Ray installs a SIGINT handler that holds the run's controller actor (and with it the workers'
     # placement group) for as long as the handler stays installed: put the caller's back, so the next
@@ -187,6 +213,27 @@ def _plain_failure(error: Exception, run_config: Any) -> Exception:
                          f"{run_config.storage_path}/{run_config.name})")
 
 
+def fit_in_trial(cfg: Config, data: PreparedData | None = None) -> None:
+    """Run a single-worker ``cfg`` inside the calling Ray Tune trial, with no worker group of its own.
+
+    The trial process is the worker: the same loop as ``fit``'s, each epoch's metrics and checkpoint reported
+    to Tune (``ray.tune.report``); a restored trial resumes after its latest Tune checkpoint.
+    """
+    if cfg.scaling.num_workers != 1:
+        raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers}: only a single-worker run trains inside "
+                         "a Tune trial; several workers need fit (a Ray Train worker group)")
+    plan = plan_run(cfg, data.summary if data else None)
+    datasets = data.datasets if data else task_for(cfg.model.task).datasets(plan.data, cfg)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    run_loop(_loop_config(cfg, plan, datasets), TuneSession(datasets, device))
+
+
+def _loop_config(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:
+    """What every worker's loop is given: the config, the labels, the training rows, the feature cache."""
+    loop_config = {"cfg": config_to_dict(cfg), "labels": plan.labels, "num_train_rows": datasets["train"].count()}
+    return loop_config | _feature_cache(cfg, plan, datasets)
+
+
 def _trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict, callbacks: list | None) -> Any:
     """The ``TorchTrainer`` of a run: workers, storage, checkpoint ranking by ``train.metric``, retries."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -239,9 +286,14 @@ def _warn_local_storage_on_many_nodes(cfg: Config) -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One data-parallel worker: set up (build or restore, freeze, optimizer), then per epoch train on its
-    shard, validate across all workers, record the epoch, checkpoint and report, and stop early if due."""
-    worker = setup_worker(loop_config, RaySession())
+    """One data-parallel worker of a Ray Train worker group: ``run_loop`` in a ``RaySession``."""
+    run_loop(loop_config, RaySession())
+
+
+def run_loop(loop_config: dict[str, Any], session: Session) -> None:
+    """One worker: set up (build or restore, freeze, optimizer), then per epoch train on its shard, validate
+    across all workers, record the epoch, checkpoint and report, and stop early if due."""
+    worker = setup_worker(loop_config, session)
     for epoch in worker.epochs():
         train = train_one_epoch(worker, epoch)
         val = validate(worker)

@@ -1,13 +1,14 @@
 """Ray Tune search over candidate models, freezing depths and learning rates; leaderboard; promotion.
 
-Each trial is a Tune function that turns its sampled dotted overrides into a config and calls ``fit`` (a
-real data-parallel TorchTrainer run named after the trial, so a restored trial resumes its own Train
-run). Per-epoch validation metrics reach Tune through ``TuneReportCallback``; ASHA stops weak trials at
-epoch boundaries and frees their resources. The leaderboard ranks trials by their *best* epoch, and the
-top k best checkpoints are promoted to the model registry with their lineage.
-
-A later feature (a cache of frozen-prefix outputs shared across trials) hooks into ``fit``: the trial
-function and the search interface stay as they are.
+Each trial is a Tune function that turns its sampled dotted overrides into a config. The data is checked
+and read into the object store once per search and every trial takes it by reference. A single-worker
+trial then trains inside the trial process itself (``fit_in_trial``: no worker group to start, epochs and
+checkpoints reported straight to Tune); a multi-worker trial calls ``fit`` (a real data-parallel
+TorchTrainer run named after the trial, so a restored trial resumes its own Train run; its epochs reach
+Tune through ``TuneReportCallback``). ASHA stops weak trials at epoch boundaries and frees their resources;
+trials are drawn at random, as a full grid, or by Optuna's TPE (``search.algorithm``). The leaderboard
+ranks trials by their *best* epoch, and the top k best checkpoints are promoted to the model registry with
+their lineage. Trials on a frozen prefix share its feature cache (built by the first, under the search).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ptm_ray.config import Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, with_overrides
 from ptm_ray.model_store import ModelStore, ModelVersion
-from ptm_ray.train import fit, plan_run, storage_path
+from ptm_ray.train import PreparedData, fit, fit_in_trial, plan_run, prepare_data, storage_path
 
 __all__ = ["LeaderboardRow", "SearchResult", "build_param_space", "leaderboard", "promote", "run_search", "validate_search"]
 
 _DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+# Keys whose value changes what the datasets hold: a search over one of them reads the data in every trial.
+_DATA_KEYS = ("data.", "model.task", "train.seed")
 
 
 @dataclass
@@ -95,7 +98,9 @@ def validate_search(cfg: Config) -> dict[str, list]:
     for key, spec in space.items():
         if key.startswith("search."):
             raise ValueError(f"search.space.{key}: the search settings themselves cannot be searched")
-        examples[key] = _examples(*_spec(key, spec))
+        kind, values = _spec(key, spec)
+        _check_algorithm(cfg.search.algorithm, key, kind)
+        examples[key] = _examples(kind, values)
         for value in examples[key]:
             try:
                 with_overrides(cfg, {key: value})
@@ -116,6 +121,16 @@ def validate_search(cfg: Config) -> dict[str, list]:
     return depths
 
 
+def _check_algorithm(algorithm: str, key: str, kind: str) -> None:
+    """A grid search needs grids only; TPE draws every point itself and cannot take a grid."""
+    if algorithm == "grid" and kind != "grid":
+        raise ValueError(f"search.space.{key}: search.algorithm=grid needs {{grid: [...]}} for every key, got "
+                         f"{{{kind}: ...}}; use search.algorithm=random (or tpe) to draw from it")
+    if algorithm == "tpe" and kind == "grid":
+        raise ValueError(f"search.space.{key}: search.algorithm=tpe draws every point itself and cannot take a "
+                         "grid; use {choice: [...]} (TPE learns which choices score best)")
+
+
 def build_param_space(space: dict[str, Any]) -> dict[str, Any]:
     """The Tune param space for the dotted keys (flat: Tune's config of a trial is its overrides)."""
     from ray import tune
@@ -125,15 +140,66 @@ def build_param_space(space: dict[str, Any]) -> dict[str, Any]:
     return {key: make[kind](values) for key, (kind, values) in ((k, _spec(k, s)) for k, s in space.items())}
 
 
-def _trial(overrides: dict[str, Any], base: dict[str, Any], trials_path: str) -> None:
-    """One Tune trial: the base config plus this trial's overrides, fine-tuned with Ray Train."""
+def _in_trial(cfg: Config) -> bool:
+    """Whether this trial trains inside the Tune trial process (a single worker) rather than a worker group."""
+    return cfg.search.in_trial and cfg.scaling.num_workers == 1
+
+
+def _trial(overrides: dict[str, Any], base: dict[str, Any], trials_path: str, data: PreparedData | None) -> None:
+    """One Tune trial: the base config plus this trial's overrides, trained in this process (one worker) or
+    by a Ray Train worker group (several), on the search's shared data."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = with_overrides(config_from_dict(base), dict(overrides))
     cfg.storage.path = trials_path
     cfg.storage.name = ray.tune.get_context().get_trial_id()  # a restored trial resumes its own Train run
-    fit(cfg, run_config_callbacks=[TuneReportCallback()])
+    if _in_trial(cfg):
+        fit_in_trial(cfg, data)
+    else:
+        fit(cfg, run_config_callbacks=[TuneReportCallback()], data=data)
+
+
+def _trial_resources(cfg: Config) -> Callable[[dict[str, Any]], Any]:
+    """Per trial, what Tune reserves: the worker's resources when the trial trains itself, else
+    ``search.trial_cpus`` for a driver that waits on its worker group."""
+    from ray.tune import PlacementGroupFactory
+
+    base = config_to_dict(cfg)
+
+    def resources(overrides: dict[str, Any]) -> PlacementGroupFactory:
+        trial = with_overrides(config_from_dict(base), dict(overrides))
+        if not _in_trial(trial):
+            return PlacementGroupFactory([{"CPU": trial.search.trial_cpus}])
+        bundle = {"CPU": 1.0, **trial.scaling.resources_per_worker}
+        if trial.scaling.use_gpu:
+            bundle.setdefault("GPU", 1.0)
+        return PlacementGroupFactory([bundle])
+
+    return resources
+
+
+def _shared_data(cfg: Config) -> PreparedData | None:
+    """The search's data, checked and read once for every trial; None when the space changes the data."""
+    searched = [key for key in cfg.search.space if key.startswith(_DATA_KEYS)]
+    if searched:
+        print(f"[ptm_ray] the space searches {', '.join(searched)}: every trial reads its own data")
+        return None
+    return prepare_data(cfg)
+
+
+def _search_algorithm(cfg: Config) -> Any:
+    """Tune's searcher for ``search.algorithm``: None (Tune's variant generator) or Optuna's TPE, seeded.
+
+    TPE starts from a few random trials (a third of the budget, 2 to 10) before it models the scores.
+    """
+    if cfg.search.algorithm != "tpe":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    startup = min(10, max(2, cfg.search.num_samples // 3))
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=startup))
 
 
 def _experiment_name(cfg: Config) -> str:
@@ -158,8 +224,9 @@ def run_search(cfg: Config) -> SearchResult:
     experiment = f"{root}/{name}"
     metric, mode = cfg.train.metric, cfg.train.mode
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=config_to_dict(cfg), trials_path=f"{experiment}/trials"),
-        {"cpu": cfg.search.trial_cpus},
+        tune.with_parameters(_trial, base=config_to_dict(cfg), trials_path=f"{experiment}/trials",
+                             data=_shared_data(cfg)),
+        _trial_resources(cfg),
     )
     if tune.Tuner.can_restore(experiment):
         print(f"[ptm_ray] restoring search {experiment}: finished trials are kept, unfinished ones resume")
@@ -172,14 +239,29 @@ def run_search(cfg: Config) -> SearchResult:
             trainable,
             param_space=build_param_space(cfg.search.space),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
-                                        scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=root),
+                                        search_alg=_search_algorithm(cfg), scheduler=scheduler,
+                                        max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
+            run_config=_run_config(cfg, name, root),
         )
     grid = tuner.fit()
     board = leaderboard(grid, cfg)
     write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
     promoted = promote(board, cfg, experiment)
     return SearchResult(experiment, board, promoted, metric, mode)
+
+
+def _run_config(cfg: Config, name: str, root: str) -> Any:
+    """Where the experiment lives; which checkpoints of a trial that trains itself Tune keeps (the best by
+    ``train.metric``, and the latest to resume from) and how often it restarts it after a failure (a worker
+    group retries on its own: ``scaling.max_failures`` counts once)."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name, storage_path=root,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                checkpoint_score_attribute=cfg.train.metric,
+                                                checkpoint_score_order=cfg.train.mode),
+        failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures if _in_trial(cfg) else 0))
 
 
 def _stop_reason(result, history: list[dict], epochs: int) -> str:
@@ -214,13 +296,21 @@ def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
             epochs_run=len(history),
             wall_time_s=float(history[-1].get("time_total_s", 0.0)) if history else 0.0,
             stop_reason=_stop_reason(result, history, cfg.train.epochs),
-            checkpoint=best.get("checkpoint_path"),
+            checkpoint=best.get("checkpoint_path") or _tune_checkpoint(result, best.get("epoch")),
             overrides=" ".join(format_overrides(overrides)),
         ))
     rows.sort(key=lambda r: (r.best_score is None, -sign * (r.best_score or 0.0)))
     for rank, row in enumerate(rows, 1):
         row.rank = rank
     return rows
+
+
+def _tune_checkpoint(result, epoch: int | None) -> str | None:
+    """The folder of the checkpoint Tune kept for ``epoch`` of a trial that trained itself."""
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if epoch is not None and metrics.get("epoch") == epoch:
+            return checkpoint.path
+    return None
 
 
 def format_leaderboard(rows: list[LeaderboardRow], metric: str) -> str:

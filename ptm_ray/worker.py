@@ -10,8 +10,9 @@
         checkpoint_and_report(worker, metrics)         # rank 0 writes the checkpoint, every rank reports
         if worker.stopper.should_stop: break
 
-A ``Session`` is where the worker runs: ``RaySession`` inside a Ray Train worker group; the steps never call
-Ray Train directly, so the same loop can run wherever a session is provided.
+A ``Session`` is where the worker runs: ``RaySession`` inside a Ray Train worker group, ``TuneSession`` as the
+only worker of a run inside a Ray Tune trial (no worker group of its own: a search's single-worker trials).
+The steps never call Ray Train or Tune directly, so the same loop runs wherever a session is provided.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ptm_ray.models import Classifier, Family, PrefixCache, Preprocessor, resolv
 from ptm_ray.tasks import Task, WorkerContext, task_for
 from ptm_ray.tasks.base import all_reduce
 
-__all__ = ["EarlyStopping", "RaySession", "Session", "Worker", "checkpoint_and_report", "record_epoch",
+__all__ = ["EarlyStopping", "RaySession", "Session", "TuneSession", "Worker", "checkpoint_and_report", "record_epoch",
            "scores_of_raw_inputs", "setup_worker", "train_one_epoch", "validate"]
 
 
@@ -54,6 +55,9 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         """Report an epoch's metrics (and rank 0's checkpoint folder); a barrier across workers."""
+
+    def prepare_model(self, module: torch.nn.Module, ddp_kwargs: dict[str, Any]) -> torch.nn.Module:
+        """``module`` on this worker's device, wrapped for data parallelism when there are several workers."""
 
 
 class RaySession:
@@ -88,6 +92,51 @@ class RaySession:
         import ray.train
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+    def prepare_model(self, module: torch.nn.Module, ddp_kwargs: dict[str, Any]) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=ddp_kwargs)
+
+
+class TuneSession:
+    """The session of a run's only worker inside a Ray Tune trial: the trial process trains itself.
+
+    No worker group starts: the datasets are the ones the search materialized once (whole: one worker takes
+    every row, as a one-worker split would), epochs and checkpoints go to ``ray.tune.report`` (Tune keeps
+    the best by ``train.metric``, and the latest, which a restored trial resumes from).
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, datasets: dict[str, Any], device: torch.device) -> None:
+        import ray.tune
+
+        self.datasets, self.device = datasets, device
+        self.run_name = ray.tune.get_context().get_trial_id()
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def dataset(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+    def prepare_model(self, module: torch.nn.Module, ddp_kwargs: dict[str, Any]) -> torch.nn.Module:
+        return module.to(self.device)
 
 
 @dataclass
@@ -207,7 +256,7 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
     trainable, total = parameter_counts(model)
     worker.extra_metrics = {"trainable_params": trainable, "total_params": total, "frozen_blocks": depth,
                             "feature_cache_bytes": loop_config.get("feature_cache_bytes", 0), "num_blocks": len(blocks),
-                            "resumed_from_epoch": worker.first_epoch}
+                            "resumed_from_epoch": worker.first_epoch, "world_size": session.world_size}
     worker.gauges = _gauges(cfg)
     _announce(worker)
     return worker
@@ -221,16 +270,14 @@ def _forward_strategy(family: Family, model: torch.nn.Module, preprocessor: Prep
     by the row's raw input and runs only the unfrozen top, with the same rows, order and random draws as
     without the cache. Otherwise a step preprocesses the raw inputs and runs the whole model.
     """
-    import ray.train.torch
-
     device = session.device
     # moves to the device; DDP when world > 1 (told about layers a family may skip in a step, e.g. LayerDrop)
     ddp = {"find_unused_parameters": family.ddp_find_unused_parameters}
     if loop_config.get("feature_cache"):
         store = FeatureStore(loop_config["feature_cache"])
-        top = ray.train.torch.prepare_model(_CachedSuffix(family, model, depth), parallel_strategy_kwargs=ddp)
+        top = session.prepare_model(_CachedSuffix(family, model, depth), ddp)
         return top, lambda net, inputs, train: net(store.lookup(inputs, device))
-    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp)
+    net = session.prepare_model(model, ddp)
     return net, scores_of_raw_inputs(family, preprocessor, device)
 
 
@@ -361,13 +408,14 @@ def validate(worker: Worker) -> dict[str, float]:
     session = worker.session
     net = getattr(worker.net, "module", worker.net)
     net.eval()
+    started = time.perf_counter()
     batches = (b for i, b in enumerate(worker.batches("validation")) if i % session.world_size == session.rank)
     val = worker.task.evaluate(worker.context, net, batches, worker.autocast)
     metric = worker.cfg.train.metric
     if metric not in val:
         raise ValueError(f"train.metric={metric!r} is not a validation metric of model.task={worker.cfg.model.task}; "
                          f"use one of {sorted(val)}")
-    return val
+    return val | {"validation_time_s": time.perf_counter() - started}
 
 
 def record_epoch(worker: Worker, epoch: int, train: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
@@ -385,7 +433,7 @@ def record_epoch(worker: Worker, epoch: int, train: dict[str, float], val: dict[
         worker.gauges["samples_per_s"].set(metrics["samples_per_s"], tags=tags)
         worker.gauges["val_score"].set(val[cfg.train.metric], tags=tags)
         shown = " ".join(f"{k}={v:.4f}" for k, v in train.items() if k not in ("samples_per_s", "epoch_time_s"))
-        shown += " " + " ".join(f"{k}={v:.4f}" for k, v in val.items())
+        shown += " " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "validation_time_s")
         print(f"[ptm_ray] epoch {epoch + 1}/{cfg.train.epochs} {shown} gap_loss={metrics['gap_loss']:+.4f} "
               f"{metrics['samples_per_s']:.1f} samples/s" + (" (early stop)" if stopper.should_stop else ""))
     return metrics

@@ -193,6 +193,7 @@ def test_parse_freeze_depth():
     ("model.freeze_depth=1.5", "model.freeze_depth=1.5 as a fraction must lie in [0, 1]; use an int for a block count"),
     ("model.task=poetry", "model.task='poetry' is not a known task; known: classification, detection, multilabel, "),
     ("train.feature_cache=maybe", "train.feature_cache='maybe' is not allowed; choose one of auto, on, off"),
+    ("search.algorithm=bayes", "search.algorithm='bayes' is not allowed; choose one of random, grid, tpe"),
     # types: a union names each allowed type, None as null; dict values and list items are named by key/index
     ("model.freeze_depth=[1]", "model.freeze_depth must be int or float or str, got [1]"),
     ("optim.head_lr=fast", "optim.head_lr must be float or null, got 'fast'"),

@@ -1,10 +1,12 @@
-"""Ray Tune search: space validation, a small real search with ASHA, leaderboard, promotion and restore."""
+"""Ray Tune search: space validation, a small real search with ASHA, leaderboard, promotion and restore;
+single-worker trials training inside the trial, multi-worker ones through Ray Train; TPE with ASHA."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -46,6 +48,20 @@ def _search_overrides(tiny_text, tmp_path, name, space, **extra):
 ])
 def test_bad_search_space_is_refused_before_any_trial(tiny_text, tmp_path, space, message):
     cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "bad", space))
+    with pytest.raises(ValueError) as e:
+        validate_search(cfg)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("algorithm, space, message", [
+    ("grid", "{optim.lr: {grid: [1.0e-3]}, model.freeze_depth: {choice: [0, 1]}}",
+     "search.space.model.freeze_depth: search.algorithm=grid needs {grid: [...]} for every key, got {choice: ...}"),
+    ("tpe", "{optim.lr: {loguniform: [1.0e-4, 1.0e-3]}, model.freeze_depth: {grid: [0, 1]}}",
+     "search.space.model.freeze_depth: search.algorithm=tpe draws every point itself and cannot take a grid; "
+     "use {choice: [...]}"),
+])
+def test_algorithm_refuses_entries_it_cannot_sample(tiny_text, tmp_path, algorithm, space, message):
+    cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "bad", space, search__algorithm=algorithm))
     with pytest.raises(ValueError) as e:
         validate_search(cfg)
     assert message in str(e.value)
@@ -98,17 +114,78 @@ def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, t
     assert store.get("intents", 1).lineage["rank"] == 1  # never overwritten
 
 
+def _world_sizes(experiment: Path) -> dict[str, int]:
+    """trial id -> the number of training workers its epochs reported (from each trial's result.json)."""
+    sizes = {}
+    for path in experiment.glob("*/result.json"):
+        last = json.loads(path.read_text().splitlines()[-1])
+        sizes[last["trial_id"]] = last["world_size"]
+    return sizes
+
+
+def test_single_worker_trials_train_in_the_trial_and_two_worker_trials_through_ray_train(ray_cluster, tiny_text,
+                                                                                           tmp_path):
+    space = "{scaling.num_workers: {grid: [1, 2]}}"
+    cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "mixed", space, train__epochs=1,
+                                              search__scheduler="fifo", search__top_k=2))
+    result = run_search(cfg)
+    experiment = Path(result.experiment_path)
+    rows = {row.overrides: row for row in result.leaderboard}
+    one, two = rows["scaling.num_workers=1"], rows["scaling.num_workers=2"]
+    assert _world_sizes(experiment) == {one.trial_id: 1, two.trial_id: 2}
+    # two workers: a Ray Train run named after the trial, its checkpoint in that run's folder
+    assert Path(two.checkpoint).is_relative_to(experiment / "trials" / two.trial_id)
+    # one worker: no Train run; the checkpoint is one Tune kept in the trial's own folder
+    assert not (experiment / "trials" / one.trial_id).exists()
+    assert Path(one.checkpoint).parent.parent == experiment and Path(one.checkpoint).name.startswith("checkpoint_")
+    # both checkpoints are whole artifacts, promoted alike
+    assert len(result.promoted) == 2
+    for version in result.promoted:
+        artifact = load_artifact(version.path)
+        texts = ["where is my order #12345"]
+        check_classification_predictions(artifact, texts, predict(artifact, texts))
+
+
+def _optuna_study(experiment: Path):
+    """The Optuna study that the search's searcher saved in the experiment folder (OptunaSearch.save pickles
+    its attributes, the study among them)."""
+    (state,) = experiment.glob("searcher-state-*.pkl")
+    return pickle.loads(state.read_bytes())["_ot_study"]
+
+
+def test_tpe_search_with_asha_samples_continuous_learning_rates(ray_cluster, tiny_text, tmp_path):
+    import optuna
+
+    space = "{optim.lr: {loguniform: [1.0e-4, 3.0e-3]}, model.freeze_depth: {choice: [0, 1]}}"
+    cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "tpe", space, search__algorithm="tpe",
+                                              search__num_samples=6))
+    result = run_search(cfg)
+    board = result.leaderboard
+    assert len(board) == 6 and all(1e-4 <= r.lr <= 3e-3 for r in board) and len({r.lr for r in board}) == 6
+    assert {r.freeze_depth for r in board} <= {0, 1}
+    assert any(r.stop_reason == "stopped_by_asha" for r in board)  # ASHA stopped TPE's weaker trials
+    study = _optuna_study(Path(result.experiment_path))
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["optim.lr"] for t in finished) == sorted(r.lr for r in board)
+
+
 def _terminated_trials(experiment: Path) -> int:
     states = list(experiment.glob("experiment_state*.json"))
     return max((s.read_text().count("TERMINATED") for s in states), default=0)
 
 
-def test_interrupted_search_restores_without_rerunning_finished_trials(ray_cluster, tiny_text, tmp_path):
+@pytest.mark.parametrize("algorithm, space, samples", [
+    ("random", "{optim.lr: {grid: [1.0e-3, 3.0e-4, 1.0e-4]}}", 1),
+    ("tpe", "{optim.lr: {loguniform: [1.0e-4, 1.0e-3]}}", 3),
+])
+def test_interrupted_search_restores_without_rerunning_finished_trials(ray_cluster, tiny_text, tmp_path, algorithm,
+                                                                       space, samples):
     import ray
 
-    space = "{optim.lr: {grid: [1.0e-3, 3.0e-4, 1.0e-4]}}"
     overrides = _search_overrides(tiny_text, tmp_path, "resumable", space, search__max_concurrent_trials=1,
-                                  search__scheduler="fifo", search__num_samples=1)
+                                  search__scheduler="fifo", search__num_samples=samples,
+                                  search__algorithm=algorithm)
     command = [sys.executable, "jobs/search.py", "--config", "jobs/configs/text_search.yaml", *overrides]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
     experiment = tmp_path / "runs" / "resumable"
