@@ -11,7 +11,8 @@ searches over it:
 
 Printed: wall time of each search and the speed-up old/new; per trial of the new search its overhead, its
 wall time (Tune's ``time_total_s`` at its last epoch) minus the time inside its epochs (training plus
-validation), with the median; the best validation accuracy of old and new (difference in points); and
+validation), with the median (and without the feature-cache builds, which the first trial on each candidate
+and depth does for the trials after it); the best validation accuracy of old and new (difference in points); and
 ``asha_fraction``: the trial-seconds the ASHA search spent (trials in the order they ran, the last one up
 to the epoch that reached it) until a trial came within 0.5 points of the grid's best, over the grid's
 (new) total trial-seconds. ``--quick``: 2 candidates x 1 depth (all) x 2 lrs, 2 epochs, 10 steps an epoch.
@@ -76,6 +77,11 @@ def _overhead(rows: list[dict]) -> float:
     return rows[-1]["time_total_s"] - inside
 
 
+def _cache_build(rows: list[dict]) -> float:
+    """Seconds this trial spent building a feature cache (the first trial on each candidate and depth)."""
+    return rows[-1].get("feature_cache_build_s", 0.0)
+
+
 def _asha_fraction(asha: list[list[dict]], grid: list[list[dict]]) -> float:
     target, spent = _best(grid) - _REACHED_WITHIN, 0.0
     grid_seconds = sum(rows[-1]["time_total_s"] for rows in grid)
@@ -106,6 +112,10 @@ def main() -> None:
     print(f"wall time: old {old_s:.1f} s, new {new_s:.1f} s, asha {asha_s:.1f} s")
     print(f"per-trial overhead (wall minus time in epochs): old median {statistics.median(old_overheads):.1f} s, "
           f"new median {statistics.median(overheads):.1f} s (new: {', '.join(f'{o:.1f}' for o in overheads)})")
+    builds = [_cache_build(rows) for rows in new]
+    print(f"  of which building feature caches (new): {', '.join(f'{b:.1f}' for b in builds)}; overhead without "
+          f"them: old median {statistics.median(o - _cache_build(r) for o, r in zip(old_overheads, old)):.1f} s, "
+          f"new median {statistics.median(o - b for o, b in zip(overheads, builds)):.1f} s")
     print(f"best val_accuracy: old {_best(old):.4f}, new {_best(new):.4f}, asha {_best(asha):.4f}")
     print(f"trial-seconds: grid (new, fifo) {sum(r[-1]['time_total_s'] for r in new):.1f}, "
           f"asha {sum(r[-1]['time_total_s'] for r in asha):.1f}")

@@ -265,14 +265,15 @@ def _feature_cache(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]
     if not plan.feature_cache:
         if plan.freeze_blocks > 0:
             print(f"[ptm_ray] feature cache off: {plan.feature_cache_reason}")
-        return {"feature_cache": None, "feature_cache_bytes": 0}
+        return {"feature_cache": None, "feature_cache_bytes": 0, "feature_cache_build_s": 0.0}
     family, ref = resolve_model(cfg.model)
     info = prepare_cache(cfg, family, ref, plan.labels, plan.freeze_blocks, plan.num_blocks, plan.data, datasets,
                          f"{storage_path(cfg)}/feature_cache")
     how = f"built in {info.build_s:.1f} s" if info.built else "reused"
     print(f"[ptm_ray] feature cache {how}: {info.path} ({info.size_bytes / 1e6:.1f} MB), "
           f"{plan.freeze_blocks}/{plan.num_blocks} frozen blocks computed once")
-    return {"feature_cache": info.path, "feature_cache_bytes": info.size_bytes}
+    return {"feature_cache": info.path, "feature_cache_bytes": info.size_bytes,
+            "feature_cache_build_s": info.build_s if info.built else 0.0}
 
 
 def _warn_local_storage_on_many_nodes(cfg: Config) -> None:

@@ -255,7 +255,8 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
         worker.first_epoch, worker.history = saved["epoch"], saved["history"]
     trainable, total = parameter_counts(model)
     worker.extra_metrics = {"trainable_params": trainable, "total_params": total, "frozen_blocks": depth,
-                            "feature_cache_bytes": loop_config.get("feature_cache_bytes", 0), "num_blocks": len(blocks),
+                            "feature_cache_bytes": loop_config.get("feature_cache_bytes", 0),
+                            "feature_cache_build_s": loop_config.get("feature_cache_build_s", 0.0), "num_blocks": len(blocks),
                             "resumed_from_epoch": worker.first_epoch, "world_size": session.world_size}
     worker.gauges = _gauges(cfg)
     _announce(worker)

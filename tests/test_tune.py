@@ -19,7 +19,7 @@ from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
 from ptm_ray.model_store import ModelStore
-from ptm_ray.tune import run_search, validate_search
+from ptm_ray.tune import format_leaderboard, run_search, validate_search
 
 from conftest import TRAIN_CSV, check_classification_predictions, tiny_overrides
 
@@ -156,14 +156,16 @@ def _optuna_study(experiment: Path):
 def test_tpe_search_with_asha_samples_continuous_learning_rates(ray_cluster, tiny_text, tmp_path):
     import optuna
 
-    space = "{optim.lr: {loguniform: [1.0e-4, 3.0e-3]}, model.freeze_depth: {choice: [0, 1]}}"
+    # a range wide enough that some draws barely learn in an epoch, so ASHA has weak trials to stop
+    space = "{optim.lr: {loguniform: [1.0e-5, 3.0e-3]}, model.freeze_depth: {choice: [0, 1]}}"
     cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "tpe", space, search__algorithm="tpe",
                                               search__num_samples=6))
     result = run_search(cfg)
     board = result.leaderboard
-    assert len(board) == 6 and all(1e-4 <= r.lr <= 3e-3 for r in board) and len({r.lr for r in board}) == 6
+    shown = format_leaderboard(board, cfg.train.metric)
+    assert len(board) == 6 and all(1e-5 <= r.lr <= 3e-3 for r in board) and len({r.lr for r in board}) == 6, shown
     assert {r.freeze_depth for r in board} <= {0, 1}
-    assert any(r.stop_reason == "stopped_by_asha" for r in board)  # ASHA stopped TPE's weaker trials
+    assert any(r.stop_reason == "stopped_by_asha" for r in board), shown  # ASHA stopped TPE's weaker trials
     study = _optuna_study(Path(result.experiment_path))
     assert isinstance(study.sampler, optuna.samplers.TPESampler)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
