@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class SearchResult:
     promoted: list[ModelVersion]
     metric: str
     mode: str
+    tracking: list[str] = field(default_factory=list)
+    """Where the search's MLflow parent run is (empty when tracking is off)."""
 
 
 def _spec(key: str, spec: Any) -> tuple[str, list]:
@@ -133,6 +135,7 @@ def _trial(overrides: dict[str, Any], base: dict[str, Any], trials_path: str) ->
     cfg = with_overrides(config_from_dict(base), dict(overrides))
     cfg.storage.path = trials_path
     cfg.storage.name = ray.tune.get_context().get_trial_id()  # a restored trial resumes its own Train run
+    cfg.tracking.mlflow = cfg.tracking.tensorboard = "off"  # Tune's callbacks track trials (run_search)
     fit(cfg, run_config_callbacks=[TuneReportCallback()])
 
 
@@ -149,7 +152,10 @@ def run_search(cfg: Config) -> SearchResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from ptm_ray.console import verbose
+    from ptm_ray.progress import SearchProgress
     from ptm_ray.runtime import init_ray
+    from ptm_ray.tracking import SearchTracker
 
     validate_search(cfg)
     init_ray()
@@ -161,10 +167,12 @@ def run_search(cfg: Config) -> SearchResult:
         tune.with_parameters(_trial, base=config_to_dict(cfg), trials_path=f"{experiment}/trials"),
         {"cpu": cfg.search.trial_cpus},
     )
+    tracker = None
     if tune.Tuner.can_restore(experiment):
         print(f"[ptm_ray] restoring search {experiment}: finished trials are kept, unfinished ones resume")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        tracker = SearchTracker(cfg, name, experiment)
         scheduler = (ASHAScheduler(max_t=cfg.train.epochs, grace_period=cfg.search.grace_period,
                                    reduction_factor=cfg.search.reduction_factor)
                      if cfg.search.scheduler == "asha" else FIFOScheduler())
@@ -173,13 +181,16 @@ def run_search(cfg: Config) -> SearchResult:
             param_space=build_param_space(cfg.search.space),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
                                         scheduler=scheduler, max_concurrent_trials=cfg.search.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=root),
+            run_config=tune.RunConfig(name=name, storage_path=root, verbose=None if verbose() else 0,
+                                      callbacks=[SearchProgress(metric, mode, cfg.train.epochs), *tracker.callbacks()]),
         )
     grid = tuner.fit()
     board = leaderboard(grid, cfg)
-    write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
+    csv_path = write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
     promoted = promote(board, cfg, experiment)
-    return SearchResult(experiment, board, promoted, metric, mode)
+    if tracker is not None:
+        tracker.finish(csv_path, board[0].best_score if board else None, promoted[0].path if promoted else None)
+    return SearchResult(experiment, board, promoted, metric, mode, tracker.where() if tracker else [])
 
 
 def _stop_reason(result, history: list[dict], epochs: int) -> str:
