@@ -53,7 +53,17 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"{h['epoch']:>5}  " + "  ".join(f"{h[c]:>12.4f}" for c in columns))
     keys = ("epoch", *val_keys, "trainable_params", "total_params", "stop_reason")
     print("best metrics (json): " + json.dumps({k: result.best_metrics.get(k) for k in keys}))
+    _print_records(result.tracking)
     return 0
+
+
+def _print_records(tracking: list[str]) -> None:
+    """Where the run's records are: MLflow, TensorBoard, Ray's full logs (``--verbose`` prints them live)."""
+    from ptm_ray.console import logs_dir
+
+    for line in tracking:
+        print(line)
+    print(f"full logs (every Ray process): {logs_dir()}")
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -73,6 +83,7 @@ def _search(args: argparse.Namespace) -> int:
     for model in result.promoted:
         print(f"  {model.name} v{model.version}  {model.path}  "
               f"({model.lineage['metric']}={model.lineage['best_score']:.4f}, trial {model.lineage['trial_id']})")
+    _print_records(result.tracking)
     return 0
 
 
@@ -99,12 +110,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     from ptm_ray.quickstart import QuickstartConfigs, run_quickstart
 
     study = run_quickstart(args.out, QuickstartConfigs(shots=tuple(args.shots)), port=args.port)
-    served = study["serve"]
-    print(f"\n== ptm_ray quickstart finished in {study['total_s'] / 60:.1f} min")
-    print(f"report:    {study['report']}")
-    promoted = ", ".join(f"{m['name']} v{m['version']}" for m in study["promoted"])
-    print(f"registry:  {Path(args.out).expanduser().resolve() / 'registry'}  ({promoted})")
-    print(f"endpoint:  POST {served['url']}/v1/models/{served['model']}/predict   (OpenAPI: {served['url']}/docs)")
+    _quickstart_summary(study, args.out)
     if args.keep_serving:
         _serve_until_interrupted()
     else:
@@ -112,6 +118,17 @@ def _quickstart(args: argparse.Namespace) -> int:
               f"  .venv/bin/python jobs/deploy.py --config jobs/configs/serve.yaml "
               f"serve.registry={Path(args.out).expanduser().resolve() / 'registry'} --block")
     return 0
+
+
+def _quickstart_summary(study: dict, out: str) -> None:
+    """Where the quickstart's report, registry, endpoint, tracking records and logs are."""
+    served = study["serve"]
+    print(f"\n== ptm_ray quickstart finished in {study['total_s'] / 60:.1f} min")
+    print(f"report:    {study['report']}")
+    promoted = ", ".join(f"{m['name']} v{m['version']}" for m in study["promoted"])
+    print(f"registry:  {Path(out).expanduser().resolve() / 'registry'}  ({promoted})")
+    print(f"endpoint:  POST {served['url']}/v1/models/{served['model']}/predict   (OpenAPI: {served['url']}/docs)")
+    _print_records(study.get("tracking", []))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -189,32 +206,44 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _add_verbose(parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
+    """``--verbose``, before or after the command (a subcommand's SUPPRESS default keeps the main one's)."""
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="print everything: Ray's and the libraries' logs and every worker's output (as "
+                        "PTM_RAY_VERBOSE=1 does); by default they only go to Ray's session log files")
+
+
 _CONFIG_HELP = "YAML file, or the name of a shipped config (ptm-ray config list)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptm-ray", description="Fine-tune pretrained models on Ray.")
     parser.add_argument("--version", action=_VersionAction)
+    _add_verbose(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("finetune", help="data-parallel fine-tuning with Ray Train")
     p.add_argument("--config", required=True, help=_CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-5")
+    _add_verbose(p)
     p.set_defaults(func=_finetune)
     p = sub.add_parser("search", help="Ray Tune search over models, freeze depths and learning rates")
     p.add_argument("--config", required=True, help=_CONFIG_HELP + " with a search: group")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as search.num_samples=4")
+    _add_verbose(p)
     p.set_defaults(func=_search)
     p = sub.add_parser("deploy", help="deploy registry models on Ray Serve behind an HTTP API")
     p.add_argument("--config", required=True, help=_CONFIG_HELP + " with a serve: group")
     p.add_argument("--block", action="store_true",
                    help="keep this process (and a Ray it started) alive; not needed on a running cluster")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as serve.port=8001")
+    _add_verbose(p)
     p.set_defaults(func=_deploy)
     p = sub.add_parser("quickstart", help="fine-tune, compare, search, deploy and report, on a local Ray")
     p.add_argument("--out", default="~/ptm_ray_quickstart", help="folder for runs, registry and report")
     p.add_argument("--shots", type=int, nargs="+", default=[5, 20], help="digits per class in the data sweep")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the served endpoint (127.0.0.1)")
     p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
+    _add_verbose(p)
     p.set_defaults(func=_quickstart)
     p = sub.add_parser("report", help="HTML report (plots embedded) of a quickstart, search or run folder")
     p.add_argument("path", help="a quickstart folder (study.json), search folder (leaderboard.csv) or run folder")
@@ -243,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    if args.verbose:
+        from ptm_ray.console import set_verbose
+
+        set_verbose()
     try:
         return args.func(args)
     except ValueError as e:

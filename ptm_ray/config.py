@@ -30,6 +30,7 @@ __all__ = [
     "SearchConfig",
     "ServeConfig",
     "StorageConfig",
+    "TrackingConfig",
     "TrainConfig",
     "config_to_dict",
     "format_overrides",
@@ -166,6 +167,21 @@ class StorageConfig:
 
 
 @dataclass
+class TrackingConfig:
+    mlflow: Union[bool, str] = "auto"
+    """MLflow runs (the resolved config as params, per-epoch metrics, the best checkpoint as an artifact; a
+    search is a parent run with a child per trial): ``auto`` when mlflow is installed (the ``tracking``
+    extra), ``on`` (an error without it) or ``off``."""
+    tensorboard: Union[bool, str] = "auto"
+    """TensorBoard event files of the per-epoch metrics, in ``<run folder>/tensorboard`` (a search's trials:
+    Tune's own, in each trial's folder): ``auto``, ``on`` or ``off``, as for ``mlflow``."""
+    uri: str = ""
+    """MLflow tracking URI (``http://host:5000`` for a server); empty: the file store ``<storage.path>/mlruns``."""
+    experiment: str = "ptm_ray"
+    """MLflow experiment the runs go to."""
+
+
+@dataclass
 class SearchConfig:
     space: dict[str, Any] = field(default_factory=dict)
     """Dotted config keys to search, each ``{choice: [...]}``, ``{grid: [...]}``, ``{uniform: [lo, hi]}``,
@@ -278,6 +294,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingGroup = field(default_factory=ScalingGroup)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -294,6 +311,8 @@ _CHOICES = {
     "train.mode": ("max", "min"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.feature_cache": ("auto", "on", "off"),
+    "tracking.mlflow": ("auto", "on", "off"),
+    "tracking.tensorboard": ("auto", "on", "off"),
     "search.scheduler": ("asha", "fifo"),
     "search.algorithm": ("random", "grid", "tpe"),
 }
@@ -456,8 +475,10 @@ def _type_name(kind: Any) -> str:
 
 def _check_values(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
-    if isinstance(cfg.train.feature_cache, bool):  # YAML reads a bare on/off as a boolean
-        cfg.train.feature_cache = "on" if cfg.train.feature_cache else "off"
+    for group, name in (("train", "feature_cache"), ("tracking", "mlflow"), ("tracking", "tensorboard")):
+        value = getattr(getattr(cfg, group), name)
+        if isinstance(value, bool):  # YAML reads a bare on/off as a boolean
+            setattr(getattr(cfg, group), name, "on" if value else "off")
     _check_task(cfg)
     for key, allowed in _CHOICES.items():
         group, name = key.split(".")

@@ -53,17 +53,19 @@ def _stage_configs(out: Path, c: QuickstartConfigs, port: int) -> dict[str, Any]
     require_extra("matplotlib", "report", "the quickstart's report")  # before an hour of work, not after
 
     runs = out / "runs"
-    text = load_config(c.text, [f"storage.path={runs}", "storage.name=text-pretrained", *c.overrides.get("text", [])])
+    mlruns = f"tracking.uri={(out / 'mlruns').as_uri()}"  # one MLflow store for every stage
+    text = load_config(c.text, [f"storage.path={runs}", "storage.name=text-pretrained", mlruns,
+                                *c.overrides.get("text", [])])
     vision = []
     for shots in c.shots:
         train, val = make_digits_split(out / "digits", shots)
         base = load_config(c.vision, [f"data.train={train}", f"data.validation={val}", f"storage.path={runs}",
-                                      *c.overrides.get("vision", [])])
+                                      mlruns, *c.overrides.get("vision", [])])
         for init, weights in (("pretrained", base.model.weights), ("scratch", "none")):
             vision.append((shots, init, with_overrides(base, {"model.weights": weights,
                                                               "storage.name": f"digits-{shots}-{init}"})))
     search = load_config(c.search, [f"storage.path={out}", "search.name=search", f"search.registry={out / 'registry'}",
-                                    *c.overrides.get("search", [])])
+                                    mlruns, *c.overrides.get("search", [])])
     serve = load_config(c.serve, [f"serve.registry={out / 'registry'}", f"serve.port={port}",
                                   f"serve.models=[{{name: {search.search.registry_name or 'search'}}}]",
                                   f"serve.config_out={out / 'serve_config.yaml'}", *c.overrides.get("serve", [])])
@@ -131,9 +133,22 @@ def run_quickstart(out: str | Path, configs: QuickstartConfigs | None = None, po
     _serve_stage(study, cfgs["serve"], promoted)
     study.stage(5, "report")
     study.record["total_s"] = time.perf_counter() - study.started
+    study.record["tracking"] = _tracking_commands(cfgs["text"], out)
     (out / "study.json").write_text(json.dumps(study.record, indent=2))
     study.record["report"] = str(write_report(out))
     return study.record
+
+
+def _tracking_commands(cfg: Config, out: Path) -> list[str]:
+    """How to open the quickstart's MLflow runs and TensorBoard events (those that were written)."""
+    from ptm_ray.tracking import mlflow_uri, tracking_wanted
+
+    lines = []
+    if tracking_wanted(cfg, "mlflow"):
+        lines.append(f"MLflow:      MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {mlflow_uri(cfg)}")
+    if tracking_wanted(cfg, "tensorboard"):
+        lines.append(f"TensorBoard: tensorboard --logdir {out}")
+    return lines
 
 
 def _transfer_stages(study: _Study, cfgs: dict[str, Any]) -> None:

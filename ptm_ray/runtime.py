@@ -41,18 +41,27 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
     Under ``ray job submit`` (or with ``RAY_ADDRESS`` set) this joins that cluster. Otherwise it starts a
     local Ray bound to 127.0.0.1 with the dashboard on 127.0.0.1:8265, so nothing listens on other
     interfaces. Keeping the dashboard on matters: Tune's placement-group cleanup relies on it; short
-    commands that only read data (``ptm-ray evaluate``) start without it (``dashboard=False``).
+    commands that only read data (``ptm-ray evaluate``) start without it (``dashboard=False``). The workers'
+    output reaches this process's console only in verbose mode (``ptm_ray.console``).
     """
     import ray
 
+    from ptm_ray.console import logs_dir, quiet_driver, ray_init_options
+
+    quiet_driver()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
     address = os.environ.get("RAY_ADDRESS")
     if address and address not in _STARTED_HERE:
-        ray.init(address=address, log_to_driver=True)
-        return
-    if dashboard:
-        start_local_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(address=address, **ray_init_options())
+        where = f"joined the Ray cluster at {address}"
+    elif dashboard:
+        start_local_ray(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **ray_init_options())
+        where = "started a local Ray on 127.0.0.1"
     else:
-        start_local_ray(num_cpus=num_cpus, include_dashboard=False)
+        start_local_ray(num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
+        where = "started a local Ray on 127.0.0.1 (no dashboard)"
+    url = ray._private.worker.get_dashboard_url()  # no public accessor
+    dashboard_text = f"dashboard http://{url}; " if url else ""
+    print(f"[ptm_ray] {where}; {dashboard_text}full logs in {logs_dir()}", flush=True)

@@ -17,7 +17,7 @@ import re
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 
 from ptm_ray.checkpoint import read_meta
 from ptm_ray.config import Config, config_to_dict, parse_freeze_depth
+from ptm_ray.console import epoch_line, logs_dir
 from ptm_ray.data import DataSummary
 from ptm_ray.feature_cache import cache_decision, prepare_cache
 from ptm_ray.models import resolve_model
@@ -48,6 +49,8 @@ class FitResult:
     """Per-epoch metrics of the whole run, in order."""
     run_path: str
     """The run's folder under ``storage.path``."""
+    tracking: list[str] = field(default_factory=list)
+    """Where the run's MLflow run and TensorBoard events are (empty when tracking is off)."""
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,16 @@ def _run_name(cfg: Config) -> str:
 def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedData | None = None) -> FitResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with Ray Train and return the best checkpoint.
 
+    The driver prints one line per epoch (rank 0's metrics) and feeds the trackers (``tracking.*``).
+
     Args:
         cfg: a validated config (``load_config``).
         run_config_callbacks: extra Ray Train callbacks (the search uses Tune's report callback).
         data: ``cfg.data`` already checked and read (``prepare_data``); read here when None.
     """
+    from ptm_ray.progress import EpochStream
     from ptm_ray.runtime import init_ray
+    from ptm_ray.tracking import RunTracker
 
     plan = plan_run(cfg, data.summary if data else None)
     refuse_changed_resume(cfg, plan.labels)
@@ -137,26 +144,42 @@ def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedDat
     _warn_local_storage_on_many_nodes(cfg)
     datasets = data.datasets if data else task_for(cfg.model.task).datasets(plan.data, cfg)
     loop_config = _loop_config(cfg, plan, datasets)
-    trainer = _trainer(cfg, loop_config, datasets, run_config_callbacks)
-    # Ray installs a SIGINT handler that holds the run's controller actor (and with it the workers'
-    # placement group) for as long as the handler stays installed: put the caller's back, so the next
-    # job in this process (a search after a fine-tune, say) gets those CPUs.
+    name = _run_name(cfg)
+    tracker = RunTracker(cfg, name, f"{storage_path(cfg)}/{name}")
+    stream = EpochStream([_epoch_printer(cfg), tracker.log_epoch])
+    trainer = _trainer(cfg, name, loop_config, datasets, [stream.callback, *(run_config_callbacks or [])])
+    best_path = None
+    try:
+        with stream:
+            result = _fit_keeping_sigint(trainer)
+        if not result.best_checkpoints:
+            raise RuntimeError(f"run {name} produced no checkpoint (see the worker logs in {logs_dir()})")
+        sign = 1 if cfg.train.mode == "max" else -1
+        best, metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.train.metric])
+        best_path = best.path
+    finally:
+        tracker.finish(best_path)
+    latest = result.checkpoint or best
+    history = read_meta(latest.path)["history"] if "://" not in latest.path else metrics.get("history", [])
+    return FitResult(best.path, metrics, history, result.path, tracker.where())
+
+
+def _fit_keeping_sigint(trainer: Any) -> Any:
+    """``trainer.fit()``, then the caller's SIGINT handler back in place.
+
+    Ray installs a SIGINT handler that holds the run's controller actor (and with it the workers'
+    placement group) for as long as the handler stays installed: put the caller's back, so the next job in
+    this process (a search after a fine-tune, say) gets those CPUs.
+    """
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_sigint = signal.getsignal(signal.SIGINT) if in_main_thread else None
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as e:
         raise _plain_failure(e, trainer.run_config) from e
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_sigint)
-    if not result.best_checkpoints:
-        raise RuntimeError(f"run {trainer.run_config.name} produced no checkpoint (see the worker logs above)")
-    sign = 1 if cfg.train.mode == "max" else -1
-    best, metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.train.metric])
-    latest = result.checkpoint or best
-    history = read_meta(latest.path)["history"] if "://" not in latest.path else metrics.get("history", [])
-    return FitResult(best.path, metrics, history, result.path)
 
 
 # What a resumed run may change: its length, patience, workers and where results go. Anything else would be
@@ -234,7 +257,14 @@ def _loop_config(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:
     return loop_config | _feature_cache(cfg, plan, datasets)
 
 
-def _trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict, callbacks: list | None) -> Any:
+def _epoch_printer(cfg: Config) -> Any:
+    def print_epoch(metrics: dict[str, Any], checkpoint: str | None) -> None:
+        print(epoch_line(metrics, cfg.train.epochs, metrics.get("stop_reason") == "early_stopping"), flush=True)
+
+    return print_epoch
+
+
+def _trainer(cfg: Config, name: str, loop_config: dict[str, Any], datasets: dict, callbacks: list) -> Any:
     """The ``TorchTrainer`` of a run: workers, storage, checkpoint ranking by ``train.metric``, retries."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -245,7 +275,7 @@ def _trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict, callbacks
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=dict(cfg.scaling.resources_per_worker)),
         run_config=RunConfig(
-            name=_run_name(cfg),
+            name=name,
             storage_path=storage_path(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.metric,

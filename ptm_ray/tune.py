@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,6 +60,8 @@ class SearchResult:
     promoted: list[ModelVersion]
     metric: str
     mode: str
+    tracking: list[str] = field(default_factory=list)
+    """Where the search's MLflow parent run is (empty when tracking is off)."""
 
 
 def _spec(key: str, spec: Any) -> tuple[str, list]:
@@ -154,6 +156,7 @@ def _trial(overrides: dict[str, Any], base: dict[str, Any], trials_path: str, da
     cfg = with_overrides(config_from_dict(base), dict(overrides))
     cfg.storage.path = trials_path
     cfg.storage.name = ray.tune.get_context().get_trial_id()  # a restored trial resumes its own Train run
+    cfg.tracking.mlflow = cfg.tracking.tensorboard = "off"  # Tune's callbacks track trials (run_search)
     if _in_trial(cfg):
         fit_in_trial(cfg, data)
     else:
@@ -215,7 +218,10 @@ def run_search(cfg: Config) -> SearchResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from ptm_ray.console import verbose
+    from ptm_ray.progress import SearchProgress
     from ptm_ray.runtime import init_ray
+    from ptm_ray.tracking import SearchTracker
 
     validate_search(cfg)
     init_ray()
@@ -228,10 +234,12 @@ def run_search(cfg: Config) -> SearchResult:
                              data=_shared_data(cfg)),
         _trial_resources(cfg),
     )
+    tracker = None
     if tune.Tuner.can_restore(experiment):
         print(f"[ptm_ray] restoring search {experiment}: finished trials are kept, unfinished ones resume")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        tracker = SearchTracker(cfg, name, experiment)
         scheduler = (ASHAScheduler(max_t=cfg.train.epochs, grace_period=cfg.search.grace_period,
                                    reduction_factor=cfg.search.reduction_factor)
                      if cfg.search.scheduler == "asha" else FIFOScheduler())
@@ -241,23 +249,26 @@ def run_search(cfg: Config) -> SearchResult:
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
                                         search_alg=_search_algorithm(cfg), scheduler=scheduler,
                                         max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
-            run_config=_run_config(cfg, name, root),
+            run_config=_run_config(cfg, name, root, verbose=None if verbose() else 0,
+                                   callbacks=[SearchProgress(metric, mode, cfg.train.epochs), *tracker.callbacks()]),
         )
     grid = tuner.fit()
     board = leaderboard(grid, cfg)
-    write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
+    csv_path = write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
     promoted = promote(board, cfg, experiment)
-    return SearchResult(experiment, board, promoted, metric, mode)
+    if tracker is not None:
+        tracker.finish(csv_path, board[0].best_score if board else None, promoted[0].path if promoted else None)
+    return SearchResult(experiment, board, promoted, metric, mode, tracker.where() if tracker else [])
 
 
-def _run_config(cfg: Config, name: str, root: str) -> Any:
-    """Where the experiment lives; which checkpoints of a trial that trains itself Tune keeps (the best by
-    ``train.metric``, and the latest to resume from) and how often it restarts it after a failure (a worker
-    group retries on its own: ``scaling.max_failures`` counts once)."""
+def _run_config(cfg: Config, name: str, root: str, verbose: int | None, callbacks: list) -> Any:
+    """Where the experiment lives, its console and tracking callbacks; which checkpoints of a trial that trains
+    itself Tune keeps (the best by ``train.metric``, and the latest to resume from) and how often it restarts it
+    after a failure (a worker group retries on its own: ``scaling.max_failures`` counts once)."""
     from ray import tune
 
     return tune.RunConfig(
-        name=name, storage_path=root,
+        name=name, storage_path=root, verbose=verbose, callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                 checkpoint_score_attribute=cfg.train.metric,
                                                 checkpoint_score_order=cfg.train.mode),

@@ -29,6 +29,7 @@ import torch
 
 from ptm_ray.checkpoint import load_train_state, read_meta, save_checkpoint
 from ptm_ray.config import Config, config_from_dict, parse_freeze_depth
+from ptm_ray.console import epoch_line
 from ptm_ray.feature_cache import FeatureStore
 from ptm_ray.freeze import Block, freeze, param_groups, parameter_counts, set_train_mode
 from ptm_ray.models import Classifier, Family, PrefixCache, Preprocessor, resolve_model
@@ -433,10 +434,7 @@ def record_epoch(worker: Worker, epoch: int, train: dict[str, float], val: dict[
         tags = {"run": worker.session.run_name}
         worker.gauges["samples_per_s"].set(metrics["samples_per_s"], tags=tags)
         worker.gauges["val_score"].set(val[cfg.train.metric], tags=tags)
-        shown = " ".join(f"{k}={v:.4f}" for k, v in train.items() if k not in ("samples_per_s", "epoch_time_s"))
-        shown += " " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "validation_time_s")
-        print(f"[ptm_ray] epoch {epoch + 1}/{cfg.train.epochs} {shown} gap_loss={metrics['gap_loss']:+.4f} "
-              f"{metrics['samples_per_s']:.1f} samples/s" + (" (early stop)" if stopper.should_stop else ""))
+        print(epoch_line(metrics, cfg.train.epochs, stopper.should_stop))  # the worker's log; the driver prints its own
     return metrics
 
 

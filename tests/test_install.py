@@ -82,7 +82,7 @@ def test_every_package_the_code_imports_is_declared():
     dists = {module: {canonicalize_name(d) for d in names} for module, names in packages_distributions().items()}
     sources = sorted((ROOT / "ptm_ray").rglob("*.py"))
     optional = set().union(*map(_extra_imports, sources))
-    assert {extra for _, extra in optional} == {"demo", "report"}
+    assert {extra for _, extra in optional} == {"demo", "report", "tracking"}
     for module, extra in optional:
         assert dists[module.split(".")[0]] & set(EXTRAS[extra]), f"require_extra({module!r}, {extra!r}): not in it"
     for module in sorted(set().union(*(_imports(p, module_level=True) for p in sources))):
@@ -97,7 +97,7 @@ def test_every_package_the_code_imports_is_declared():
 # Runs in a fresh interpreter in which the extras' packages cannot be imported (as if not installed).
 _WITHOUT_EXTRAS = """
 import importlib, pkgutil, sys
-for name in ("sklearn", "skimage", "matplotlib"):
+for name in ("sklearn", "skimage", "matplotlib", "mlflow", "tensorboard"):
     sys.modules[name] = None  # any import of it now raises ImportError, as when it is not installed
 import ptm_ray
 for module in pkgutil.walk_packages(ptm_ray.__path__, "ptm_ray."):

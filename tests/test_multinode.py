@@ -59,7 +59,9 @@ def test_submitted_job_trains_on_both_worker_nodes(local_cluster, tiny_text, tmp
     assert "head + 2 workers" in started
     overrides = tiny_overrides(tiny_text["bert"], tmp_path, "multinode", train__epochs=2)
     t0 = time.time()
-    proc = _submit(address, env, ["jobs/finetune.py", "--config", "jobs/configs/text_quickstart.yaml", *overrides])
+    # --verbose: the workers' own "rank N on node X" lines reach the job's log only in verbose mode
+    proc = _submit(address, env, ["jobs/finetune.py", "--verbose", "--config", "jobs/configs/text_quickstart.yaml",
+                                  *overrides])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "best checkpoint:" in out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, tiny_overrides
-from ptm_ray.quickstart import QuickstartConfigs, run_quickstart
 from ptm_ray.checkpoint import load_artifact
 from ptm_ray.inference import predict
 from ptm_ray.report import pareto_front, run_history
@@ -26,6 +27,18 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front(points) == [0, 2, 4]
 
 
+# The reduced quickstart runs as a user runs it: a process of its own (joining the test cluster through the
+# RAY_ADDRESS the session fixture exported), whose console is what the user would read.
+_RUN_QUICKSTART = """
+import json, sys
+from ptm_ray.cli import _quickstart_summary
+from ptm_ray.quickstart import QuickstartConfigs, run_quickstart
+a = json.loads(sys.argv[1])
+study = run_quickstart(a["out"], QuickstartConfigs(overrides=a["overrides"], shots=tuple(a["shots"])), port=a["port"])
+_quickstart_summary(study, a["out"])
+"""
+
+
 @pytest.fixture(scope="module")
 def quickstart(ray_cluster, tiny_text, tmp_path_factory):
     from ray import serve
@@ -35,23 +48,29 @@ def quickstart(ray_cluster, tiny_text, tmp_path_factory):
               if not o.startswith("storage.")]
     space = (f"search.space={{model.name: {{grid: ['hf:{tiny_text['bert']}', 'hf:{tiny_text['roberta']}']}}, "
              "model.freeze_depth: {grid: [0.5]}, optim.lr: {loguniform: [1.0e-3, 3.0e-3]}}")
-    configs = QuickstartConfigs(
-        overrides={
-            "text": common,
-            "search": [*common, space, "search.grace_period=2"],
-            "vision": ["model.name=timm:test_resnet", "model.weights=none", "data.image_size=32", "optim.lr=3e-3",
-                       "train.epochs=2", "train.batch_size=8", "scaling.resources_per_worker={CPU: 1}"],
-            "serve": ["serve.num_cpus=0.1", "serve.max_replicas=1"],
-        },
-        shots=(2, 4),
-    )
-    study = run_quickstart(out, configs, port=free_port())
-    yield out, study
-    serve.shutdown()
+    overrides = {
+        "text": common,
+        "search": [*common, space, "search.grace_period=2"],
+        "vision": ["model.name=timm:test_resnet", "model.weights=none", "data.image_size=32", "optim.lr=3e-3",
+                   "train.epochs=2", "train.batch_size=8", "scaling.resources_per_worker={CPU: 1}"],
+        "serve": ["serve.num_cpus=0.1", "serve.max_replicas=1"],
+    }
+    args = json.dumps({"out": str(out), "overrides": overrides, "shots": [2, 4], "port": free_port()})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PTM_RAY_VERBOSE", None)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _RUN_QUICKSTART, args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=1800)
+        (out / "console.txt").write_text(proc.stdout + proc.stderr)  # what the user read, to look at after a failure
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        study = json.loads((out / "study.json").read_text())
+        yield out, study, proc.stdout + proc.stderr
+    finally:
+        serve.shutdown()
 
 
 def test_reduced_quickstart_runs_every_stage(quickstart):
-    out, study = quickstart
+    out, study, _ = quickstart
     assert {r["name"] for r in study["runs"]} == {"text-pretrained", "text-scratch", "digits-2-pretrained",
                                                   "digits-2-scratch", "digits-4-pretrained", "digits-4-scratch"}
     for run in study["runs"]:
@@ -72,11 +91,11 @@ def test_reduced_quickstart_runs_every_stage(quickstart):
     # own wall time, so microseconds (or a sum counted twice) fail the second
     assert latency["n"] == 30 and 1.0 < latency["p50"] <= latency["p95"]
     assert latency["n"] * latency["mean"] / 1000 < study["timings_s"]["predict + latency"]
-    assert json.loads((out / "study.json").read_text())["runs"] == study["runs"]
+    assert (out / "report.html").is_file()
 
 
 def test_quickstart_report_has_every_section_with_plots_and_judged_claims(quickstart):
-    out, study = quickstart
+    out, study, _ = quickstart
     page = (out / "report.html").read_text()
     for anchor in SECTIONS:
         assert f'id="{anchor}"' in page, anchor
@@ -114,7 +133,7 @@ def _expected_verdicts(study: dict) -> dict[str, str]:
 
 
 def test_report_command_on_a_search_folder_and_on_a_bad_path(quickstart, tmp_path):
-    _, study = quickstart
+    _, study, _ = quickstart
     target = tmp_path / "search.html"
     proc = subprocess.run([sys.executable, "-m", "ptm_ray.cli", "report", study["search"]["path"], "--out", str(target)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -125,3 +144,81 @@ def test_report_command_on_a_search_folder_and_on_a_bad_path(quickstart, tmp_pat
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "nothing: not a study (study.json), a search (leaderboard.csv) or a run folder" in proc.stderr
+
+
+# --- what the user reads and what the ecosystem reads -------------------------------------------------------------
+
+RUNS = 6  # text pretrained + scratch, digits 2 and 4 per class x pretrained + scratch; 2 epochs each
+MAX_LINES = 80  # measured 58 with these settings; the same run printed 651 before ptm_ray.console
+
+
+def test_the_console_is_one_readable_stream(quickstart):
+    _, _, console = quickstart
+    lines = console.splitlines()
+    epochs = [line for line in lines if line.startswith("[ptm_ray] epoch ")]
+    # each epoch of each run once, printed by the driver (the workers' own copies stay in Ray's log files)
+    assert len(epochs) == RUNS * 2, "\n".join(epochs)
+    assert [line.split()[2] for line in epochs] == ["1/2", "2/2"] * RUNS
+    assert len(lines) < MAX_LINES, console
+    for noise in ("TrainingReport(", "metrics={", "LOAD REPORT", "Deprecat", "INFO ", "\x1b[", "(RayTrainWorker",
+                  "(TrainController", "Trial status:", "POST /v1/models"):
+        assert noise not in console, (noise, console)
+    for stage in range(1, 6):
+        assert f"[quickstart {stage}/5]" in console
+    # the search's progress: a line per trial epoch with the counts and the best so far, then the leaderboard
+    progress = [line for line in lines if line.startswith("[ptm_ray] search: trial ")]
+    assert sum(" epoch " in line for line in progress) == 4 and sum(" finished " in line for line in progress) == 2
+    assert "2 done, 0 running, 0 pending" in progress[-1]
+    assert re.search(r"best val_accuracy=\d\.\d{4} \(\w+\)", progress[-2])
+    logs = re.search(r"full logs \(every Ray process\): (\S+)", console)
+    assert logs and Path(logs.group(1)).is_dir() and list(Path(logs.group(1)).glob("worker-*.out"))
+
+
+def test_mlflow_holds_every_run_and_the_search_as_parent_and_children(quickstart):
+    from mlflow.tracking import MlflowClient
+
+    out, study, console = quickstart
+    uri = (out / "mlruns").as_uri()
+    assert f"mlflow ui --backend-store-uri {uri}" in console
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "ptm_ray"]
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    for run in study["runs"]:  # each fine-tuning run: config as params, a metric per epoch, its best checkpoint
+        logged = runs[run["name"]]
+        assert logged.info.status == "FINISHED"
+        assert logged.data.params["model.name"] == run["model"]
+        assert logged.data.params["storage.name"] == run["name"]
+        history = [m.value for m in client.get_metric_history(logged.info.run_id, "val_accuracy")]
+        assert history == [h["val_accuracy"] for h in run_history(run["path"])[0]]
+        best = {a.path for a in client.list_artifacts(logged.info.run_id, "best_checkpoint")}
+        assert {"best_checkpoint/ptm_ray.json", "best_checkpoint/model"} <= best
+    parent = runs["search"]
+    children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and all(len(client.get_metric_history(c.info.run_id, "val_accuracy")) == 2
+                                      for c in children)
+    assert {c.data.params["model.name"] for c in children} == {f"hf:{p}" for p in _search_candidates(study)}
+    board = list(csv.DictReader(open(Path(study["search"]["path"]) / "leaderboard.csv")))
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(float(board[0]["best_score"]))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "best_checkpoint"} <= artifacts
+
+
+def _search_candidates(study: dict) -> set[str]:
+    board = csv.DictReader(open(Path(study["search"]["path"]) / "leaderboard.csv"))
+    return {row["model"].removeprefix("hf:") for row in board}
+
+
+def test_tensorboard_reads_every_runs_epochs(quickstart):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, study, console = quickstart
+    assert f"tensorboard --logdir {out}" in console
+    for run in study["runs"]:
+        events = EventAccumulator(str(Path(run["path"]) / "tensorboard")).Reload()
+        values = [e.value for e in events.Scalars("val_accuracy")]
+        assert values == pytest.approx([h["val_accuracy"] for h in run_history(run["path"])[0]], abs=1e-6)
+    trial_events = list(Path(study["search"]["path"]).glob("*/events.out.tfevents.*"))
+    assert len(trial_events) == 2  # Tune's own TensorBoard logger, one per trial
+    tags = EventAccumulator(str(trial_events[0].parent)).Reload().Tags()["scalars"]
+    assert "ray/tune/val_accuracy" in tags

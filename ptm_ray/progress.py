@@ -1,0 +1,117 @@
+"""Each epoch's report, from Ray Train's controller back to the driver that called ``fit``.
+
+Ray Train calls ``UserCallback.after_report`` on its controller actor, whose output reaches the console
+only in verbose mode (``ptm_ray.console``). ``EpochStream`` gives that callback a queue (a zero-CPU Ray
+actor) and drains it on a driver thread while ``trainer.fit()`` blocks, handing rank 0's metrics of each
+epoch, and the checkpoint saved with them, to the driver's listeners: the epoch line and the trackers.
+``SearchProgress`` is the search's counterpart, a Ray Tune callback on the search's driver.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import ray
+from ray.train import UserCallback
+from ray.tune import Callback
+from ray.util.queue import Empty, Queue
+
+__all__ = ["EpochListener", "EpochStream", "SearchProgress"]
+
+EpochListener = Callable[[dict[str, Any], "str | None"], None]
+"""Called on the driver with rank 0's metrics of an epoch and the path of its checkpoint (or None)."""
+
+
+class _ForwardReports(UserCallback):
+    """On the controller: put rank 0's metrics and the checkpoint path of every report on the queue."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics:
+            self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
+
+
+class EpochStream:
+    """``with EpochStream(listeners) as stream: trainer.fit()`` with ``stream.callback`` in the RunConfig."""
+
+    def __init__(self, listeners: list[EpochListener]) -> None:
+        self.listeners = listeners
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.callback = _ForwardReports(self.queue)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="ptm_ray-epochs", daemon=True)
+
+    def __enter__(self) -> "EpochStream":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._deliver_pending()
+        ray.kill(self.queue.actor, no_restart=True)
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            self._deliver(item)
+
+    def _deliver_pending(self) -> None:
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except Empty:
+                return
+            self._deliver(item)
+
+    def _deliver(self, item: tuple[dict[str, Any], str | None]) -> None:
+        metrics, checkpoint = item
+        for listener in list(self.listeners):
+            try:
+                listener(metrics, checkpoint)
+            except Exception as e:  # noqa: BLE001 - a failing tracker must not stop training: say so once, drop it
+                print(f"[ptm_ray] warning: {getattr(listener, '__qualname__', listener)} failed and is turned off "
+                      f"for this run: {type(e).__name__}: {e}", flush=True)
+                self.listeners.remove(listener)
+
+
+class SearchProgress(Callback):
+    """Ray Tune callback on the search's driver: a line per trial epoch and per finished trial, with how many
+    trials are done, running and pending and the best score so far (Tune's own tables only in verbose mode)."""
+
+    def __init__(self, metric: str, mode: str, epochs: int) -> None:
+        self.metric, self.sign, self.epochs = metric, (1 if mode == "max" else -1), epochs
+        self.best: tuple[float, str] | None = None
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        score = result.get(self.metric)
+        if isinstance(score, (int, float)) and (self.best is None or self.sign * score > self.sign * self.best[0]):
+            self.best = (float(score), trial.trial_id)
+        shown = f"{self.metric}={score:.4f}" if isinstance(score, (int, float)) else f"{self.metric}=-"
+        print(f"[ptm_ray] search: trial {trial.trial_id} epoch {result.get('epoch', '?')}/{self.epochs} {shown} | "
+              f"{self._counts(trials)} | {self._best()}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epochs = (trial.last_result or {}).get("epoch", 0)
+        how = "ran every epoch" if epochs >= self.epochs else f"stopped after epoch {epochs}"
+        print(f"[ptm_ray] search: trial {trial.trial_id} finished ({how}) | {self._counts(trials, trial)}", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"[ptm_ray] search: trial {trial.trial_id} failed; its error is in {trial.local_path} | "
+              f"{self._counts(trials, trial)}", flush=True)
+
+    def _counts(self, trials: list, ending: Any = None) -> str:
+        """Trials done, running, pending; ``ending``, the trial whose end Tune reports, counts as done (Tune
+        sets its status after the callbacks)."""
+        states = ["TERMINATED" if t is ending else t.status for t in trials]
+        done = sum(s in ("TERMINATED", "ERROR") for s in states)
+        return f"{done} done, {states.count('RUNNING')} running, {states.count('PENDING')} pending"
+
+    def _best(self) -> str:
+        return f"best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else "no score yet"

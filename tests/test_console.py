@@ -1,0 +1,101 @@
+"""The console's parts without Ray: the epoch line, verbose mode (flag and variable), the tracking switches.
+
+The console of a whole run (a reduced quickstart) and the MLflow / TensorBoard records it leaves are checked
+in tests/test_quickstart.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TRAIN_CSV
+from ptm_ray.config import load_config
+from ptm_ray.console import VERBOSE_ENV, epoch_line, ray_init_options, verbose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+METRICS = {"epoch": 3, "train_loss": 0.51234, "train_accuracy": 0.8, "samples_per_s": 412.345, "epoch_time_s": 2.0,
+           "val_loss": 0.61, "val_accuracy": 0.75, "val_macro_f1": 0.7, "gap_loss": 0.09766, "best_val_accuracy": 0.75,
+           "trainable_params": 4680, "stop_reason": ""}
+
+
+def test_epoch_line_shows_train_and_validation_metrics_gap_and_throughput_once():
+    assert epoch_line(METRICS, 5) == (
+        "[ptm_ray] epoch 3/5 train_loss=0.5123 train_accuracy=0.8000 val_loss=0.6100 val_accuracy=0.7500 "
+        "val_macro_f1=0.7000 gap_loss=+0.0977 412.3 samples/s")
+    assert epoch_line(METRICS | {"gap_loss": -0.5}, 3, early_stop=True).endswith(
+        "gap_loss=-0.5000 412.3 samples/s (early stop)")
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("YES", True), ("0", False), ("", False),
+                                             ("no", False)])
+def test_the_environment_variable_turns_verbose_mode_on(monkeypatch, value, expected):
+    monkeypatch.setenv(VERBOSE_ENV, value)
+    assert verbose() is expected
+    assert ray_init_options() == {"log_to_driver": expected}  # the workers' output reaches the console or not
+
+
+# `--verbose` before or after the command sets the variable, so the Ray processes this one starts inherit it
+_VERBOSE_FLAG = """
+import os, sys
+from ptm_ray import cli
+cli._config_list = lambda args: print("VERBOSE=" + os.environ.get("PTM_RAY_VERBOSE", "unset")) or 0
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv, expected", [(["config", "list"], "unset"), (["--verbose", "config", "list"], "1")])
+def test_the_verbose_flag_sets_the_variable(argv, expected):
+    env = {k: v for k, v in __import__("os").environ.items() if k != VERBOSE_ENV}
+    proc = subprocess.run([sys.executable, "-c", _VERBOSE_FLAG, *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"VERBOSE={expected}"
+
+
+def test_the_run_commands_take_verbose_after_the_command_too():
+    from ptm_ray.cli import _parser
+
+    for command in ("finetune", "search", "deploy"):
+        assert _parser().parse_args([command, "--config", "x", "--verbose"]).verbose is True
+        assert _parser().parse_args(["--verbose", command, "--config", "x"]).verbose is True
+        assert _parser().parse_args([command, "--config", "x"]).verbose is False
+
+
+def test_tracking_settings_are_checked_and_default_to_a_file_store_under_storage(tmp_path):
+    from ptm_ray.tracking import mlflow_uri
+
+    cfg = load_config(None, ["model.name=minilm-l6", f"data.train={TRAIN_CSV}", f"storage.path={tmp_path}"])
+    assert (cfg.tracking.mlflow, cfg.tracking.tensorboard) == ("auto", "auto")
+    assert mlflow_uri(cfg) == (tmp_path / "mlruns").as_uri()
+    cfg = load_config(None, ["model.name=minilm-l6", f"data.train={TRAIN_CSV}", "tracking.uri=http://127.0.0.1:5000",
+                             "tracking.mlflow=off", "tracking.tensorboard=on"])
+    assert mlflow_uri(cfg) == "http://127.0.0.1:5000"
+    assert (cfg.tracking.mlflow, cfg.tracking.tensorboard) == ("off", "on")  # YAML's bare off/on: booleans, mapped
+    with pytest.raises(ValueError, match="tracking.mlflow='sometimes' is not allowed; choose one of auto, on, off"):
+        load_config(None, ["model.name=minilm-l6", f"data.train={TRAIN_CSV}", "tracking.mlflow=sometimes"])
+
+
+# Without the tracking extra: `auto` tracks nothing, `on` stops with the line that installs it
+_WITHOUT_TRACKING = """
+import sys
+for name in ("mlflow", "tensorboard"):
+    sys.modules[name] = None
+from ptm_ray.config import load_config
+from ptm_ray.tracking import tracking_wanted
+base = ["model.name=minilm-l6", "data.train=" + sys.argv[1]]
+print("AUTO", tracking_wanted(load_config(None, base), "mlflow"), tracking_wanted(load_config(None, base), "tensorboard"))
+tracking_wanted(load_config(None, base + ["tracking.mlflow=on"]), "mlflow")
+"""
+
+
+def test_tracking_without_the_extra():
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TRACKING, TRAIN_CSV], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert "AUTO False False" in proc.stdout
+    assert proc.returncode == 1
+    assert "tracking.mlflow=on needs mlflow, which comes with the 'tracking' extra: pip install 'ptm_ray[tracking]'" \
+        in proc.stderr
