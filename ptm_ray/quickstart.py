@@ -66,8 +66,10 @@ def _stage_configs(out: Path, c: QuickstartConfigs, port: int) -> dict[str, Any]
                                                               "storage.name": f"digits-{shots}-{init}"})))
     search = load_config(c.search, [f"storage.path={out}", "search.name=search", f"search.registry={out / 'registry'}",
                                     mlruns, *c.overrides.get("search", [])])
+    # the shipped serve.yaml keeps two replicas of everything (one may die); the one-machine demo needs one
     serve = load_config(c.serve, [f"serve.registry={out / 'registry'}", f"serve.port={port}",
                                   f"serve.models=[{{name: {search.search.registry_name or 'search'}}}]",
+                                  "serve.min_replicas=1", "serve.ingress_replicas=1",
                                   f"serve.config_out={out / 'serve_config.yaml'}", *c.overrides.get("serve", [])])
     scratch = with_overrides(text, {"model.weights": "none", "model.freeze_depth": 0, "storage.name": "text-scratch"})
     return {"text": text, "scratch": scratch, "vision": vision, "search": search, "serve": serve}
