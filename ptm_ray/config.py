@@ -210,6 +210,11 @@ class SearchConfig:
     need 0.25 CPU outside both: on 2 CPUs, 1.0 here left nothing for the reads and the search hung."""
     top_k: int = 1
     """Best trials promoted to the model registry."""
+    max_latency_ms: float = 0.0
+    """Serving budget: trials whose best checkpoint answers one input slower than this (p50, measured on this
+    machine after the search) rank after every trial within budget and are not promoted. 0: no budget."""
+    max_params: int = 0
+    """Size budget: trials whose model has more parameters rank after those within it and are not promoted. 0: none."""
     registry: str = "~/ptm_ray_registry"
     """Model registry folder (local by default; a shared URI on clusters)."""
     registry_name: str = ""
@@ -541,6 +546,9 @@ def _check_search_and_serve(cfg: Config) -> None:
     _require({"search.num_samples": search.num_samples, "search.grace_period": search.grace_period,
               "search.max_concurrent_trials": search.max_concurrent_trials, "search.top_k": search.top_k,
               "search.trial_cpus": search.trial_cpus})
+    if search.max_latency_ms < 0 or search.max_params < 0:
+        raise ValueError(f"search.max_latency_ms={search.max_latency_ms} and search.max_params={search.max_params} "
+                         "must be >= 0 (0: no budget)")
     if search.reduction_factor < 2:
         raise ValueError(f"search.reduction_factor={search.reduction_factor} must be >= 2")
     _require({f"serve.{key}": getattr(sv, key) for key in (

@@ -232,10 +232,15 @@ class Ingress:
                               redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
                               redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
 
-    @app.get("/readyz", responses=_documented(503))
-    async def ready(self):
-        """200 once every deployed model version answers; 503 naming those that do not (yet)."""
+    @app.get("/readyz", responses=_documented(401, 503))
+    async def ready(self, request: Request):
+        """200 once every deployed model version answers; 503 naming those that do not (yet). Needs the key."""
         import asyncio
+
+        try:
+            self._check_key(request)
+        except ApiError as e:
+            return self._error(e)
 
         async def answers(handle: Any) -> bool:
             try:

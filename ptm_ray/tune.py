@@ -49,6 +49,9 @@ class LeaderboardRow:
     stop_reason: str
     checkpoint: str | None
     overrides: str  # "key=value ..." to rerun this trial alone
+    latency_ms_p50: float | None = None  # single-input prediction of the best checkpoint, on this machine
+    params: int | None = None  # all parameters of the model (what serving holds in memory)
+    within_budget: bool = True  # search.max_latency_ms / search.max_params
 
 
 @dataclass
@@ -229,9 +232,9 @@ def run_search(cfg: Config) -> SearchResult:
     root = storage_path(cfg)
     experiment = f"{root}/{name}"
     metric, mode = cfg.train.metric, cfg.train.mode
+    shared = _shared_data(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=config_to_dict(cfg), trials_path=f"{experiment}/trials",
-                             data=_shared_data(cfg)),
+        tune.with_parameters(_trial, base=config_to_dict(cfg), trials_path=f"{experiment}/trials", data=shared),
         _trial_resources(cfg),
     )
     tracker = None
@@ -253,7 +256,7 @@ def run_search(cfg: Config) -> SearchResult:
                                    callbacks=[SearchProgress(metric, mode, cfg.train.epochs), *tracker.callbacks()]),
         )
     grid = tuner.fit()
-    board = leaderboard(grid, cfg)
+    board = apply_budget(measure_serving_cost(leaderboard(grid, cfg), shared or prepare_data(cfg)), cfg)
     csv_path = write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
     promoted = promote(board, cfg, experiment)
     if tracker is not None:
@@ -316,6 +319,31 @@ def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
     return rows
 
 
+def measure_serving_cost(rows: list[LeaderboardRow], data: PreparedData) -> list[LeaderboardRow]:
+    """Each trial's best checkpoint timed on one validation input (p50) and its parameters counted."""
+    from ptm_ray.serving_cost import measure
+
+    sample = data.datasets["validation"].take(1)[0]["input"]
+    for row in rows:
+        if row.checkpoint:
+            cost = measure(row.checkpoint, sample)
+            row.latency_ms_p50, row.params = cost.latency_ms_p50, cost.params
+    return rows
+
+
+def apply_budget(rows: list[LeaderboardRow], cfg: Config) -> list[LeaderboardRow]:
+    """Rows within ``search.max_latency_ms`` / ``search.max_params`` first (each part still ranked by score)."""
+    budget_ms, budget_params = cfg.search.max_latency_ms, cfg.search.max_params
+    for row in rows:
+        slow = budget_ms > 0 and (row.latency_ms_p50 is None or row.latency_ms_p50 > budget_ms)
+        big = budget_params > 0 and (row.params is None or row.params > budget_params)
+        row.within_budget = not (slow or big)
+    rows.sort(key=lambda r: not r.within_budget)  # stable: the score order holds inside each part
+    for rank, row in enumerate(rows, 1):
+        row.rank = rank
+    return rows
+
+
 def _tune_checkpoint(result, epoch: int | None) -> str | None:
     """The folder of the checkpoint Tune kept for ``epoch`` of a trial that trained itself."""
     for checkpoint, metrics in result.best_checkpoints or []:
@@ -327,15 +355,20 @@ def _tune_checkpoint(result, epoch: int | None) -> str | None:
 def format_leaderboard(rows: list[LeaderboardRow], metric: str) -> str:
     """A readable fixed-width table of the leaderboard."""
     header = f"{'rank':>4}  {'trial':<10} {'model':<28} {'freeze':>6} {'lr':>9} {'head_lr':>9} {'trainable':>11} " \
-             f"{'best ' + metric:>18} {'@epoch':>6} {'epochs':>6} {'wall_s':>7}  stop"
+             f"{'best ' + metric:>18} {'@epoch':>6} {'epochs':>6} {'wall_s':>7} {'p50_ms':>7} {'params':>11}  stop"
     lines = [header]
     for r in rows:
         model = r.model if len(r.model) <= 28 else "..." + r.model[-25:]
         score = f"{r.best_score:.4f}" if r.best_score is not None else "-"
         lines.append(f"{r.rank:>4}  {r.trial_id:<10} {model:<28} {str(r.freeze_depth):>6} {r.lr:>9.2e} "
                      f"{(r.head_lr or r.lr):>9.2e} {r.trainable_params or 0:>11,} {score:>18} {r.best_epoch or '-':>6} "
-                     f"{r.epochs_run:>6} {r.wall_time_s:>7.1f}  {r.stop_reason}")
+                     f"{r.epochs_run:>6} {r.wall_time_s:>7.1f} {_number(r.latency_ms_p50, '.1f'):>7} "
+                     f"{_number(r.params, ','):>11}  {r.stop_reason}{'' if r.within_budget else ', over budget'}")
     return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> Path:
@@ -354,9 +387,9 @@ def promote(rows: list[LeaderboardRow], cfg: Config, experiment: str) -> list[Mo
     registry = ModelStore(cfg.search.registry)
     name = cfg.search.registry_name or Path(experiment).name
     promoted = []
-    for row in [r for r in rows if r.checkpoint][: cfg.search.top_k]:
+    for row in [r for r in rows if r.checkpoint and r.within_budget][: cfg.search.top_k]:
         lineage = {"experiment": experiment, "trial_id": row.trial_id, "rank": row.rank, "overrides": row.overrides,
                    "metric": cfg.train.metric, "mode": cfg.train.mode, "best_score": row.best_score,
-                   "best_epoch": row.best_epoch}
+                   "best_epoch": row.best_epoch, "latency_ms_p50": row.latency_ms_p50, "params": row.params}
         promoted.append(registry.promote(row.checkpoint, name, lineage))
     return promoted

@@ -295,6 +295,12 @@ def test_api_key_guards_every_route_but_health(api, registry, tmp_path):
         base = f"http://127.0.0.1:{cfg.serve.port}/guarded"
         assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
         assert requests.get(f"{base}/v1/models", timeout=10).status_code == 401
+        # bug guarded: a route added without the check (readiness names the deployed models)
+        for route in ("/readyz", "/v1/models/intents"):
+            assert requests.get(f"{base}{route}", timeout=10).status_code == 401, route
+        assert requests.post(f"{base}/v1/models/intents/versions/1/predict", json={"inputs": ["hi"]},
+                             timeout=10).status_code == 401
+        assert requests.get(f"{base}/readyz", headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code == 200
         wrong = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
                               headers={"Authorization": "Bearer nope"}, timeout=10)
         assert wrong.status_code == 401 and "API key" in wrong.json()["error"]

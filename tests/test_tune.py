@@ -19,7 +19,7 @@ from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
 from ptm_ray.model_store import ModelStore
-from ptm_ray.tune import format_leaderboard, run_search, validate_search
+from ptm_ray.tune import LeaderboardRow, apply_budget, format_leaderboard, run_search, validate_search
 
 from conftest import TRAIN_CSV, check_classification_predictions, tiny_overrides
 
@@ -87,6 +87,9 @@ def test_small_search_ranks_by_best_epoch_and_promotes(ray_cluster, tiny_text, t
     assert {r.stop_reason for r in board} <= {"completed", "stopped_by_asha", "early_stopping"}
     assert any(r.stop_reason == "stopped_by_asha" for r in board)  # ASHA halves the field after epoch 1
     assert all(r.trainable_params and r.best_epoch for r in board)
+    # serving cost: every best checkpoint timed and counted (all parameters, frozen ones too)
+    assert all(r.latency_ms_p50 > 0 and r.params >= r.trainable_params for r in board if r.checkpoint)
+    assert {r.params for r in board if "bert" in r.model} != {r.params for r in board if "gpt2" in r.model}
     assert {r.model.split("/")[-1] for r in board} == {"bert", "gpt2"}
 
     rows = list(csv.DictReader(open(Path(result.experiment_path) / "leaderboard.csv")))
@@ -230,3 +233,23 @@ def test_interrupted_search_restores_without_rerunning_finished_trials(ray_clust
         assert (experiment / trial_dir / "result.json").read_text() == before
     board = list(csv.DictReader(open(experiment / "leaderboard.csv")))
     assert len(board) == 3 and all(row["epochs_run"] == "2" for row in board)
+
+
+def _row(trial: str, score: float, ms: float, params: int) -> LeaderboardRow:
+    return LeaderboardRow(rank=0, trial_id=trial, model="m", freeze_depth=0, lr=1e-3, head_lr=None, trainable_params=1,
+                          best_score=score, best_epoch=1, epochs_run=1, wall_time_s=1.0, stop_reason="completed",
+                          checkpoint=f"/c/{trial}", overrides="", latency_ms_p50=ms, params=params)
+
+
+def test_a_serving_budget_ranks_trials_within_it_first_and_only_they_are_promoted(tmp_path):
+    rows = [_row("big", 0.9, 5.0, 10_000), _row("slow", 0.8, 50.0, 100), _row("fits", 0.7, 4.0, 100),
+            _row("fits2", 0.6, 3.0, 90)]  # already ranked by score
+    base = ["data.train=unused", "model.name=minilm-l6"]
+    ranked = apply_budget(list(rows), load_config(None, base + ["search.max_latency_ms=10", "search.max_params=1000"]))
+    assert [(r.trial_id, r.rank, r.within_budget) for r in ranked] == [
+        ("fits", 1, True), ("fits2", 2, True), ("big", 3, False), ("slow", 4, False)]
+    assert "over budget" in format_leaderboard(ranked, "val_accuracy").splitlines()[3]
+    unbounded = apply_budget(list(rows), load_config(None, base))
+    assert [r.trial_id for r in unbounded] == ["big", "slow", "fits", "fits2"] and all(r.within_budget for r in unbounded)
+    with pytest.raises(ValueError, match="search.max_latency_ms=-1.0 and search.max_params=0 must be >= 0"):
+        load_config(None, base + ["search.max_latency_ms=-1"])
