@@ -65,9 +65,9 @@ def _leaderboard(search_path: str) -> list[dict[str, Any]]:
     with open(Path(search_path) / "leaderboard.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        for key in ("best_score", "wall_time_s", "lr", "head_lr"):
+        for key in ("best_score", "wall_time_s", "lr", "head_lr", "latency_ms_p50"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else None
-        for key in ("rank", "trainable_params", "best_epoch", "epochs_run"):
+        for key in ("rank", "trainable_params", "best_epoch", "epochs_run", "params"):
             row[key] = int(float(row[key])) if row.get(key) not in (None, "") else None
         row["history"], row["depth_fraction"] = [], None
         if row.get("checkpoint") and (Path(row["checkpoint"]) / "ptm_ray.json").is_file():
@@ -203,15 +203,17 @@ def _score_vs_cost(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def score_vs_cost_figure(rows: list[dict[str, Any]], metric: str):
-    """Each trial's best score against its wall time and against its trainable parameters (log axis), with
-    the Pareto front of each."""
+    """Each trial's best score against its wall time, its trainable parameters (log axis) and, when the search
+    measured it, its serving latency (p50 of one input), with the Pareto front of each."""
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["best_score"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
-    for ax, key, label in ((axes[0], "wall_time_s", "trial wall time (s)"),
-                           (axes[1], "trainable_params", "trainable parameters")):
-        points = [(float(r[key] or 0), r["best_score"]) for r in rows]
+    panels = [("wall_time_s", "trial wall time (s)"), ("trainable_params", "trainable parameters")]
+    if any(r.get("latency_ms_p50") for r in rows):
+        panels.append(("latency_ms_p50", "serving latency, p50 of one input (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), layout="constrained")
+    for ax, (key, label) in zip(axes, panels):
+        points = [(float(r.get(key) or 0), r["best_score"]) for r in rows]
         front = pareto_front(points)
         ax.scatter([p[0] for p in points], [p[1] for p in points], c="grey", label="trials")
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", c="crimson", label="Pareto front")
@@ -223,7 +225,7 @@ def score_vs_cost_figure(rows: list[dict[str, Any]], metric: str):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _readable_log_axis(axes[1], [float(r["trainable_params"] or 0) for r in rows])
-    fig.suptitle("validation score vs training cost")
+    fig.suptitle("validation score vs training and serving cost")
     return fig
 
 
@@ -367,15 +369,17 @@ def _search_sections(board: list[dict[str, Any]], metric: str) -> list[str]:
     if not board:
         return []
     header = ["rank", "trial", "model", "freeze", "lr", "head lr", "trainable", f"best {metric}", "@epoch",
-              "epochs", "wall s", "stop"]
+              "epochs", "wall s", "p50 ms", "params", "stop"]
     rows = [[r["rank"], r["trial_id"], r["model"].split("/")[-1], r["freeze_depth"], f"{r['lr']:.2e}",
              f"{(r['head_lr'] or r['lr']):.2e}", f"{r['trainable_params'] or 0:,}",
              "-" if r["best_score"] is None else f"{r['best_score']:.4f}", r["best_epoch"] or "-",
-             r["epochs_run"], f"{r['wall_time_s']:.1f}", r["stop_reason"]] for r in board]
+             r["epochs_run"], f"{r['wall_time_s']:.1f}",
+             "-" if r.get("latency_ms_p50") is None else f"{r['latency_ms_p50']:.1f}",
+             "-" if r.get("params") is None else f"{r['params']:,}", r["stop_reason"]] for r in board]
     return [_section("leaderboard", "Leaderboard (ranked by each trial's best epoch)",
                      _table(header, rows) + _score_vs_depth(board, metric)),
-            _section("cost", "Score vs training cost", "<p>Red: the Pareto front, the trials no other trial beats on "
-                     "both score and cost.</p>" + _score_vs_cost(board, metric))]
+            _section("cost", "Score vs training and serving cost", "<p>Red: the Pareto front, the trials no other "
+                     "trial beats on both score and cost.</p>" + _score_vs_cost(board, metric))]
 
 
 def _transfer_sections(study: Study, histories: dict[str, list[dict[str, Any]]], metric: str) -> list[str]:

@@ -60,3 +60,23 @@ def test_data_efficiency_ticks_are_the_sweep_points_only():
         assert [t.get_text() for t in _labels(fig, 0)] == ["5", "20"]
     finally:
         plt.close(fig)
+
+
+def test_the_serving_latency_panel_appears_when_the_search_measured_it():
+    import matplotlib.pyplot as plt
+
+    rows = [{"rank": 1, "wall_time_s": 30.0, "trainable_params": 200_000, "best_score": 0.9, "latency_ms_p50": 12.0},
+            {"rank": 2, "wall_time_s": 20.0, "trainable_params": 100_000, "best_score": 0.8, "latency_ms_p50": 14.0},
+            {"rank": 3, "wall_time_s": 10.0, "trainable_params": 50_000, "best_score": 0.7, "latency_ms_p50": 4.0}]
+    fig = score_vs_cost_figure(rows, "val_accuracy")
+    try:
+        assert len(fig.axes) == 3 and fig.axes[2].get_xlabel() == "serving latency, p50 of one input (ms)"
+        front = [line for line in fig.axes[2].get_lines() if line.get_label() == "Pareto front"][0]
+        assert list(front.get_xdata()) == [4.0, 12.0]  # rank 2 is slower and worse than rank 1: off the front
+    finally:
+        plt.close(fig)
+    without = score_vs_cost_figure([{k: v for k, v in r.items() if k != "latency_ms_p50"} for r in rows], "val_accuracy")
+    try:
+        assert len(without.axes) == 2  # a leaderboard from before latency was measured
+    finally:
+        plt.close(without)
