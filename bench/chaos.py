@@ -14,8 +14,13 @@ ingress replicas, two replicas per model), then measures:
   R6  security defaults read from the shipped configs and the code paths: loopback bind, Ray token auth,
       a key required beyond loopback, no pickle loads of artifacts, no remote code by default.
 
-R1 (Train worker SIGKILL), R2 (search driver SIGKILL) and R4 (schemathesis) are not measured here yet:
-they print ``not-run`` (the suite's test_train/test_tune cover R1/R2's behaviour, not their figures).
+  R1  a two-worker fine-tune of a tiny BERT on the bundled intents, once undisturbed and once with a Train
+      worker SIGKILLed after the first checkpoint (scaling.max_failures=1): it must finish every epoch with a
+      best score within 1 point of the undisturbed run.
+  R2  a search driver (jobs/search.py, three one-worker trials one at a time) SIGKILLed once a trial has
+      finished, then run again: it must restore and leave the finished trials untouched.
+
+R4 (schemathesis over the live schema) is not measured here yet: it prints ``not-run``.
 The last line: ``chaos: R1=... R2=... R3=<pct> R4=... R5=<worst seconds> R6=<ok|fail>``.
 """
 
@@ -184,6 +189,79 @@ def r6_defaults() -> bool:
     return all(checks.values())
 
 
+def _tiny_run(root: Path, name: str, **extra: str) -> list[str]:
+    from ptm_ray.datasets import bundled_path
+
+    return [f"model.name=hf:{root / 'bert'}", "model.max_length=32", f"data.train={bundled_path('support_intents_train.csv')}",
+            "data.validation=null", "data.val_fraction=0.3", "optim.lr=1e-3", "optim.scheduler=constant",
+            "optim.warmup_ratio=0", "train.epochs=6", "train.batch_size=4", "train.seed=0",
+            "scaling.resources_per_worker={CPU: 1}", f"storage.path={root / 'runs'}", f"storage.name={name}",
+            *(f"{k}={v}" for k, v in extra.items())]
+
+
+def _kill_a_train_worker(run_dir: Path, killed: list[int]) -> None:
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoint_manager_snapshot.json").exists():
+        time.sleep(0.2)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if workers:
+        os.kill(workers[0].pid, signal.SIGKILL)  # a worker of this benchmark's own run
+        killed.append(workers[0].pid)
+
+
+def r1_train_worker_kill(root: Path) -> bool:
+    import csv
+
+    from ptm_ray.datasets import bundled_path
+    from ptm_ray.tiny import make_tiny_text_model
+    from ptm_ray.train import fit
+
+    with open(bundled_path("support_intents_train.csv")) as f:
+        make_tiny_text_model("bert", root / "bert", [row["text"] for row in csv.DictReader(f)])
+    calm = fit(load_config(None, _tiny_run(root, "calm", **{"scaling.num_workers": "2"})))
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_train_worker, args=(root / "runs" / "killed", killed))
+    killer.start()
+    hit = fit(load_config(None, _tiny_run(root, "killed", **{"scaling.num_workers": "2", "scaling.max_failures": "1"})))
+    killer.join()
+    calm_best, hit_best = calm.best_metrics["val_accuracy"], hit.best_metrics["val_accuracy"]
+    epochs = [h["epoch"] for h in hit.history]
+    print(f"  undisturbed best val_accuracy {calm_best:.4f}; with worker pid {killed} killed: {hit_best:.4f}, "
+          f"epochs {epochs}, resumed from {max(h['resumed_from_epoch'] for h in hit.history)}")
+    return bool(killed) and epochs == list(range(1, 7)) and abs(calm_best - hit_best) <= 0.01
+
+
+def r2_search_driver_kill(root: Path) -> bool:
+    import subprocess
+    import sys
+
+    import ray
+
+    space = "search.space={optim.lr: {grid: [1.0e-3, 3.0e-4, 1.0e-4]}}"
+    command = [sys.executable, "jobs/search.py", "--config", "jobs/configs/text_search.yaml",
+               *_tiny_run(root, "unused", **{"scaling.num_workers": "1", "train.epochs": "2"}), space,
+               "search.name=driver-kill", "search.scheduler=fifo", "search.max_concurrent_trials=1",
+               f"search.registry={root / 'registry'}", "search.num_samples=1"]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
+    experiment = root / "runs" / "driver-kill"
+    started = time.time()
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.time() < started + 600 and driver.poll() is None and not any(
+            p.read_text().count("\n") >= 2 for p in experiment.glob("*/result.json")):
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)  # our own subprocess
+    driver.wait()
+    finished = {p.parent.name: p.read_text() for p in experiment.glob("*/result.json") if p.read_text().count("\n") >= 2}
+    restored = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    untouched = all((experiment / d / "result.json").read_text() == before for d, before in finished.items())
+    print(f"  killed after {time.time() - started:.0f} s with {len(finished)} trial(s) finished; restore exit "
+          f"{restored.returncode}, 'restoring search' printed: {'restoring search' in restored.stdout}, "
+          f"finished trials untouched: {untouched}")
+    return bool(finished) and restored.returncode == 0 and "restoring search" in restored.stdout and untouched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=40.0, help="length of the steady load in R3")
@@ -203,9 +281,15 @@ def main() -> None:
             print(f"  answered {answered} of {sent} ({r3:.2f} %); failures (status, t): {failures[:10]}")
         finally:
             serve.shutdown()
+    with tempfile.TemporaryDirectory() as tmp:
+        print("R1 a Train worker killed mid-run:")
+        r1 = r1_train_worker_kill(Path(tmp))
+        print("R2 a search driver killed mid-search:")
+        r2 = r2_search_driver_kill(Path(tmp))
     print("R6 security defaults:")
     r6 = r6_defaults()
-    print(f"chaos: R1=not-run R2=not-run R3={r3:.2f} R4=not-run R5={r5:.2f} R6={'ok' if r6 else 'fail'}")
+    ok = {True: "ok", False: "fail"}
+    print(f"chaos: R1={ok[r1]} R2={ok[r2]} R3={r3:.2f} R4=not-run R5={r5:.2f} R6={ok[r6]}")
 
 
 if __name__ == "__main__":
