@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 from ptm_ray.config import Config, config_from_dict, config_to_dict
 from ptm_ray.models import Family, Preprocessor, family_for
 
-__all__ = ["Artifact", "FORMAT_VERSION", "load_artifact", "read_meta", "save_checkpoint"]
+__all__ = ["Artifact", "FORMAT_VERSION", "load_artifact", "read_meta", "save_checkpoint", "to_device"]
 
 FORMAT_VERSION = 1
 _META = "ptm_ray.json"
@@ -95,15 +96,38 @@ class Artifact:
     labels: list[str]
     config: Config
     meta: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where ``model`` lives; ``batch`` puts the preprocessed inputs there too."""
 
     @property
     def task_name(self) -> str:
         """The ``model.task`` this checkpoint was fine-tuned for."""
         return self.meta.get("task", "classification")
 
+    def batch(self, inputs: list[Any]) -> Any:
+        """Raw inputs preprocessed as in training, on the model's device (what the tasks' predict paths feed it)."""
+        return to_device(self.preprocessor(list(inputs)), self.device)
 
-def load_artifact(path: str | Path) -> Artifact:
-    """Load a checkpoint folder (or a URI Ray Train can read) for evaluation or serving."""
+    def autocast(self) -> Any:
+        """bf16 autocast on a GPU that supports it, as the run trained (``train.precision`` auto or bf16); else off."""
+        precision = self.config.train.precision
+        bf16 = (self.device.type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors in ``value`` (a tensor, or dicts/lists of them) moved to ``device``; everything else as it is."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list) and any(torch.is_tensor(v) or isinstance(v, Mapping) for v in value):
+        return [to_device(v, device) for v in value]
+    return value
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
+    """Load a checkpoint folder (or a URI Ray Train can read) for evaluation or serving, its model on ``device``."""
     if "://" in str(path):
         from ray.train import Checkpoint
 
@@ -114,6 +138,7 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     family = family_for(meta["family"])
-    model = family.load(path / "model").eval()
+    device = torch.device(device)
+    model = family.load(path / "model").eval().to(device)
     preprocessor = family.load_preprocessor(path / "preprocessor")
-    return Artifact(path, family, model, preprocessor, meta["labels"], cfg, meta)
+    return Artifact(path, family, model, preprocessor, meta["labels"], cfg, meta, device)

@@ -16,7 +16,7 @@ from ptm_ray.checkpoint import Artifact
 from ptm_ray.config import with_overrides
 from ptm_ray.tasks import WorkerContext, task_for
 
-__all__ = ["Evaluation", "evaluate", "predict"]
+__all__ = ["Evaluation", "evaluate", "predict", "serving_device"]
 
 
 def predict(artifact: Artifact, inputs: list[Any], **options: Any) -> list[dict[str, Any]]:
@@ -24,7 +24,15 @@ def predict(artifact: Artifact, inputs: list[Any], **options: Any) -> list[dict[
     ``{label, probability, top_k}`` for classification (``top_k=3``), ``{labels, scores}`` for multilabel,
     boxes, a transcript or generated text for the others, with their options (``score_threshold``,
     ``max_new_tokens``, ...)."""
-    return task_for(artifact.task_name).predict(artifact, list(inputs), **options)
+    with artifact.autocast():
+        return task_for(artifact.task_name).predict(artifact, list(inputs), **options)
+
+
+def serving_device(gpu_ids: list[Any]) -> str:
+    """``cuda`` when Ray gave this process a GPU (``ray.get_gpu_ids()``) and torch can use it, else ``cpu``."""
+    import torch
+
+    return "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
 
 
 @dataclass

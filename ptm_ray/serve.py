@@ -103,7 +103,11 @@ class ModelServer:
 
         from ray.util.metrics import Histogram
 
-        self.artifact = load_artifact(path)
+        import ray
+
+        from ptm_ray.inference import serving_device
+
+        self.artifact = load_artifact(path, device=serving_device(ray.get_gpu_ids()))  # cuda under serve.num_gpus > 0
         self.task = task_for(self.artifact.task_name)
         self.outputs_batch.set_max_batch_size(max_batch_size)
         self.outputs_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -121,7 +125,9 @@ class ModelServer:
         """
         self.batch_sizes.observe(len(items), tags=self.tags)
         items = list(items)
-        return list(zip(self.task.outputs(self.artifact, items), self.artifact.preprocessor.notes(items)))
+        with self.artifact.autocast():
+            outputs = self.task.outputs(self.artifact, items)
+        return list(zip(outputs, self.artifact.preprocessor.notes(items)))
 
     def ready(self) -> bool:
         """True: the artifact is loaded (a replica answers only after ``__init__`` finished)."""
@@ -138,7 +144,8 @@ class ModelServer:
             return await asyncio.to_thread(self._predict_whole, items, options)
 
     def _predict_whole(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
-        predictions = self.task.predict(self.artifact, items, **options)
+        with self.artifact.autocast():
+            predictions = self.task.predict(self.artifact, items, **options)
         return [p | notes for p, notes in zip(predictions, self.artifact.preprocessor.notes(items))]
 
 

@@ -118,7 +118,7 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def outputs(self, artifact: "Artifact", inputs: list[Any]) -> list[list[float]]:
         """Class probabilities per input."""
-        logits = artifact.family.logits(artifact.model, artifact.preprocessor(list(inputs)))
+        logits = artifact.family.logits(artifact.model, artifact.batch(inputs))
         return torch.softmax(logits.float(), dim=-1).tolist()
 
     def format(self, output, artifact, top_k: int = 3):

@@ -157,7 +157,7 @@ class DetectionTask(Task):
     def predict(self, artifact, inputs, score_threshold: float = 0.25, max_boxes: int = 100):
         """Per image ``{"boxes": [[x1, y1, x2, y2], ...] in original pixels, "labels": [...], "scores": [...]}``,
         best first: at most ``max_boxes`` detections scoring at least ``score_threshold``."""
-        batch = artifact.preprocessor(list(inputs))
+        batch = artifact.batch(inputs)
         found = artifact.family.detect(artifact.model, batch, float(score_threshold), int(max_boxes))
         return [{"boxes": [[round(float(v), 2) for v in box] for box in d["boxes"].tolist()],
                  "labels": [artifact.labels[int(i)] for i in d["labels"].tolist()],

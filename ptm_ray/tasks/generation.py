@@ -66,7 +66,7 @@ def _generate(artifact: "Artifact", inputs: list[str], decoder_only: bool, **opt
     tokenizer = artifact.preprocessor.tokenizer
     if decoder_only:
         tokenizer.padding_side = "left"  # generation continues from the last real token of each row
-    batch = artifact.preprocessor(list(inputs))
+    batch = artifact.batch(inputs)
     if not options["do_sample"]:
         options = {k: v for k, v in options.items() if k not in ("temperature", "top_k", "top_p")}
     if seed is not None:

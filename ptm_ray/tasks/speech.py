@@ -117,7 +117,7 @@ class SpeechRecognitionTask(Task):
     @torch.no_grad()
     def predict(self, artifact, inputs):
         """``{"text": transcript}`` per audio clip, as the Hugging Face ASR pipeline returns."""
-        batch = artifact.preprocessor(list(inputs))
+        batch = artifact.batch(inputs)
         log_probs = F.log_softmax(artifact.family.logits(artifact.model, batch).float(), dim=-1)
         lengths = artifact.family.frame_lengths(artifact.model, batch, log_probs.shape[1])
         return [{"text": decode_ids(ids, artifact.labels)} for ids in greedy_ctc_decode(log_probs, lengths)]
