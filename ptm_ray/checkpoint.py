@@ -26,7 +26,7 @@ from torch import nn
 from ptm_ray.config import Config, config_from_dict, config_to_dict
 from ptm_ray.models import Family, Preprocessor, family_for
 
-__all__ = ["Artifact", "FORMAT_VERSION", "load_artifact", "read_meta", "save_checkpoint", "to_device"]
+__all__ = ["Artifact", "FORMAT_VERSION", "as_uri", "load_artifact", "read_meta", "save_checkpoint", "to_device"]
 
 FORMAT_VERSION = 1
 _META = "ptm_ray.json"
@@ -72,11 +72,27 @@ def save_checkpoint(
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The ``ptm_ray.json`` of a checkpoint folder (labels, metrics, history, ...)."""
+    """The ``ptm_ray.json`` of a checkpoint folder or URI (labels, metrics, history, ...)."""
+    if "://" in str(path):
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(f"{str(path).rstrip('/')}/{_META}")
+        if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
+            raise ValueError(f"{path} is not a ptm_ray checkpoint: {_META} is missing")
+        with fs.open_input_stream(inner) as f:
+            return json.loads(f.read())
     meta_file = Path(path) / _META
     if not meta_file.is_file():
         raise ValueError(f"{path} is not a ptm_ray checkpoint: {_META} is missing")
     return json.loads(meta_file.read_text())
+
+
+def as_uri(path: str, storage: str) -> str:
+    """``path`` as Ray reports it, made usable: Ray gives a path inside the storage's filesystem, without the
+    scheme (``bucket/runs/run/checkpoint_000001``); under a URI ``storage`` (``s3://bucket/runs``) put it back."""
+    if "://" in storage and "://" not in path:
+        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

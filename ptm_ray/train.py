@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ptm_ray.checkpoint import read_meta
+from ptm_ray.checkpoint import as_uri, read_meta
 from ptm_ray.config import Config, config_to_dict, parse_freeze_depth
 from ptm_ray.console import epoch_line, logs_dir
 from ptm_ray.data import DataSummary
@@ -156,12 +156,11 @@ def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedDat
             raise RuntimeError(f"run {name} produced no checkpoint (see the worker logs in {logs_dir()})")
         sign = 1 if cfg.train.mode == "max" else -1
         best, metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.train.metric])
-        best_path = best.path
+        best_path = as_uri(best.path, storage_path(cfg))  # Ray reports object-storage paths without their scheme
     finally:
         tracker.finish(best_path)
-    latest = result.checkpoint or best
-    history = read_meta(latest.path)["history"] if "://" not in latest.path else metrics.get("history", [])
-    return FitResult(best.path, metrics, history, result.path, tracker.where())
+    history = read_meta(as_uri((result.checkpoint or best).path, storage_path(cfg)))["history"]
+    return FitResult(best_path, metrics, history, as_uri(result.path, storage_path(cfg)), tracker.where())
 
 
 def _fit_keeping_sigint(trainer: Any) -> Any:

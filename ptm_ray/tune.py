@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ptm_ray.checkpoint import as_uri
 from ptm_ray.config import Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, with_overrides
 from ptm_ray.model_store import ModelStore, ModelVersion
 from ptm_ray.train import PreparedData, fit, fit_in_trial, plan_run, prepare_data, storage_path
@@ -310,7 +311,7 @@ def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
             epochs_run=len(history),
             wall_time_s=float(history[-1].get("time_total_s", 0.0)) if history else 0.0,
             stop_reason=_stop_reason(result, history, cfg.train.epochs),
-            checkpoint=best.get("checkpoint_path") or _tune_checkpoint(result, best.get("epoch")),
+            checkpoint=_checkpoint_uri(best.get("checkpoint_path") or _tune_checkpoint(result, best.get("epoch")), cfg),
             overrides=" ".join(format_overrides(overrides)),
         ))
     rows.sort(key=lambda r: (r.best_score is None, -sign * (r.best_score or 0.0)))
@@ -342,6 +343,11 @@ def apply_budget(rows: list[LeaderboardRow], cfg: Config) -> list[LeaderboardRow
     for rank, row in enumerate(rows, 1):
         row.rank = rank
     return rows
+
+
+def _checkpoint_uri(path: str | None, cfg: Config) -> str | None:
+    """Ray reports checkpoints on object storage without the scheme: put it back, so promotion can read them."""
+    return as_uri(path, storage_path(cfg)) if path else None
 
 
 def _tune_checkpoint(result, epoch: int | None) -> str | None:

@@ -39,3 +39,22 @@ def test_promoting_something_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="registry name 'no spaces'"):
         store.promote(_checkpoint(tmp_path, "c"), "no spaces", {})
     assert store.names() == []
+
+
+def test_ray_paths_on_object_storage_get_their_scheme_back_and_local_paths_stay():
+    from ptm_ray.checkpoint import as_uri
+
+    # bug guarded: Ray reports s3 checkpoints as "bucket/runs/..." and the driver read that as a local folder
+    assert as_uri("bars/runs/r/checkpoint_000001", "s3://bars/runs") == "s3://bars/runs/r/checkpoint_000001"
+    assert as_uri("/bars/runs/r", "gs://bars/runs") == "gs://bars/runs/r"
+    assert as_uri("s3://bars/runs/r", "s3://bars/runs") == "s3://bars/runs/r"
+    assert as_uri("/home/u/runs/r/checkpoint_000001", "/home/u/runs") == "/home/u/runs/r/checkpoint_000001"
+
+
+def test_read_meta_reads_uris_and_names_what_is_missing(tmp_path):
+    from ptm_ray.checkpoint import read_meta
+
+    _checkpoint(tmp_path, "ck")
+    assert read_meta(f"file://{tmp_path / 'ck'}") == {"task": "classification"}  # through pyarrow, as for s3://
+    with pytest.raises(ValueError, match=r"file://.*/nothing is not a ptm_ray checkpoint: ptm_ray.json is missing"):
+        read_meta(f"file://{tmp_path / 'nothing'}")
