@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any
 
 __all__ = ["init_ray", "start_local_ray"]
@@ -64,4 +65,5 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
         where = "started a local Ray on 127.0.0.1 (no dashboard)"
     url = ray._private.worker.get_dashboard_url()  # no public accessor
     dashboard_text = f"dashboard http://{url}; " if url else ""
-    print(f"[ptm_ray] {where}; {dashboard_text}full logs in {logs_dir()}", flush=True)
+    # stderr: a status line, kept out of output another program reads (``ptm-ray evaluate --json``)
+    print(f"[ptm_ray] {where}; {dashboard_text}full logs in {logs_dir()}", file=sys.stderr, flush=True)
