@@ -55,10 +55,12 @@ def test_speech_family_learns_spoken_commands_on_two_workers(ray_cluster, speech
         overrides = ["model.name=torchaudio:deepspeech", f"model.weights={tiny_audio['deepspeech']}",
                      f"model.kwargs={kwargs}", "optim.lr=3e-3"]
     else:
-        # random-init tiny encoders learn faster with the feature encoder trainable too (depth 0 wins over 1)
+        # random-init tiny encoders learn faster with the feature encoder trainable too (depth 0 wins over 1); they
+        # often learn only from epoch 6 on: 8 epochs once ended at exactly 0.25 (a flake), 10 leave a margin
         overrides = [f"model.name=hf:{tiny_audio[family]}", "optim.lr=2e-3", "model.freeze_depth=0"]
+    epochs = 8 if family == "deepspeech" else 10
     result = _run(tmp_path, overrides[0].split("=", 1)[1], speech_dir,
-                  ["data.max_seconds=1.0", "train.batch_size=8", "model.freeze_depth=1", *overrides[1:]], 8, family)
+                  ["data.max_seconds=1.0", "train.batch_size=8", "model.freeze_depth=1", *overrides[1:]], epochs, family)
     best = max(h["val_accuracy"] for h in result.history)
     assert best > 0.25, result.history  # 10 words: chance is 0.1
     assert load_artifact(result.best_checkpoint).labels == sorted(p.name for p in Path(speech_dir).iterdir() if p.is_dir())
