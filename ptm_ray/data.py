@@ -336,7 +336,7 @@ def _ray_read(path: str, fmt: str) -> "ray.data.Dataset":
 
     fmt = resolve_format(path, fmt)
     reader = {"csv": ray.data.read_csv, "jsonl": ray.data.read_json, "parquet": ray.data.read_parquet}[fmt]
-    return reader(resolve_path(path), ray_remote_args=_READ_ARGS)
+    return reader(resolve_path(path), **_READ_ARGS)
 
 
 # Reading fine-tuning data is light work: a fraction of a CPU per task lets it run beside Train workers

@@ -73,16 +73,10 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self.run_name = context.get_experiment_name()
 
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[Path | None]:
+    def restored(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as folder:
-            yield Path(folder)
+        return _folder_of(ray.train.get_checkpoint())
 
     def dataset(self, name: str) -> Any:
         import ray.train
@@ -98,6 +92,16 @@ class RaySession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=ddp_kwargs)
+
+
+@contextlib.contextmanager
+def _folder_of(checkpoint: Any) -> Iterator[Path | None]:
+    """The local folder of a Ray checkpoint to resume from, or None for a fresh start."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
 
 
 class TuneSession:
@@ -117,16 +121,10 @@ class TuneSession:
         self.datasets, self.device = datasets, device
         self.run_name = ray.tune.get_context().get_trial_id()
 
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[Path | None]:
+    def restored(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.tune
 
-        checkpoint = ray.tune.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as folder:
-            yield Path(folder)
+        return _folder_of(ray.tune.get_checkpoint())
 
     def dataset(self, name: str) -> Any:
         return self.datasets[name]
