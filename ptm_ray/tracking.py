@@ -71,6 +71,14 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
+def allow_file_store(uri: str) -> None:
+    """MLflow 3 keeps the file store in maintenance mode behind this switch; it is the store that needs no server
+    and no database (README: open it with `mlflow ui` and the same switch). Set it for any ``file:`` store we log
+    to, Tune's restored MLflowLoggerCallback included."""
+    if uri.startswith("file:"):
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+
+
 class _MlflowRun:
     """One MLflow run through ``MlflowClient`` (no process-global active run: safe on a driver thread)."""
 
@@ -78,10 +86,7 @@ class _MlflowRun:
         from mlflow.tracking import MlflowClient
 
         self.uri = mlflow_uri(cfg)
-        if self.uri.startswith("file:"):
-            # MLflow 3 keeps the file store in maintenance mode behind this switch; it is the store that needs
-            # no server and no database (README: open it with `mlflow ui` and the same switch)
-            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        allow_file_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (experiment.experiment_id if experiment is not None

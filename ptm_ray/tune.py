@@ -225,7 +225,7 @@ def run_search(cfg: Config) -> SearchResult:
     from ptm_ray.console import verbose
     from ptm_ray.progress import SearchProgress
     from ptm_ray.runtime import init_ray
-    from ptm_ray.tracking import SearchTracker
+    from ptm_ray.tracking import SearchTracker, allow_file_store, mlflow_uri
 
     validate_search(cfg)
     init_ray()
@@ -241,6 +241,7 @@ def run_search(cfg: Config) -> SearchResult:
     tracker = None
     if tune.Tuner.can_restore(experiment):
         print(f"[ptm_ray] restoring search {experiment}: finished trials are kept, unfinished ones resume")
+        allow_file_store(mlflow_uri(cfg))  # the restored trials' MLflow callback logs to the same store
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tracker = SearchTracker(cfg, name, experiment)
