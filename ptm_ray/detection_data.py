@@ -66,7 +66,7 @@ def read_coco(json_path: str | Path) -> tuple[list[dict], list[str]]:
             box = [math.nan] * 4  # check_records reports it
         category = ann.get("category_id")
         _add_box(record, box, names.get(category, str(category)), f"annotation {ann.get('id')}",
-                 f"bbox {ann.get('bbox')}")
+                 f"bbox {ann.get('bbox')}", crowd=bool(ann.get("iscrowd", 0)))
     return list(records.values()), list(names.values())
 
 
@@ -133,12 +133,15 @@ def _yolo_line(line: str, path: Path, number: int) -> tuple[int, float, float, f
 
 def _record(path: Path, width: int, height: int, source: Path, image_ref: str) -> dict:
     origin = {"file": str(source), "image": image_ref, "boxes": [], "given": []}
-    return {"path": str(path), "width": int(width), "height": int(height), "boxes": [], "labels": [], "origin": origin}
+    return {"path": str(path), "width": int(width), "height": int(height), "boxes": [], "labels": [], "crowd": [],
+            "origin": origin}
 
 
-def _add_box(record: dict, box: list[float], label: str, ref: str, given: str) -> None:
+def _add_box(record: dict, box: list[float], label: str, ref: str, given: str, crowd: bool = False) -> None:
+    """Add a box; ``crowd``: COCO's ``iscrowd`` (a region of many objects: not trained on, ignored by mAP)."""
     record["boxes"].append(box)
     record["labels"].append(label)
+    record["crowd"].append(crowd)
     record["origin"]["boxes"].append(ref)
     record["origin"]["given"].append(given)
 

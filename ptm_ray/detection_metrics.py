@@ -1,9 +1,11 @@
-"""COCO-style mean average precision for object detection, in numpy (no pycocotools).
+"""COCO mean average precision for object detection, computed by faster-coco-eval's ``COCOeval``.
 
-The numbers follow COCOeval's ``bbox`` evaluation for area "all" and at most 100 detections per image
-and class: per class and IoU threshold (.50:.05:.95), detections are matched greedily in score order to
-the unmatched ground-truth box they overlap most (at least the threshold); precision is made monotone
-and read at 101 recall points; classes with no ground truth are left out of the mean.
+faster-coco-eval is a C++ port of pycocotools' ``COCOeval`` (``bbox``): per class and IoU threshold
+(.50:.05:.95), detections are matched greedily in score order; crowd ground truth (``iscrowd``) neither
+counts as missed nor makes a detection on it a false positive; at most ``max_detections`` detections per
+image and class count; classes with no ground truth are left out of the mean. The numbers are the ones
+papers and leaderboards quote: mAP@[.5:.95], AP50, AP75 and the small/medium/large area buckets (box area
+below 32², below 96², above).
 
 Per-image results are plain numpy arrays, so workers can ``all_gather`` ``state()`` and every rank can
 ``merge`` and ``compute`` the same numbers::
@@ -11,7 +13,7 @@ Per-image results are plain numpy arrays, so workers can ``all_gather`` ``state(
     metric = MeanAP()
     metric.update(postprocess(outputs), targets)     # per batch
     for other in gathered_states: metric.merge(other)
-    metric.compute()                                  # {"map": ..., "map_50": ...}
+    metric.compute()                                  # {"map": ..., "map_50": ..., "map_75": ..., "map_small": ...}
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import torch
 
 __all__ = ["MeanAP"]
 
-_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+# faster-coco-eval's stats_as_dict names -> ours (torchmetrics' names)
+_STATS = {"AP_all": "map", "AP_50": "map_50", "AP_75": "map_75", "AP_small": "map_small", "AP_medium": "map_medium",
+          "AP_large": "map_large"}
 
 
 class MeanAP:
-    """Accumulates (predictions, targets) per image; ``compute()`` gives mAP@[.5:.95] and mAP@.5.
+    """Accumulates (predictions, targets) per image; ``compute()`` gives COCO's AP numbers.
 
     Args:
         iou_thresholds: IoU thresholds averaged over for ``map`` (COCO: .50, .55, ..., .95); the first
@@ -44,16 +48,20 @@ class MeanAP:
 
     def update(self, predictions: list[dict[str, Any]], targets: list[dict[str, Any]]) -> None:
         """Add images: ``predictions`` ``{"boxes" [K, 4] xyxy, "scores" [K], "labels" [K]}`` and
-        ``targets`` ``{"boxes" [N, 4], "labels" [N]}`` per image, in the same pixels (tensors or arrays)."""
+        ``targets`` ``{"boxes" [N, 4], "labels" [N], "iscrowd" [N] (optional)}`` per image, in the same pixels
+        (tensors or arrays)."""
         if len(predictions) != len(targets):
             raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets: one of each per image")
         for pred, target in zip(predictions, targets):
+            gt_labels = _array(target["labels"], np.int64).reshape(-1)
+            crowd = target.get("iscrowd")
             self._images.append({
                 "pred_boxes": _array(pred["boxes"], np.float64).reshape(-1, 4),
                 "scores": _array(pred["scores"], np.float64).reshape(-1),
                 "pred_labels": _array(pred["labels"], np.int64).reshape(-1),
                 "gt_boxes": _array(target["boxes"], np.float64).reshape(-1, 4),
-                "gt_labels": _array(target["labels"], np.int64).reshape(-1),
+                "gt_labels": gt_labels,
+                "gt_crowd": np.zeros(len(gt_labels), bool) if crowd is None else _array(crowd, bool).reshape(-1),
             })
 
     def state(self) -> list[dict[str, np.ndarray]]:
@@ -68,27 +76,45 @@ class MeanAP:
         self._images = []
 
     def compute(self) -> dict[str, float]:
-        """``{"map": mAP@[.5:.95], "map_50": mAP@.5}``; both -1.0 when no image has a ground-truth box
-        (COCO's convention for "undefined")."""
-        classes = sorted({int(c) for image in self._images for c in image["gt_labels"]})
-        if not classes:
-            return {"map": -1.0, "map_50": -1.0}
-        ap = np.array([self._class_ap(c) for c in classes])  # [classes, thresholds]
-        return {"map": float(ap.mean()), "map_50": float(ap[:, 0].mean())}
+        """``{"map": mAP@[.5:.95], "map_50", "map_75", "map_small", "map_medium", "map_large"}`` (``map_75`` only
+        when .75 is one of the thresholds); -1.0 where undefined, COCO's convention: every value when no image
+        has a ground-truth box, a size bucket with no ground truth in it."""
+        if not any(len(image["gt_labels"]) for image in self._images):
+            return {name: -1.0 for name in self._names()}
+        from faster_coco_eval import COCO, COCOeval_faster
 
-    def _class_ap(self, cls: int) -> np.ndarray:
-        """AP of one class at every IoU threshold."""
-        scores, hits, num_gt = [], [], 0
-        for image in self._images:
-            gt = image["gt_boxes"][image["gt_labels"] == cls]
-            mine = image["pred_labels"] == cls
-            order = np.argsort(-image["scores"][mine], kind="mergesort")[: self.max_detections]
-            num_gt += len(gt)
-            scores.append(image["scores"][mine][order])
-            hits.append(_match(image["pred_boxes"][mine][order], gt, self.iou_thresholds))
-        scores_all, hits_all = np.concatenate(scores), np.concatenate(hits, axis=1)
-        order = np.argsort(-scores_all, kind="mergesort")
-        return np.array([_average_precision(h[order], num_gt) for h in hits_all])
+        truth, detections = self._coco()
+        ground = COCO(truth, print_function=_silent)
+        evaluator = COCOeval_faster(ground, ground.loadRes(detections), "bbox", print_function=_silent)
+        evaluator.params.iouThrs = self.iou_thresholds
+        evaluator.params.maxDets = [1, 10, self.max_detections]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        stats = evaluator.stats_as_dict
+        return {name: float(stats[key]) for key, name in _STATS.items() if name in self._names()}
+
+    def _names(self) -> list[str]:
+        has_75 = bool(np.isclose(self.iou_thresholds, 0.75).any())
+        return [name for name in _STATS.values() if name != "map_75" or has_75]
+
+    def _coco(self) -> tuple[dict, list[dict]]:
+        """The images as a COCO ground-truth dict and a detection list (xywh boxes, area = box area)."""
+        images, annotations, detections, classes = [], [], [], set()
+        for image_id, image in enumerate(self._images, start=1):
+            images.append({"id": image_id})
+            for box, label, crowd in zip(_xywh(image["gt_boxes"]), image["gt_labels"], image["gt_crowd"]):
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                    "bbox": box, "area": box[2] * box[3], "iscrowd": int(crowd)})
+            for box, score, label in zip(_xywh(image["pred_boxes"]), image["scores"], image["pred_labels"]):
+                detections.append({"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)})
+            classes.update(int(c) for c in image["gt_labels"])
+        categories = [{"id": c, "name": str(c)} for c in sorted(classes)]
+        return {"images": images, "annotations": annotations, "categories": categories}, detections
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """faster-coco-eval prints its progress and summary table through this."""
 
 
 def _array(value: Any, dtype: type) -> np.ndarray:
@@ -97,40 +123,6 @@ def _array(value: Any, dtype: type) -> np.ndarray:
     return np.asarray(value, dtype=dtype)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes [D, 4] x [G, 4] -> [D, G]."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
-def _match(dets: np.ndarray, gts: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """True-positive flags [thresholds, D] for score-sorted detections against one image's boxes of a class:
-    each detection takes the unmatched box it overlaps most, if that overlap reaches the threshold."""
-    hits = np.zeros((len(thresholds), len(dets)), dtype=bool)
-    if len(dets) == 0 or len(gts) == 0:
-        return hits
-    ious = _iou(dets, gts)
-    for t, threshold in enumerate(thresholds):
-        taken = np.zeros(len(gts), dtype=bool)
-        for d in range(len(dets)):
-            candidates = np.where(taken, -1.0, ious[d])
-            best = int(candidates.argmax())
-            if candidates[best] >= min(threshold, 1 - 1e-10):
-                taken[best] = hits[t, d] = True
-    return hits
-
-
-def _average_precision(hits: np.ndarray, num_gt: int) -> float:
-    """101-point interpolated AP from score-sorted true-positive flags."""
-    if num_gt == 0 or len(hits) == 0:
-        return 0.0
-    true_pos = np.cumsum(hits)
-    recall = true_pos / num_gt
-    precision = true_pos / np.arange(1, len(hits) + 1)
-    precision = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
-    at = np.searchsorted(recall, _RECALL_POINTS, side="left")
-    return float(np.where(at < len(hits), precision[np.minimum(at, len(hits) - 1)], 0.0).mean())
+def _xywh(boxes: np.ndarray) -> list[list[float]]:
+    """xyxy [N, 4] -> COCO's [x, y, width, height] lists."""
+    return [[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in boxes.tolist()]

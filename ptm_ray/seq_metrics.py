@@ -43,15 +43,12 @@ def normalize_text(text: str) -> str:
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
     """Levenshtein distance (substitutions, insertions, deletions all cost 1) between two sequences.
 
-    O(len(ref) * len(hyp)) time, two rows of memory: fine for sentences, words or characters.
+    Strings compare characters; lists compare items (e.g. words). RapidFuzz's C++ implementation, the one
+    jiwer computes WER and CER with.
     """
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        current = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, start=1):
-            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h))
-        previous = current
-    return previous[-1]
+    from rapidfuzz.distance import Levenshtein
+
+    return int(Levenshtein.distance(ref, hyp))
 
 
 def _check_pairs(refs: Sequence[str], hyps: Sequence[str], where: str) -> None:
@@ -62,7 +59,7 @@ def _check_pairs(refs: Sequence[str], hyps: Sequence[str], where: str) -> None:
 
 
 class ErrorRate:
-    """Corpus word and character error rates (like jiwer): summed edits over summed reference lengths.
+    """Corpus word and character error rates, counted by jiwer: summed edits over summed reference lengths.
 
     ``totals()`` gives ``[word_errors, ref_words, char_errors, ref_chars]``; totals from several workers
     add up (``all_reduce``) and ``ErrorRate.from_totals`` turns the sum back into rates. Characters are
@@ -73,14 +70,23 @@ class ErrorRate:
         self.word_errors = self.ref_words = self.char_errors = self.ref_chars = 0.0
 
     def update(self, refs: list[str], hyps: list[str]) -> None:
-        """Add the edits of each (reference, hypothesis) pair, after ``normalize_text``."""
+        """Add the edits of each (reference, hypothesis) pair, after ``normalize_text`` (jiwer counts them)."""
+        import jiwer
+
         _check_pairs(refs, hyps, "ErrorRate.update")
-        for ref, hyp in zip(refs, hyps):
-            ref, hyp = normalize_text(ref), normalize_text(hyp)
-            self.word_errors += edit_distance(ref.split(), hyp.split())
-            self.ref_words += len(ref.split())
-            self.char_errors += edit_distance(ref, hyp)
-            self.ref_chars += len(ref)
+        pairs = [(normalize_text(r), normalize_text(h)) for r, h in zip(refs, hyps)]
+        for _, hyp in (p for p in pairs if not p[0]):  # jiwer refuses empty references: every hyp item is an insertion
+            self.word_errors += len(hyp.split())
+            self.char_errors += len(hyp)
+        pairs = [p for p in pairs if p[0]]
+        if not pairs:
+            return
+        refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
+        words, chars = jiwer.process_words(refs, hyps), jiwer.process_characters(refs, hyps)
+        self.word_errors += words.substitutions + words.deletions + words.insertions
+        self.ref_words += words.substitutions + words.deletions + words.hits
+        self.char_errors += chars.substitutions + chars.deletions + chars.insertions
+        self.ref_chars += chars.substitutions + chars.deletions + chars.hits
 
     def totals(self) -> list[float]:
         """``[word_errors, ref_words, char_errors, ref_chars]``, additive across workers."""

@@ -350,6 +350,12 @@ def _target(boxes, labels):
 TWO = _target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0])
 
 
+def _map(metric: MeanAP) -> dict[str, float]:
+    """mAP@[.5:.95] and AP50 of ``metric``."""
+    result = metric.compute()
+    return {"map": result["map"], "map_50": result["map_50"]}
+
+
 @pytest.mark.parametrize("prediction, expected", [
     (_pred([[20, 20, 30, 30], [0, 0, 10, 10]], [0.9, 0.8], [0, 0]), (1.0, 1.0)),       # perfect
     (_pred([], [], []), (0.0, 0.0)),                                                    # nothing found
@@ -364,6 +370,36 @@ def test_mean_ap_hand_computed_cases(prediction, expected):
     metric.update([prediction], [TWO])
     result = metric.compute()
     assert result["map"] == pytest.approx(expected[0]) and result["map_50"] == pytest.approx(expected[1])
+
+
+def test_mean_ap_ignores_crowd_truth_as_cocoeval_does():
+    # a normal box found (0.9), and a higher-scored detection on a crowd region (IoU 900/1600 = .5625)
+    detections = _pred([[0, 0, 10, 10], [55, 55, 85, 85]], [0.9, 0.95], [0, 0])
+    truth = [[0, 0, 10, 10], [50, 50, 90, 90]]
+    crowd = MeanAP()
+    crowd.update([detections], [_target(truth, [0, 0]) | {"iscrowd": torch.tensor([0, 1])}])
+    assert crowd.compute()["map"] == pytest.approx(1.0)  # the crowd is neither missed nor a false positive's cause
+    ordinary = MeanAP()  # the same boxes counted as ordinary truth: AP 1 at .50 and .55, then recall 1/2 after a miss
+    ordinary.update([detections], [_target(truth, [0, 0])])
+    assert ordinary.compute()["map"] == pytest.approx((2 * 1.0 + 8 * 0.5 * 51 / 101) / 10)
+
+
+def test_mean_ap_reports_ap75_and_the_area_buckets():
+    found = MeanAP()
+    found.update([_pred([[0, 0, 10, 16], [20, 20, 30, 36]], [0.9, 0.8], [0, 0])], [TWO])  # IoU .625 each
+    result = found.compute()
+    assert (result["map_50"], result["map_75"]) == (1.0, 0.0)
+    # small (10x10 < 32²) found, medium (50x50 < 96²) missed, large (100x100) found
+    sizes = MeanAP()
+    truth = _target([[0, 0, 10, 10], [100, 100, 150, 150], [200, 200, 300, 300]], [0, 0, 0])
+    sizes.update([_pred([[0, 0, 10, 10], [200, 200, 300, 300]], [0.9, 0.8], [0, 0])], [truth])
+    result = sizes.compute()
+    assert (result["map_small"], result["map_medium"], result["map_large"]) == (1.0, 0.0, 1.0)
+    assert result["map"] == pytest.approx(67 / 101)  # 2 of 3 found at every threshold, both first
+    only_small = MeanAP()  # a bucket without ground truth is undefined: -1, COCO's convention
+    only_small.update([_pred([[0, 0, 10, 10]], [0.9], [0])], [_target([[0, 0, 10, 10]], [0])])
+    assert (only_small.compute()["map_medium"], only_small.compute()["map_large"]) == (-1.0, -1.0)
+    assert "map_75" not in MeanAP(iou_thresholds=(0.5,)).compute()
 
 
 def test_mean_ap_merges_states_across_workers_and_averages_classes():
@@ -384,36 +420,25 @@ def test_mean_ap_merges_states_across_workers_and_averages_classes():
     assert merged.compute() == whole.compute()
     # class 0: 3 boxes, two found first -> recall 2/3 at precision 1; class 1: 0; class 2 left out
     assert whole.compute()["map"] == pytest.approx((67 / 101 + 0.0) / 2)
-    assert MeanAP().compute() == {"map": -1.0, "map_50": -1.0}
-
-
-def test_iou_hand_computed_pairs():
-    from ptm_ray.detection_metrics import _iou
-
-    a = np.array([[0, 0, 10, 20], [0, 0, 10, 10], [0.1, 0.1, 0.2, 0.2]], float)  # tall, square, tiny (normalised)
-    b = np.array([[0, 0, 20, 10], [30, 30, 40, 40], [0.1, 0.1, 0.2, 0.2]], float)  # wide, far away, the same tiny
-    # tall x wide: 100 / (200 + 200 - 100); square x wide: 100 / 200; anything x far away: 0 (no overlap is not 1 px);
-    # a tiny box inside a larger one: its area over the larger one's;
-    # tiny boxes (area 0.01) compare like any other: the union is not floored at 1
-    assert _iou(a, b) == pytest.approx(np.array([[1 / 3, 0, 0.01 / 200], [0.5, 0, 0.01 / 100], [0.01 / 200, 0, 1]]))
+    assert set(MeanAP().compute().values()) == {-1.0} and len(MeanAP().compute()) == 6
 
 
 def test_mean_ap_threshold_edges():
     gt = _target([[0, 0, 10, 10]], [0])
     metric = MeanAP()
     metric.update([_pred([[0, 0, 10, 19]], [0.9], [0])], [gt])  # IoU 100/190 = .526: a hit at .50 only
-    assert metric.compute() == pytest.approx({"map": 0.1, "map_50": 1.0})
+    assert _map(metric) == pytest.approx({"map": 0.1, "map_50": 1.0})
     metric.reset()  # a reset metric starts over
     metric.update([_pred([[0, 0, 10, 20]], [0.9], [0])], [gt])  # IoU exactly .5 counts at .5 (COCO: >=)
-    assert metric.compute() == pytest.approx({"map": 0.1, "map_50": 1.0})
+    assert _map(metric) == pytest.approx({"map": 0.1, "map_50": 1.0})
     only_50 = MeanAP(iou_thresholds=(0.5,))
     only_50.update([_pred([[0, 0, 10, 19]], [0.9], [0])], [gt])
-    assert only_50.compute() == {"map": 1.0, "map_50": 1.0}
+    assert _map(only_50) == {"map": 1.0, "map_50": 1.0}
     # a threshold of 1.0 accepts an IoU within float error of 1 (COCO caps it at 1 - 1e-10)
     exact = MeanAP(iou_thresholds=(0.5, 1.0))
     off_by_float_error = np.array([[0, 0, 10, 10 + 1e-12]])  # float64: in float32 the box would be exact
     exact.update([{"boxes": off_by_float_error, "scores": np.array([0.9]), "labels": np.array([0])}], [gt])
-    assert exact.compute() == {"map": 1.0, "map_50": 1.0}
+    assert _map(exact) == {"map": 1.0, "map_50": 1.0}
     with pytest.raises(ValueError, match=r"^iou_thresholds=\[0.75\]: the first must be 0.5 \(for map_50\)$"):
         MeanAP(iou_thresholds=(0.75,))
     with pytest.raises(ValueError, match="^2 predictions but 1 targets: one of each per image$"):
@@ -482,4 +507,28 @@ def test_mean_ap_takes_single_detections_and_integer_boxes():
     for prediction, target, expected in cases:
         metric = MeanAP()
         metric.update([prediction], [target])
-        assert metric.compute() == pytest.approx({"map": expected, "map_50": expected})
+        assert _map(metric) == pytest.approx({"map": expected, "map_50": expected})
+
+
+def test_crowd_regions_are_not_trained_on_and_are_ignored_by_map(shapes):
+    from ptm_ray.tasks.detection import _target_json, _targets
+
+    def crowd_first(coco):
+        first = coco["annotations"][0]
+        first["iscrowd"] = 1
+        return first["image_id"]
+
+    path = _edit_coco(shapes[0]["root"], crowd_first)
+    crowd_image = json.loads(path.read_text())["annotations"][0]["image_id"]
+    records, categories = read_coco(path)
+    good, _ = check_records(records, categories, "data.train")
+    record = good[crowd_image - 1]
+    assert record["crowd"][0] is True and not any(record["crowd"][1:])
+    assert not any(any(r["crowd"]) for r in good if r is not record)
+    text = _target_json(record)
+    train, = _targets([text], categories)
+    scored, = _targets([text], categories, crowd=True)
+    assert len(train["boxes"]) == len(record["boxes"]) - 1  # the crowd region is not a training target
+    assert torch.equal(train["boxes"], torch.tensor(record["boxes"][1:], dtype=torch.float).reshape(-1, 4))
+    assert scored["iscrowd"].tolist() == [True] + [False] * (len(record["boxes"]) - 1)
+    assert "iscrowd" not in json.loads(_target_json(good[crowd_image % len(good)]))  # only images with a crowd say so

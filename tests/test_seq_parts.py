@@ -48,6 +48,9 @@ def test_wer_cer_known_values_and_normalisation():
     rates.update(["a b"], ["a b c d"])  # insertions count: corpus WER = 2 / (3 + 2)
     assert rates.wer == pytest.approx(2 / 5)
     assert ErrorRate().wer == 0.0
+    rates = ErrorRate()  # an empty reference: every hypothesis word and character is an insertion
+    rates.update(["", "a b"], ["x y", "a c"])
+    assert rates.totals() == [3, 2, 4, 3]  # words: x, y, b->c over 2; chars: "x y" (3) and b->c over "a b" (3)
 
 
 def test_error_totals_add_up_like_all_reduce():

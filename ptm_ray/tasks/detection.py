@@ -87,23 +87,34 @@ def read_detection_records(cfg) -> tuple[list[dict], list[dict], list[str], dict
 
 
 def _target_json(record: dict) -> str:
-    return json.dumps({"boxes": record["boxes"], "labels": record["labels"]})
+    target = {"boxes": record["boxes"], "labels": record["labels"]}
+    if any(record.get("crowd", ())):
+        target["iscrowd"] = [int(c) for c in record["crowd"]]
+    return json.dumps(target)
 
 
-def _targets(batch_targets, labels: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Rows' ``target`` JSON -> ``{"boxes" [N, 4] float, "labels" [N] class index}`` per image."""
+def _targets(batch_targets, labels: list[str], crowd: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Rows' ``target`` JSON -> ``{"boxes" [N, 4] float, "labels" [N] class index}`` per image.
+
+    COCO crowd regions (``iscrowd``) are left out (training, as torchvision's references do), or kept with an
+    ``iscrowd`` flag per box for ``MeanAP`` (``crowd=True``, evaluation).
+    """
     index = {name: i for i, name in enumerate(labels)}
     out = []
     for text in batch_targets:
         target = json.loads(str(text))
-        out.append({"boxes": torch.tensor(target["boxes"], dtype=torch.float).reshape(-1, 4),
-                    "labels": torch.tensor([index[name] for name in target["labels"]], dtype=torch.long)})
+        flags = torch.tensor(target.get("iscrowd") or [0] * len(target["labels"]), dtype=torch.bool)
+        keep = torch.ones_like(flags) if crowd else ~flags
+        boxes = torch.tensor(target["boxes"], dtype=torch.float).reshape(-1, 4)[keep]
+        classes = torch.tensor([index[name] for name in target["labels"]], dtype=torch.long)[keep]
+        out.append({"boxes": boxes, "labels": classes} | ({"iscrowd": flags} if crowd else {}))
     return out
 
 
 @register_task
 class DetectionTask(Task):
-    """Faster R-CNN and YOLO: boxes + classes; val_loss, val_map (mAP@[.5:.95]) and val_map_50."""
+    """Faster R-CNN and YOLO: boxes + classes; val_loss, val_map (COCO's mAP@[.5:.95]), val_map_50, val_map_75 and
+    val_map_small/medium/large (faster-coco-eval's COCOeval; crowd regions ignored)."""
 
     name = "detection"
     metric, mode = "val_map", "max"
@@ -140,18 +151,18 @@ class DetectionTask(Task):
         metric = MeanAP(max_detections=EVAL_MAX_BOXES)
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         for batch in batches:
+            scored = _targets(batch["target"], ctx.labels, crowd=True)
             targets = _targets(batch["target"], ctx.labels)
             inputs = _to(ctx.preprocessor(list(batch["input"]), targets, train=False), ctx.device)
             with autocast():
                 loss, detections = ctx.family.evaluate_batch(model, inputs, EVAL_SCORE_THRESHOLD, EVAL_MAX_BOXES)
-            metric.update([{k: v.float().cpu() for k, v in d.items()} for d in detections], targets)
+            metric.update([{k: v.float().cpu() for k, v in d.items()} for d in detections], scored)
             sums += loss_stats(loss, len(targets), ctx.device)
         all_reduce(sums)
         merged = MeanAP(max_detections=EVAL_MAX_BOXES)
         merged.merge(gather_objects(metric.state()))  # every rank computes mAP over every validation image
         scores = merged.compute()
-        return {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), "val_map": scores["map"],
-                "val_map_50": scores["map_50"]}
+        return {"val_loss": (sums[0] / sums[1].clamp(min=1)).item(), **{f"val_{k}": v for k, v in scores.items()}}
 
     @torch.no_grad()
     def predict(self, artifact, inputs, score_threshold: float = 0.25, max_boxes: int = 100):
