@@ -348,10 +348,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like group.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set_dotted(raw, key.strip(), _override_value(key.strip(), value))
     cfg = _build(Config, raw, prefix="")
     _check_values(cfg)
     return cfg
+
+
+def _override_value(key: str, value: str) -> Any:
+    """An override's value as YAML reads it (``3e-5``, ``[0, 2]``, ``{choice: [..]}``, ``null``), or its error."""
+    if not value.strip():
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"override {key}={value}: the value is not valid YAML ({problem}); quote a string with "
+                         f"YAML's own quotes inside the shell's, e.g. {key}='\"{value}\"'") from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

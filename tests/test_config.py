@@ -313,3 +313,12 @@ def test_parse_freeze_depth_edges_and_messages():
         parse_freeze_depth(8, 7)
     with pytest.raises(ValueError, match=r"^model.freeze_depth=-1 is beyond the model's depth"):
         parse_freeze_depth(-1, 7)
+
+
+def test_an_override_that_is_not_yaml_names_the_key_and_how_to_quote():
+    # bug guarded: yaml's ParserError with its "in <unicode string>, line 1, column 6" page reached the user
+    with pytest.raises(ValueError, match=r"^override data.train=a: b: c: the value is not valid YAML \(mapping values "
+                                         r"are not allowed here\); quote a string .* data.train='\"a: b: c\"'$"):
+        load_config(None, ["data.train=a: b: c"])
+    with pytest.raises(ValueError, match=r"^override optim.lr=\[1e-3: the value is not valid YAML"):
+        load_config(None, ["data.train=x", "optim.lr=[1e-3"])
