@@ -400,6 +400,9 @@ def test_mean_ap_reports_ap75_and_the_area_buckets():
     only_small.update([_pred([[0, 0, 10, 10]], [0.9], [0])], [_target([[0, 0, 10, 10]], [0])])
     assert (only_small.compute()["map_medium"], only_small.compute()["map_large"]) == (-1.0, -1.0)
     assert "map_75" not in MeanAP(iou_thresholds=(0.5,)).compute()
+    wide = MeanAP()  # 100x20: area 2000 is medium (bug guarded: an area of height² = 400 would call it small)
+    wide.update([_pred([[0, 0, 100, 20]], [0.9], [0])], [_target([[0, 0, 100, 20]], [0])])
+    assert (wide.compute()["map_small"], wide.compute()["map_medium"]) == (-1.0, 1.0)
 
 
 def test_mean_ap_merges_states_across_workers_and_averages_classes():

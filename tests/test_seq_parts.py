@@ -51,6 +51,11 @@ def test_wer_cer_known_values_and_normalisation():
     rates = ErrorRate()  # an empty reference: every hypothesis word and character is an insertion
     rates.update(["", "a b"], ["x y", "a c"])
     assert rates.totals() == [3, 2, 4, 3]  # words: x, y, b->c over 2; chars: "x y" (3) and b->c over "a b" (3)
+    # totals add up over updates; a character deleted and two inserted count as 3 edits over 6 reference characters
+    rates = ErrorRate()
+    rates.update(["abcd"], ["abd"])
+    rates.update(["ab", ""], ["abxy", "q"])
+    assert rates.totals() == [3, 2, 4, 6]
 
 
 def test_error_totals_add_up_like_all_reduce():
