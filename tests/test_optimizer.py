@@ -71,3 +71,40 @@ def test_an_optimizer_step_changes_only_trainable_parameters():
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, _ in model.named_parameters() if not n.startswith("embed")}
+
+
+@pytest.mark.parametrize("mode, values, stop_after", [
+    # min_delta 0.1 in "max" mode: +0.1 exactly is not an improvement (bug guarded: >= for >), +0.1001 is
+    ("max", [0.5, 0.6, 0.7001, 0.75], None),  # one bad epoch (+0.1), then +0.1001 resets the count
+    ("max", [0.5, 0.6001, 0.7002, 0.75], None),
+    ("max", [0.5, 0.6, 0.7], 3),
+    # "min": the same margin below the best (bug guarded: the sign of min_delta flipped for min)
+    ("min", [1.0, 0.8999, 0.79, 0.75, 0.7], 5),
+    ("min", [1.0, 1.2, 0.95, 0.9], 3),  # worse, then better by less than min_delta: two bad epochs
+])
+def test_early_stopping_counts_only_gains_beyond_min_delta(mode, values, stop_after):
+    from ptm_ray.worker import EarlyStopping
+
+    stopper = EarlyStopping(mode, patience=2, min_delta=0.1)
+    stopped = None
+    for epoch, value in enumerate(values, start=1):
+        stopper.update(value, epoch)
+        if stopper.should_stop:
+            stopped = epoch
+            break
+    assert stopped == stop_after
+    # a smaller gain still moves the best (the checkpoint ranking follows the metric itself)
+    best = max(values[:stopped]) if mode == "max" else min(values[:stopped])
+    assert stopper.best == best and stopper.best_epoch == values.index(best) + 1
+    restored = EarlyStopping(mode, patience=2, min_delta=0.1)
+    restored.load_state_dict(stopper.state_dict())  # what resume restores
+    assert (restored.best, restored.best_epoch, restored.bad_epochs) == (stopper.best, stopper.best_epoch, stopper.bad_epochs)
+
+
+def test_early_stopping_without_patience_never_stops():
+    from ptm_ray.worker import EarlyStopping
+
+    stopper = EarlyStopping("max", patience=0, min_delta=0.0)
+    for epoch in range(1, 20):
+        stopper.update(0.5, epoch)
+    assert not stopper.should_stop and stopper.bad_epochs == 18
