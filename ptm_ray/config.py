@@ -58,6 +58,9 @@ class ModelConfig:
     """Frozen lower blocks: an int k, a fraction in (0, 1] of the model's blocks, ``all`` (only the head trains) or 0."""
     max_length: int = 128
     """Longest tokenized input; longer text is truncated."""
+    pooling: str = "cls"
+    """Text encoders' classifier input: ``cls`` (the first token's state, the model's own head) or ``mean`` (the
+    masked mean of the token states, as sentence-transformer checkpoints such as all-MiniLM were trained)."""
     trust_remote_code: bool = False
     """Let Hugging Face run code shipped with the model. Off unless you trust its source."""
 
@@ -309,6 +312,7 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _LOWER_IS_BETTER = ("loss", "wer", "cer", "perplexity")
 
 _CHOICES = {
+    "model.pooling": ("cls", "mean"),
     "data.format": ("auto", "csv", "jsonl", "parquet", "coco", "yolo"),
     "data.on_bad_file": ("fail", "skip"),
     "data.augment": ("none", "light"),

@@ -104,6 +104,8 @@ def cache_key(cfg: Config, family: Any, ref: Any, depth: int, num_blocks: int, s
                           "max_seconds": cfg.data.max_seconds, "augment": cfg.data.augment},
         "data": _data_fingerprint(cfg, summary),
     }
+    if cfg.model.pooling != "cls":  # a fully frozen encoder caches the pooled vector (keys of cls runs unchanged)
+        description["pooling"] = cfg.model.pooling
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -103,6 +103,9 @@ def plan_run(cfg: Config, data: DataSummary | None = None) -> RunPlan:
     if reason:
         raise ValueError(f"model.task={cfg.model.task} is not available for model.name={cfg.model.name}: {reason} "
                          f"({family.name} models do {', '.join(tasks_for_family(family))})")
+    if cfg.model.pooling != "cls" and family.name != "hf-text":
+        raise ValueError(f"model.pooling={cfg.model.pooling} is for Hugging Face text encoders; {family.name} models "
+                         f"(model.name={cfg.model.name}) pool as they were built: leave model.pooling=cls")
     summary = data or task.inspect(cfg, family.modality)
     with torch.device("meta"):  # architecture only: no weights read, no memory used
         skeleton = family.build(ref, summary.labels, cfg.model, task.head, pretrained=False)

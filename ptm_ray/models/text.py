@@ -24,6 +24,7 @@ from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
 from ptm_ray.models.base import ModelRef, Preprocessor, weights_cache_dir
 from ptm_ray.models.hf import HFFamily, set_label_maps
+from ptm_ray.models.pooling import POOLING_KEY, pool_with_mean, set_pooling_mask
 
 __all__ = ["HFTextFamily", "TEXT_MODEL_TYPES", "TextPreprocessor", "lower_layers_of"]
 
@@ -64,6 +65,13 @@ def lower_layers_of(source: str, num_layers: int, name: str) -> str:
     except OSError:  # another process won the race
         shutil.rmtree(partial, ignore_errors=True)
     return str(target)
+
+
+def _is_encoder(config: Any) -> bool:
+    """A bidirectional encoder (BERT-like: has a masked-LM head), not a decoder-only or encoder-decoder model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return not config.is_encoder_decoder and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 class TextPreprocessor(Preprocessor):
@@ -121,6 +129,26 @@ class HFTextFamily(HFFamily):
             set_label_maps(config, labels)
             if config.pad_token_id is None:  # GPT-2 has no pad token; sequence classification needs one
                 config.pad_token_id = config.eos_token_id
+        if cfg.pooling == "mean" and (head != "classifier" or not _is_encoder(config)):
+            raise ValueError(f"model.pooling=mean is for the classifier of a text encoder (BERT-like); model.name="
+                             f"{cfg.name} is a {config.model_type!r} model and model.task={cfg.task}: use model.pooling=cls")
+        config.update({POOLING_KEY: cfg.pooling})
+
+    def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, head: str, pretrained: bool = True) -> nn.Module:
+        model = super().build(ref, labels, cfg, head, pretrained)
+        if cfg.pooling == "mean":
+            pool_with_mean(model, self._last_layer(model))
+        return model
+
+    def load(self, path: Path) -> nn.Module:
+        model = super().load(path)
+        if getattr(model.config, POOLING_KEY, "cls") == "mean":
+            pool_with_mean(model, self._last_layer(model))
+        return model
+
+    def _last_layer(self, model: nn.Module) -> nn.Module:
+        """The top layer of the encoder (the last block's first module)."""
+        return model.get_submodule(self.blocks(model)[-1].prefixes[0])
 
     def blocks(self, model: nn.Module) -> list[Block]:
         embeddings, stacks = _LAYOUTS[model.config.model_type]
@@ -165,6 +193,7 @@ class HFTextFamily(HFFamily):
         base = model.base_model
         hidden = base.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
         mask = inputs["attention_mask"]
+        set_pooling_mask(model, mask)  # model.pooling=mean: the top layer's hook reads it
         layers = base.encoder.layer
         if depth > 1:
             extended, _ = base._create_attention_masks(mask, None, hidden, None, None)
@@ -183,6 +212,7 @@ class HFTextFamily(HFFamily):
             mask = features["attention_mask"]
             length = int(mask.sum(1).max())  # trim the cache's padding to this batch's longest row
             sequence, mask = features["hidden"][:, :length], mask[:, :length]
+            set_pooling_mask(model, mask)
             extended, _ = base._create_attention_masks(mask, None, sequence, None, None)
             for layer in base.encoder.layer[depth - 1:]:
                 sequence = layer(sequence, extended)
