@@ -13,6 +13,7 @@ Layout of one checkpoint folder::
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,7 +106,8 @@ class Artifact:
     """A loaded checkpoint: model in eval mode, its preprocessor, labels and metadata (storage only:
     ``ptm_ray.inference.predict`` asks the checkpoint's task to predict)."""
 
-    path: Path
+    path: Path | str
+    """The checkpoint folder, or the URI it was loaded from."""
     family: Family
     model: nn.Module
     preprocessor: Preprocessor
@@ -143,12 +145,25 @@ def to_device(value: Any, device: torch.device) -> Any:
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
-    """Load a checkpoint folder (or a URI Ray Train can read) for evaluation or serving, its model on ``device``."""
-    if "://" in str(path):
-        from ray.train import Checkpoint
+    """Load a checkpoint folder (or a URI Ray Train can read) for evaluation or serving, its model on ``device``.
 
-        path = Checkpoint(str(path)).to_directory(tempfile.mkdtemp(prefix="ptm_ray_ckpt_"))
-    path = Path(path)
+    A URI's checkpoint is copied to a temporary folder, loaded into memory and the copy removed (``path`` of
+    the artifact stays the URI).
+    """
+    if "://" not in str(path):
+        return _load_folder(Path(path), device)
+    from ray.train import Checkpoint
+
+    local = tempfile.mkdtemp(prefix="ptm_ray_ckpt_")
+    try:
+        artifact = _load_folder(Path(Checkpoint(str(path)).to_directory(local)), device)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    artifact.path = str(path)
+    return artifact
+
+
+def _load_folder(path: Path, device: str | torch.device) -> Artifact:
     meta = read_meta(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")

@@ -263,3 +263,21 @@ def test_each_task_describes_its_prediction_in_one_line():
     table = format_confusion([[5, 1], [0, 0]], ["billing", "a_very_long_label_name"]).splitlines()
     assert table[0].split() == ["true", "\\", "predicted", "billing", "a_very_long~", "total", "recall"]
     assert table[1].split() == ["billing", "5", "1", "6", "0.833"] and table[2].split() == ["a_very_long~", "0", "0", "0", "-"]
+
+
+def test_a_checkpoint_uri_loads_and_leaves_no_copy_behind(image_checkpoint, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where load_artifact's temporary copy goes
+    uri = Path(image_checkpoint).resolve().as_uri()  # file://...: the filesystem path Ray Train takes for s3:// too
+    image = _image_bytes()
+    loaded = load_artifact(uri)
+    assert loaded.path == uri and loaded.labels == ["circle", "square", "triangle"]
+    assert predict(loaded, [image]) == predict(load_artifact(image_checkpoint), [image])
+    assert list(tmp_path.iterdir()) == []  # bug guarded: every load of a URI left a full copy in /tmp
+
+
+def _image_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
