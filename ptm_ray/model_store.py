@@ -7,6 +7,11 @@ Layout (local folder by default, any URI pyarrow understands on a cluster)::
     <registry>/<name>/v1/lineage.json  experiment, trial, source checkpoint, overrides, metrics, time
 
 Versions are numbered from 1 and never overwritten: a new promotion always takes the next free number.
+``lineage.json`` is written last and commits the version: a folder without it (a copy cut short, or one still
+being written) is never listed, served or returned as latest, and its number is not reused. On a local
+folder the number is claimed atomically (``mkdir``); object stores have no atomic create, so two promotions
+to one name on a URI at the same moment could pick the same number: promote from one process (a search's
+driver does).
 """
 
 from __future__ import annotations
@@ -45,12 +50,17 @@ class ModelStore:
         else:
             self._fs, self._base = pyarrow.fs.LocalFileSystem(), self.root
 
-    def _versions(self, name: str) -> list[int]:
+    def _versions(self, name: str, committed: bool = True) -> list[int]:
+        """Version numbers of ``name``: those with ``lineage.json`` (``committed``), or every ``v<N>`` folder."""
         import pyarrow.fs
 
         selector = pyarrow.fs.FileSelector(f"{self._base}/{name}", allow_not_found=True)
         found = [info.base_name for info in self._fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.Directory]
-        return sorted(int(v[1:]) for v in found if re.fullmatch(r"v\d+", v))
+        numbers = sorted(int(v[1:]) for v in found if re.fullmatch(r"v\d+", v))
+        if not committed:
+            return numbers
+        lineage = self._fs.get_file_info([f"{self._base}/{name}/v{n}/lineage.json" for n in numbers])
+        return [n for n, info in zip(numbers, lineage) if info.type == pyarrow.fs.FileType.File]
 
     def promote(self, checkpoint: str, name: str, lineage: dict[str, Any]) -> ModelVersion:
         """Copy ``checkpoint`` to ``<name>/v<next>`` with ``lineage.json``; return the new version.
@@ -70,9 +80,10 @@ class ModelStore:
             if existing.lineage.get("source_checkpoint") == checkpoint:
                 return existing
         while True:  # claim the next free version; a folder that exists already is never written into
-            version = (self._versions(name) or [0])[-1] + 1
+            version = (self._versions(name, committed=False) or [0])[-1] + 1
             target = f"{self._base}/{name}/v{version}"
-            if "://" in self.root:
+            if "://" in self.root:  # no atomic create on object stores (see the module's docstring)
+                self._fs.create_dir(target, recursive=True)
                 break
             try:
                 Path(target).mkdir(parents=True, exist_ok=False)

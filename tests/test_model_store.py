@@ -58,3 +58,21 @@ def test_read_meta_reads_uris_and_names_what_is_missing(tmp_path):
     assert read_meta(f"file://{tmp_path / 'ck'}") == {"task": "classification"}  # through pyarrow, as for s3://
     with pytest.raises(ValueError, match=r"file://.*/nothing is not a ptm_ray checkpoint: ptm_ray.json is missing"):
         read_meta(f"file://{tmp_path / 'nothing'}")
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_version_without_lineage_is_not_listed_and_its_number_not_reused(tmp_path, uri):
+    # a promotion cut short (copy interrupted) or still copying: its folder has no lineage.json yet
+    root = tmp_path / "registry"
+    store = ModelStore(root.as_uri() if uri else str(root))  # file://: the pyarrow path object stores take
+    assert store.promote(_checkpoint(tmp_path, "a"), "intents", {}).version == 1
+    half = root / "intents" / "v2"
+    (half / "model").mkdir(parents=True)
+    (half / "ptm_ray.json").write_text("{}")
+    assert [v.version for v in store.versions("intents")] == [1]
+    assert store.get("intents").version == 1  # bug guarded: the half-copied v2 served as latest
+    with pytest.raises(ValueError, match=r"has no version 2; versions: \[1\]"):
+        store.get("intents", 2)
+    third = store.promote(_checkpoint(tmp_path, "b"), "intents", {})
+    assert third.version == 3 and store.get("intents").version == 3  # v2's folder is never written into
+    assert not (half / "lineage.json").exists()
