@@ -287,7 +287,8 @@ class ServeConfig:
     max_boxes: int = 300
     """Detection: the most boxes per image a request may ask for."""
     api_key_env: str = ""
-    """Environment variable holding a bearer token required on every route but health (empty: no key)."""
+    """Environment variable holding a bearer token required on every route but ``/healthz`` and the API's own
+    description (``/openapi.json``, ``/docs``, ``/redoc``: the schema, no model or data); empty: no key."""
     api_key_file: str = ""
     """File holding that bearer token (alternative to ``api_key_env``)."""
     config_out: str = "serve_config.yaml"
