@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptm_ray.checkpoint import load_artifact, read_meta
+from ptm_ray.checkpoint import load_artifact, load_train_state, read_meta
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
 from ptm_ray.tasks.classification import classification_metrics
@@ -62,20 +62,35 @@ def test_early_stopping_ends_the_run(ray_cluster, tiny_text, tmp_path):
                                            train__metric="val_loss",
                                            train__mode="min", train__epochs=10))
     result = fit(cfg)
-    # with lr ~ 0 val_loss moves by far less than min_delta: 2 epochs without improvement stop the run
-    assert len(result.history) < 10
+    # with lr ~ 0 val_loss moves by far less than min_delta: epochs 2 and 3 do not improve, so the run stops after
+    # epoch 3 (bug guarded: a patience counted off by one, or min_delta ignored so a tiny gain resets the count)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert result.history[-1]["stop_reason"] == "early_stopping"
 
 
 def test_relaunch_with_same_name_resumes_at_the_saved_epoch(ray_cluster, tiny_text, tmp_path):
-    first = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=2)))
+    first = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=2,
+                                                 train__keep_checkpoints=4)))
     assert [h["epoch"] for h in first.history] == [1, 2]
-    second = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=4)))
+    second = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=4,
+                                                  train__keep_checkpoints=4)))
     assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
     assert second.history[:2] == first.history  # the first two epochs were not trained again
     assert [h["resumed_from_epoch"] for h in second.history[2:]] == [2, 2]
+    # the optimizer and schedule continue where they stopped: Adam's step count and the scheduler's position
+    # grow by the same number of steps each epoch (bug guarded: state not loaded, so they restart at 0 on resume)
+    steps = {}
+    for folder in (tmp_path / "runs" / "resume").glob("checkpoint_*/"):
+        state = load_train_state(folder)
+        counts = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+        assert len(counts) == 1, counts
+        steps[read_meta(folder)["metrics"]["epoch"]] = (counts.pop(), state["scheduler"]["last_epoch"])
+    assert sorted(steps) == [1, 2, 3, 4], steps  # every epoch's checkpoint kept
+    per_epoch = steps[4][0] // 4
+    assert per_epoch > 0 and all(step == (epoch * per_epoch, epoch * per_epoch) for epoch, step in steps.items()), steps
     # the saved optimizer state would silently keep the old learning rate: a changed one is refused, by name
-    changed = tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=6, optim__lr=0.5, model__max_length=16)
+    changed = tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=6, optim__lr=0.5, model__max_length=16,
+                             train__keep_checkpoints=4)
     with pytest.raises(ValueError, match=r"storage.name='resume' already holds a run .* model.max_length: 32 -> 16; "
                                          r"optim.lr: 0.001 -> 0.5\. .*use a new storage.name"):
         fit(load_config(None, changed))
