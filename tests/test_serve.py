@@ -287,7 +287,9 @@ def test_api_key_guards_every_route_but_health(api, registry, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
     _, _, cfg = api
-    guarded = load_config(None, _serve_overrides(registry, cfg.serve.port, "[{name: intents}]",
+    # and a 90/10 canary (the module's shared app splits 50/50): the split must follow the weights
+    canary = "[{name: intents, versions: [{version: 1, weight: 90}, {version: 2, weight: 10}]}]"
+    guarded = load_config(None, _serve_overrides(registry, cfg.serve.port, canary,
                                                  serve__api_key_file=str(key_file), serve__app_name="guarded",
                                                  serve__route_prefix="/guarded"))
     serve.run(build_app(app_args(guarded)), name="guarded", route_prefix="/guarded")
@@ -307,6 +309,11 @@ def test_api_key_guards_every_route_but_health(api, registry, tmp_path):
         right = requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]},
                               headers={"Authorization": "Bearer s3cret"}, timeout=30)
         assert right.status_code == 200
+        # 100 requests at 10 %: v2 answers 1..25 of them with probability > 0.9999 (binomial); an ingress that
+        # ignores the weights (uniform choice: about 50) or sends everything to one version fails
+        versions = [requests.post(f"{base}/v1/models/intents/predict", json={"inputs": ["hi"]}, timeout=30,
+                                  headers={"Authorization": "Bearer s3cret"}).json()["version"] for _ in range(100)]
+        assert 1 <= versions.count(2) <= 25 and versions.count(1) + versions.count(2) == 100, versions
         # the docs pages are open (as health) and, under a route prefix, load their assets through it
         references = _page_references(requests.get(f"{base}/docs", timeout=10).text)
         assert references and all(r.startswith("/guarded/") for r in references), references
