@@ -228,3 +228,28 @@ def test_lora_on_two_workers_with_a_feature_cache_serves_merged_and_resumes(ray_
     again = fit(load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "lora", **(overrides | {"train__epochs": 3}))))
     assert [h["epoch"] for h in again.history] == [1, 2, 3] and again.history[:2] == result.history
     assert again.history[2]["resumed_from_epoch"] == 2
+
+
+def test_a_search_over_lora_ranks_ranks_plain_checkpoints_with_trainable_params(ray_cluster, tiny_text, tmp_path):
+    from ptm_ray.tune import format_leaderboard, run_search
+
+    base = tiny_overrides(tiny_text["bert"], tmp_path, "unused", train__epochs=1, scaling__num_workers=1,
+                          scaling__resources_per_worker="{CPU: 0.5}", model__freeze_depth=1)
+    search = {"search.space": "{model.lora.r: {grid: [0, 4]}}", "search.name": "ranks", "search.trial_cpus": 0.5,
+              "search.scheduler": "fifo", "search.top_k": 2, "search.registry": str(tmp_path / "registry"),
+              "search.registry_name": "intents"}
+    result = run_search(load_config(None, base + [f"{k}={v}" for k, v in search.items()]))
+    rows = {row.lora_r: row for row in result.leaderboard}
+    assert rows.keys() == {0, 4}
+    _, _, model, blocks = _model(tiny_text["bert"])
+    freeze(model, blocks, 1)
+    assert rows[0].trainable_params == parameter_counts(model)[0] - (H * 3 + 3) + (H * 8 + 8)
+    assert rows[4].trainable_params == 2 * ADAPTERS_PER_LAYER + POOLER + H * 8 + 8
+    assert rows[0].params == rows[4].params == parameter_counts(model)[1] - (H * 3 + 3) + (H * 8 + 8)  # merged: plain
+    table = format_leaderboard(result.leaderboard, result.metric).splitlines()
+    assert table[0].split()[4] == "lora_r" and {line.split()[4] for line in table[1:]} == {"0", "4"}
+    assert len(result.promoted) == 2
+    for version in result.promoted:
+        artifact = load_artifact(version.path)
+        assert not any("lora" in n for n in artifact.model.state_dict())
+        check_classification_predictions(artifact, ["where is my order #12345"], predict(artifact, ["where is my order #12345"]))
