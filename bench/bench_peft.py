@@ -2,7 +2,7 @@
 the three runs side by side in one process: best validation accuracy, trainable parameters, training samples/s and
 the training worker's peak resident memory.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_peft.py [--epochs 3] [--rank 8]
+    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_peft.py [--epochs 2] [--rank 8]
 
 Every run: 1 worker, batch 16, max_length 64, head at lr 1e-3, constant schedule, the same seed. The backbone's
 learning rate is 1e-4 for full fine-tuning and freezing (the top half of the blocks trains), 1e-3 for the LoRA
@@ -72,7 +72,7 @@ def run(label: str, overrides: list[str], epochs: int, root: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
