@@ -24,6 +24,7 @@ import yaml
 __all__ = [
     "Config",
     "DataConfig",
+    "LoraGroup",
     "ModelConfig",
     "OptimConfig",
     "ScalingGroup",
@@ -38,6 +39,20 @@ __all__ = [
     "parse_freeze_depth",
     "with_overrides",
 ]
+
+
+@dataclass
+class LoraGroup:
+    r: int = 0
+    """LoRA rank (``peft``): 0 turns LoRA off; r > 0 freezes every backbone weight and trains rank-r adapters in
+    the blocks above ``model.freeze_depth`` plus the whole head. Checkpoints are saved merged (a plain model)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapters' update is scaled by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Layer names (suffixes, as in peft) that get adapters, e.g. ``[query, value]``; empty: every linear layer of
+    the unfrozen blocks (nn.Linear, GPT-2's Conv1D; a block without any: its 2-D convolutions)."""
 
 
 @dataclass
@@ -63,6 +78,9 @@ class ModelConfig:
     masked mean of the token states, as sentence-transformer checkpoints such as all-MiniLM were trained)."""
     trust_remote_code: bool = False
     """Let Hugging Face run code shipped with the model. Off unless you trust its source."""
+    lora: LoraGroup = field(default_factory=LoraGroup)
+    """Low-rank adapters instead of full fine-tuning of the unfrozen blocks (``ptm_ray.lora``): ``{r, alpha,
+    dropout, target_modules}``."""
 
 
 @dataclass
@@ -600,3 +618,18 @@ def _check_model_and_data(cfg: Config) -> None:
         raise ValueError(f"model.freeze_depth={depth} must be >= 0")
     if isinstance(depth, float) and depth > 1.0:
         raise ValueError(f"model.freeze_depth={depth} as a fraction must lie in [0, 1]; use an int for a block count")
+    _check_lora(cfg.model.lora)
+
+
+def _check_lora(lora: LoraGroup) -> None:
+    """Ranges of ``model.lora``; which layers it targets is checked against the model (``ptm_ray.lora``)."""
+    if lora.r < 0:
+        raise ValueError(f"model.lora.r={lora.r} must be >= 0 (0: no LoRA; 8 or 16 are usual ranks)")
+    if lora.alpha <= 0:
+        raise ValueError(f"model.lora.alpha={lora.alpha} must be > 0 (the update is scaled by alpha / r)")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ValueError(f"model.lora.dropout={lora.dropout} must lie in [0, 1)")
+    for i, name in enumerate(lora.target_modules):
+        if not name.strip() or name != name.strip():
+            raise ValueError(f"model.lora.target_modules[{i}]={name!r} must be a layer name such as query or "
+                             "c_attn, without spaces")

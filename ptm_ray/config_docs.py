@@ -55,14 +55,25 @@ def format_config(cfg: Config, source: str = "") -> str:
         cls = hints[group.name]
         value, default = getattr(cfg, group.name), cls()
         lines += ["", f"{group.name}:"]
-        for field in dataclasses.fields(cls):
-            doc = docs.get(cls.__name__, {}).get(field.name)
-            if doc:
-                lines.append(f"  # {doc}")
-            current, initial = getattr(value, field.name), getattr(default, field.name)
-            note = "" if current == initial else f"  # default: {_yaml_value(initial)}"
-            lines.append(f"  {field.name}: {_yaml_value(current)}{note}")
+        lines += _group_lines(cls, value, default, docs, "  ")
     return "\n".join(lines) + "\n"
+
+
+def _group_lines(cls: type, value: Any, default: Any, docs: dict[str, dict[str, str]], indent: str) -> list[str]:
+    """One group's fields, each under its doc; a nested group (``model.lora``) indented one level further."""
+    lines = []
+    for field in dataclasses.fields(cls):
+        doc = docs.get(cls.__name__, {}).get(field.name)
+        if doc:
+            lines.append(f"{indent}# {doc}")
+        current, initial = getattr(value, field.name), getattr(default, field.name)
+        if dataclasses.is_dataclass(current):
+            lines.append(f"{indent}{field.name}:")
+            lines += _group_lines(type(current), current, initial, docs, indent + "  ")
+            continue
+        note = "" if current == initial else f"  # default: {_yaml_value(initial)}"
+        lines.append(f"{indent}{field.name}: {_yaml_value(current)}{note}")
+    return lines
 
 
 def _one_line(doc: str) -> str:

@@ -16,6 +16,7 @@ __all__ = [
     "Block",
     "block_of_parameters",
     "freeze",
+    "frozen_modules",
     "param_groups",
     "parameter_counts",
     "set_train_mode",
@@ -59,10 +60,11 @@ def freeze(model: nn.Module, blocks: list[Block], depth: int) -> list[nn.Module]
     owner = block_of_parameters(model, blocks)
     for name, param in model.named_parameters():
         param.requires_grad_(not 0 <= owner[name] < depth)
-    return _fully_frozen_modules(model)
+    return frozen_modules(model)
 
 
-def _fully_frozen_modules(model: nn.Module) -> list[nn.Module]:
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """The largest submodules whose parameters are all frozen (``set_train_mode`` keeps them in eval mode)."""
     frozen: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:

@@ -28,6 +28,7 @@ from ptm_ray.config import Config, config_to_dict, parse_freeze_depth
 from ptm_ray.console import epoch_line, logs_dir
 from ptm_ray.data import DataSummary
 from ptm_ray.feature_cache import cache_decision, prepare_cache
+from ptm_ray.lora import lora_targets
 from ptm_ray.models import resolve_model
 from ptm_ray.tasks import task_for, tasks_for_family
 from ptm_ray.worker import (RaySession, Session, TuneSession, checkpoint_and_report, record_epoch, setup_worker,
@@ -94,8 +95,8 @@ def plan_run(cfg: Config, data: DataSummary | None = None) -> RunPlan:
     the driver, before any Ray work.
 
     Raises:
-        ValueError: for bad data, an unknown model, a task the model cannot do or a freeze depth beyond the
-        model's depth.
+        ValueError: for bad data, an unknown model, a task the model cannot do, a freeze depth beyond the
+        model's depth or a ``model.lora`` with nothing to adapt.
     """
     family, ref = resolve_model(cfg.model)
     task = task_for(cfg.model.task)
@@ -109,8 +110,11 @@ def plan_run(cfg: Config, data: DataSummary | None = None) -> RunPlan:
     summary = data or task.inspect(cfg, family.modality)
     with torch.device("meta"):  # architecture only: no weights read, no memory used
         skeleton = family.build(ref, summary.labels, cfg.model, task.head, pretrained=False)
-    num_blocks = len(family.blocks(skeleton))
+    blocks = family.blocks(skeleton)
+    num_blocks = len(blocks)
     depth = parse_freeze_depth(cfg.model.freeze_depth, num_blocks)
+    if cfg.model.lora.r:  # the adapters' target layers exist above the frozen blocks (else a ValueError naming why)
+        lora_targets(skeleton, blocks, depth, cfg.model.lora)
     use_cache, why = cache_decision(cfg, task, family, skeleton, depth)
     return RunPlan(summary, num_blocks, depth, use_cache, why)
 

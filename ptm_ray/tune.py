@@ -1,4 +1,4 @@
-"""Ray Tune search over candidate models, freezing depths and learning rates; leaderboard; promotion.
+"""Ray Tune search over candidate models, freezing depths, LoRA ranks and learning rates; leaderboard; promotion.
 
 Each trial is a Tune function that turns its sampled dotted overrides into a config. The data is checked
 and read into the object store once per search and every trial takes it by reference. A single-worker
@@ -53,6 +53,7 @@ class LeaderboardRow:
     latency_ms_p50: float | None = None  # single-input prediction of the best checkpoint, on this machine
     params: int | None = None  # all parameters of the model (what serving holds in memory)
     within_budget: bool = True  # search.max_latency_ms / search.max_params
+    lora_r: int = 0  # model.lora.r: 0 without adapters
 
 
 @dataclass
@@ -113,9 +114,10 @@ def validate_search(cfg: Config) -> dict[str, list]:
             except ValueError as e:
                 raise ValueError(f"search.space.{key}: value {value!r} is not valid: {e}") from None
     depths = {}
+    lora = [r for r in examples.get("model.lora.r", [cfg.model.lora.r]) if r][:1]  # checks the adapters' targets
     for name in examples.get("model.name", [cfg.model.name]):
         try:
-            plan = plan_run(with_overrides(cfg, {"model.name": name}))
+            plan = plan_run(with_overrides(cfg, {"model.name": name} | ({"model.lora.r": lora[0]} if lora else {})))
         except ValueError as e:
             raise ValueError(f"search.space.model.name: candidate {name!r}: {e}") from None
         for depth in examples.get("model.freeze_depth", [cfg.model.freeze_depth]):
@@ -314,6 +316,7 @@ def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
             stop_reason=_stop_reason(result, history, cfg.train.epochs),
             checkpoint=_checkpoint_uri(best.get("checkpoint_path") or _tune_checkpoint(result, best.get("epoch")), cfg),
             overrides=" ".join(format_overrides(overrides)),
+            lora_r=trial_cfg.model.lora.r,
         ))
     rows.sort(key=lambda r: (r.best_score is None, -sign * (r.best_score or 0.0)))
     for rank, row in enumerate(rows, 1):
@@ -361,13 +364,13 @@ def _tune_checkpoint(result, epoch: int | None) -> str | None:
 
 def format_leaderboard(rows: list[LeaderboardRow], metric: str) -> str:
     """A readable fixed-width table of the leaderboard."""
-    header = f"{'rank':>4}  {'trial':<10} {'model':<28} {'freeze':>6} {'lr':>9} {'head_lr':>9} {'trainable':>11} " \
+    header = f"{'rank':>4}  {'trial':<10} {'model':<28} {'freeze':>6} {'lora_r':>6} {'lr':>9} {'head_lr':>9} {'trainable':>11} " \
              f"{'best ' + metric:>18} {'@epoch':>6} {'epochs':>6} {'wall_s':>7} {'p50_ms':>7} {'params':>11}  stop"
     lines = [header]
     for r in rows:
         model = r.model if len(r.model) <= 28 else "..." + r.model[-25:]
         score = f"{r.best_score:.4f}" if r.best_score is not None else "-"
-        lines.append(f"{r.rank:>4}  {r.trial_id:<10} {model:<28} {str(r.freeze_depth):>6} {r.lr:>9.2e} "
+        lines.append(f"{r.rank:>4}  {r.trial_id:<10} {model:<28} {str(r.freeze_depth):>6} {r.lora_r:>6} {r.lr:>9.2e} "
                      f"{(r.head_lr or r.lr):>9.2e} {r.trainable_params or 0:>11,} {score:>18} {r.best_epoch or '-':>6} "
                      f"{r.epochs_run:>6} {r.wall_time_s:>7.1f} {_number(r.latency_ms_p50, '.1f'):>7} "
                      f"{_number(r.params, ','):>11}  {r.stop_reason}{'' if r.within_budget else ', over budget'}")

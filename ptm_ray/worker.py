@@ -31,7 +31,8 @@ from ptm_ray.checkpoint import load_train_state, read_meta, save_checkpoint
 from ptm_ray.config import Config, config_from_dict, parse_freeze_depth
 from ptm_ray.console import epoch_line
 from ptm_ray.feature_cache import FeatureStore
-from ptm_ray.freeze import Block, freeze, param_groups, parameter_counts, set_train_mode
+from ptm_ray.freeze import Block, freeze, frozen_modules, param_groups, parameter_counts, set_train_mode
+from ptm_ray.lora import adapter_state, apply_lora, describe_lora, load_adapter_state, merged_copy
 from ptm_ray.models import Classifier, Family, PrefixCache, Preprocessor, resolve_model
 from ptm_ray.tasks import Task, WorkerContext, task_for
 from ptm_ray.tasks.base import all_reduce
@@ -205,6 +206,8 @@ class Worker:
     extra_metrics: dict[str, Any] = field(default_factory=dict)
     """Constant per run, reported every epoch (parameter counts, depth, cache size, resumed-from epoch)."""
     gauges: dict[str, Any] = field(default_factory=dict)
+    lora: Any = None
+    """The ``peft.LoraModel`` wrapping ``model`` when ``model.lora.r > 0`` (checkpoints save it merged), else None."""
 
     def epochs(self) -> range:
         return range(self.first_epoch, self.cfg.train.epochs)
@@ -231,22 +234,23 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
     task = task_for(cfg.model.task)
     torch.manual_seed(cfg.train.seed)
     family, ref = resolve_model(cfg.model)
-    with session.restored() as folder:
-        if folder is None:
-            model = family.build(ref, labels, cfg.model, task.head)
-            preprocessor, saved = family.preprocessor(ref, model, cfg), None
-        else:
-            model, preprocessor = family.load(folder / "model"), family.load_preprocessor(folder / "preprocessor")
-            saved = load_train_state(folder) | {"history": read_meta(folder)["history"]}
+    model, preprocessor, saved = _build_or_restore(cfg, family, ref, labels, task.head, session)
     blocks = family.blocks(model)
     depth = parse_freeze_depth(cfg.model.freeze_depth, len(blocks))
     frozen = freeze(model, blocks, depth)
+    lora = None
+    if cfg.model.lora.r:  # adapters above the frozen blocks; every backbone weight frozen, the head trains
+        lora = apply_lora(model, blocks, depth, cfg.model.lora)
+        frozen = frozen_modules(model)
+        if saved is not None:
+            load_adapter_state(model, saved["lora_state"])
     net, logits = _forward_strategy(family, model, preprocessor, depth, loop_config, session)
     steps = _steps_per_epoch(cfg, loop_config["num_train_rows"], session.world_size)
     optimizer, scheduler = _optimizer(cfg, model, blocks, steps)
     stopper = EarlyStopping(cfg.train.mode, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
     worker = Worker(cfg, task, family, session, model, net, preprocessor, labels, blocks, depth, frozen, optimizer,
-                    scheduler, WorkerContext(family, preprocessor, labels, cfg, session.device, logits), steps, stopper)
+                    scheduler, WorkerContext(family, preprocessor, labels, cfg, session.device, logits), steps, stopper,
+                    lora=lora)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -260,6 +264,22 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
     worker.gauges = _gauges(cfg)
     _announce(worker)
     return worker
+
+
+def _build_or_restore(cfg: Config, family: Family, ref: Any, labels: list[str], head: str,
+                      session: Session) -> tuple[torch.nn.Module, Preprocessor, dict[str, Any] | None]:
+    """(model, preprocessor, saved training state or None for a fresh run).
+
+    A run resumes from its checkpoint's model, except a LoRA run: its ``model/`` is merged for serving, so it
+    rebuilds the pretrained backbone, and ``setup_worker`` loads the saved adapters and head into it.
+    """
+    with session.restored() as folder:
+        if folder is None:
+            model = family.build(ref, labels, cfg.model, head)
+            return model, family.preprocessor(ref, model, cfg), None
+        saved = load_train_state(folder) | {"history": read_meta(folder)["history"]}
+        model = family.build(ref, labels, cfg.model, head) if "lora_state" in saved else family.load(folder / "model")
+        return model, family.load_preprocessor(folder / "preprocessor"), saved
 
 
 def _forward_strategy(family: Family, model: torch.nn.Module, preprocessor: Preprocessor, depth: int,
@@ -346,7 +366,8 @@ def _announce(worker: Worker) -> None:
     if session.rank != 0:
         return
     trainable, total = extra["trainable_params"], extra["total_params"]
-    print(f"[ptm_ray] {worker.cfg.model.name}: froze {worker.depth}/{len(worker.blocks)} blocks; "
+    lora = f"{describe_lora(worker.model)}; " if worker.lora is not None else ""
+    print(f"[ptm_ray] {worker.cfg.model.name}: froze {worker.depth}/{len(worker.blocks)} blocks; {lora}"
           f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%); "
           f"{session.world_size} worker(s) on {session.device}, {torch.get_num_threads()} torch threads each")
     if extra["feature_cache_bytes"]:
@@ -452,7 +473,10 @@ def checkpoint_and_report(worker: Worker, metrics: dict[str, Any]) -> None:
         if worker.session.rank == 0:
             train_state = {"epoch": metrics["epoch"], **worker.stopper.state_dict(),
                            "optimizer": worker.optimizer.state_dict(), "scheduler": worker.scheduler.state_dict()}
-            folder = save_checkpoint(Path(tmp), family=worker.family, model=worker.model,
+            model = worker.model
+            if worker.lora is not None:  # serve a plain merged model; resume from the adapters themselves
+                model, train_state["lora_state"] = merged_copy(worker.lora), adapter_state(worker.model)
+            folder = save_checkpoint(Path(tmp), family=worker.family, model=model,
                                      preprocessor=worker.preprocessor, cfg=worker.cfg, labels=worker.labels,
                                      metrics=metrics, history=worker.history, train_state=train_state,
                                      task_state=worker.task.state())
