@@ -26,7 +26,7 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.base import Family, ModelRef, Preprocessor
+from ptm_ray.models.base import Family, ModelRef, Preprocessor, announce_new_head
 from ptm_ray.models.hf import HFFamily
 
 __all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily",
@@ -224,7 +224,7 @@ class DeepSpeechFamily(Family):
         except TypeError as e:
             raise ValueError(f"model.kwargs={cfg.kwargs} do not fit DeepSpeech: {e}") from None
         if pretrained and ref.weights not in ("", "none"):
-            _load_backbone(model, ref.weights, head_prefix=self._HEAD)
+            _load_backbone(model, ref.weights, head_prefix=self._HEAD, name=cfg.name)
         return model
 
     def blocks(self, model: nn.Module) -> list[Block]:
@@ -252,8 +252,9 @@ class DeepSpeechFamily(Family):
         return model
 
 
-def _load_backbone(model: nn.Module, weights: str, head_prefix: str) -> None:
-    """Load a state dict (safetensors, or a torch file read with ``weights_only``), skipping a head of another size."""
+def _load_backbone(model: nn.Module, weights: str, head_prefix: str, name: str) -> None:
+    """Load a state dict (safetensors, or a torch file read with ``weights_only``); a head of another size is
+    left freshly initialised, and ``announce_new_head`` says so."""
     path = Path(weights)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -261,8 +262,12 @@ def _load_backbone(model: nn.Module, weights: str, head_prefix: str) -> None:
         raise ValueError(f"model.weights={weights}: no such file")
     state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not (k.startswith(head_prefix) and own.get(k, v).shape != v.shape)}
+    changed = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+               if k.startswith(head_prefix) and k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in {c[0] for c in changed}}
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad = [k for k in missing if not k.startswith(head_prefix)] + list(unexpected)
     if bad:
         raise ValueError(f"model.weights={weights} does not match the architecture: {bad[:5]}")
+    if changed:
+        announce_new_head(name, changed[0][2][0], changed)

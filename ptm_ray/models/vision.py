@@ -20,7 +20,7 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.base import Family, ModelRef, Preprocessor, package_dir, weights_cache_dir
+from ptm_ray.models.base import Family, ModelRef, Preprocessor, announce_new_head, package_dir, weights_cache_dir
 
 __all__ = ["ImagePreprocessor", "TimmFamily", "converted_efficientnet_lite0", "decode_image"]
 
@@ -89,15 +89,23 @@ class TimmFamily(Family):
                              f"(see timm.list_models(), e.g. resnet18, vgg11, inception_v3, efficientnet_b0, vit_tiny_patch16_224)")
         kwargs: dict[str, Any] = dict(cfg.kwargs)
         use_pretrained = pretrained and ref.weights != "none"
+        head: dict[str, tuple[int, ...]] = {}
         if use_pretrained and ref.weights:
-            kwargs["pretrained_cfg_overlay"] = {"file": _weights_file(ref.weights)}
+            file = _weights_file(ref.weights)
+            head = _head_shapes(file, ref.location)
+            # timm keeps the file's classifier when num_classes equals the file's, and drops it otherwise
+            classes = {"num_classes": next(iter(head.values()))[0]} if head else {}
+            kwargs["pretrained_cfg_overlay"] = {"file": file, **classes}
         try:
-            # timm drops the pretrained classifier when num_classes differs: the head is fresh
             model = timm.create_model(ref.location, pretrained=use_pretrained, num_classes=len(labels), **kwargs)
         except (RuntimeError, TypeError, OSError) as e:
             hint = " (no network? set model.weights to a local file, or none)" if not ref.weights else ""
             raise ValueError(f"model.name=timm:{ref.location} with model.kwargs={cfg.kwargs} and "
                              f"model.weights={ref.weights!r} failed to build{hint}: {str(e).splitlines()[0]}") from None
+        own = model.state_dict()
+        changes = [(k, old, tuple(own[k].shape)) for k, old in head.items() if k in own and tuple(own[k].shape) != old]
+        if changes:
+            announce_new_head(cfg.name, len(labels), changes)
         model._ptm_arch, model._ptm_kwargs = ref.location, dict(cfg.kwargs)  # what save() writes to timm.json
         return model
 
@@ -200,6 +208,26 @@ def _weights_file(weights: str) -> str:
     if not path.is_file():
         raise ValueError(f"model.weights={weights}: no such file")
     return str(path)
+
+
+def _head_shapes(file: str, arch: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the classifier tensors (timm's ``pretrained_cfg["classifier"]``) in the weights file; the first
+    is the classifier's weight. Empty when timm names no classifier for ``arch`` or the file has none."""
+    import timm.models
+
+    try:
+        classifier = timm.models.get_pretrained_cfg_value(arch, "classifier")
+    except RuntimeError:  # an architecture with no pretrained config registered
+        return {}
+    names = [classifier] if isinstance(classifier, str) else list(classifier or ())
+    keys = [f"{name}.{kind}" for name in names for kind in ("weight", "bias")]
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in f.keys()}
+    state = timm.models.load_state_dict(file)
+    return {k: tuple(state[k].shape) for k in keys if k in state}
 
 
 def converted_efficientnet_lite0() -> str:
