@@ -28,6 +28,7 @@ from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
 from ptm_ray.models.base import Family, ModelRef, Preprocessor, announce_new_head
 from ptm_ray.models.hf import HFFamily
+from ptm_ray.seq_metrics import CTC_PAD, CTC_UNK, CTC_WORD_DELIMITER
 
 __all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily",
            "decode_audio"]
@@ -121,6 +122,25 @@ class HFAudioFamily(HFFamily):
             config.ctc_loss_reduction, config.ctc_zero_infinity = "mean", True
         else:
             super().configure(config, head, labels, cfg)
+
+    def save_ecosystem_files(self, model: nn.Module, preprocessor: Preprocessor, labels: list[str],
+                             path: Path) -> None:
+        """A ``Wav2Vec2FeatureExtractor`` preprocessing as ``AudioPreprocessor`` does (rate, per-clip normalisation,
+        attention mask); for a CTC head a ``Wav2Vec2Processor`` adding the character tokenizer of ``labels``
+        (``<pad>`` = the blank first, ``|`` between words), so the ASR pipeline decodes as ptm_ray does."""
+        from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+        extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=preprocessor.sampling_rate, padding_value=0.0,
+                                             do_normalize=preprocessor.normalize,
+                                             return_attention_mask=preprocessor.attention_mask)
+        if not type(model).__name__.endswith("ForCTC"):
+            extractor.save_pretrained(path)
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(labels)}, ensure_ascii=False))
+        tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), unk_token=CTC_UNK, pad_token=CTC_PAD,
+                                         word_delimiter_token=CTC_WORD_DELIMITER, do_lower_case=False)
+        Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
 
     def blocks(self, model: nn.Module) -> list[Block]:
         base = model.base_model_prefix

@@ -111,6 +111,12 @@ class Family(ABC):
     def load(self, path: Path) -> "nn.Module":
         """Rebuild the model written by ``save``."""
 
+    def save_ecosystem_files(self, model: "nn.Module", preprocessor: Preprocessor, labels: list[str],
+                             path: Path) -> None:
+        """Write beside the weights in ``path`` what the model's own library needs to load it with no ptm_ray
+        (``transformers.pipeline``: tokenizer, feature extractor, processor; ``timm.create_model("local-dir:...")``:
+        timm's ``config.json``). Nothing by default; ``load`` never reads these files."""
+
 
 @runtime_checkable
 class Classifier(Protocol):

@@ -170,6 +170,18 @@ class TimmFamily(Family):
         (path / "timm.json").write_text(json.dumps(arch))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
 
+    def save_ecosystem_files(self, model: nn.Module, preprocessor: Preprocessor, labels: list[str],
+                             path: Path) -> None:
+        """timm's own ``config.json`` (architecture, num_classes, label_names, pretrained_cfg with the preprocessing
+        ptm_ray used), so ``timm.create_model("local-dir:<path>", pretrained=True)`` loads ``model.safetensors``."""
+        from timm.models._hub import save_config_for_hf  # timm 1.0: public as timm.models.push_to_hf_hub's helper
+
+        data = preprocessor.data_config
+        data_config = {k: data[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+                       if k in data}
+        save_config_for_hf(model, str(path / "config.json"), model_config={"label_names": list(labels)},
+                           model_args=dict(model._ptm_kwargs), data_config=data_config)
+
     def load(self, path: Path) -> nn.Module:
         import timm
 
