@@ -215,3 +215,37 @@ def test_checkpoints_written_before_the_ecosystem_files_still_load(tiny_text, tm
         (ckpt / "model" / extra).unlink(missing_ok=True)  # the format-1 layout before this change
     assert sorted(p.name for p in (ckpt / "model").iterdir()) == ["config.json", "model.safetensors"]
     assert predict(load_artifact(ckpt), PROMPTS) == expected
+
+
+def test_timm_local_dir_name_starts_from_a_checkpoint_folder(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    first = _checkpoint(tmp_path / "first", "timm:test_efficientnet", "classification", [str(d) for d in range(10)],
+                        weights="none", image_size=48)
+    name = f"timm:local-dir:{first / 'model'}"
+    second = _checkpoint(tmp_path / "second", name, "classification", ["a", "b", "c", "d"])
+    shapes = "classifier.bias (10,) -> (4,), classifier.weight (10, 256) -> (4, 256)"
+    assert (f"[ptm_ray] {name}: its head has another size, replaced with a freshly initialised one for 4 outputs: "
+            f"{shapes}") in capsys.readouterr().out.splitlines()
+    saved = load_file(first / "model" / "model.safetensors")
+    shutil.rmtree(first)  # the new checkpoint names the architecture itself, not the folder it started from
+    artifact = load_artifact(second)
+    state = artifact.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("classifier."))
+    assert artifact.model.num_classes == 4 and tuple(artifact.preprocessor.data_config["input_size"]) == (3, 48, 48)
+    assert json.loads((second / "model" / "timm.json").read_text())["arch"] == "test_efficientnet"
+
+
+@pytest.mark.parametrize("name, weights, message", [
+    ("timm:local-dir:/nowhere", "", "model.name=timm:local-dir:/nowhere: expected a folder with timm's config.json"),
+    ("timm:hf-hub:timm/resnet18.a1_in1k", "", "expected a hub id, which needs a network or the Hugging Face cache"),
+    ("timm:local-dir:/nowhere", "/some/file.safetensors", "timm:local-dir:/nowhere brings its own weights"),
+    ("timm:resnet_nonexistent", "", "timm has no such architecture"),
+])
+def test_bad_timm_names_say_what_was_expected(name, weights, message):
+    cfg = ModelConfig(name=name, weights=weights)
+    family, ref = resolve_model(cfg)
+    with pytest.raises(ValueError, match=message):
+        family.build(ref, ["a", "b"], cfg, "classifier")
