@@ -184,8 +184,12 @@ class TimmFamily(Family):
         data = preprocessor.data_config
         data_config = {k: data[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
                        if k in data}
-        save_config_for_hf(model, str(path / "config.json"), model_config={"label_names": list(labels)},
-                           model_args=dict(model._ptm_kwargs), data_config=data_config)
+        try:
+            save_config_for_hf(model, str(path / "config.json"), model_config={"label_names": list(labels)},
+                               model_args=dict(model._ptm_kwargs), data_config=data_config)
+        except (TypeError, ValueError) as e:  # e.g. a model.kwargs value timm cannot write to JSON
+            print(f"[ptm_ray] {path}: timm's config.json not written, so timm.create_model('local-dir:...') cannot "
+                  f"load this checkpoint (ptm_ray can): {e}", flush=True)
 
     def load(self, path: Path) -> nn.Module:
         import timm
