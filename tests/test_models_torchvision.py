@@ -1,7 +1,9 @@
 """torchvision classifiers by name (``torchvision:<arch>[.<weights enum>]``): routing beside the detectors, blocks,
-preprocessing from the weight enum, a local state dict with an ImageNet head replaced, save and load."""
+preprocessing from the weight enum, a local state dict with an ImageNet head replaced, save and load, a Ray fit."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from ptm_ray.checkpoint import load_artifact, save_checkpoint
 from ptm_ray.config import Config, DataConfig, ModelConfig
 from ptm_ray.freeze import block_of_parameters, freeze
 from ptm_ray.models import resolve_model
+
+from conftest import check_classification_predictions
 
 LABELS = ["a", "b", "c", "d"]
 
@@ -79,8 +83,6 @@ def test_weights_of_another_architecture_are_an_error(imagenet_resnet18):
 
 
 def test_checkpoint_round_trip_gives_the_same_logits(imagenet_resnet18, digits_dir, tmp_path):
-    from pathlib import Path
-
     cfg = Config(model=ModelConfig(name="torchvision:mobilenet_v3_small", weights="none"),
                  data=DataConfig(train="x", image_size=64))
     family, ref = resolve_model(cfg.model)
@@ -95,3 +97,26 @@ def test_checkpoint_round_trip_gives_the_same_logits(imagenet_resnet18, digits_d
     assert batch.shape == (3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(artifact.model(batch), model(batch))
+
+
+def test_fit_fine_tunes_a_torchvision_resnet_from_an_imagenet_state_dict(ray_cluster, imagenet_resnet18, digits_dir,
+                                                                         tmp_path):
+    from ptm_ray.config import load_config
+    from ptm_ray.inference import predict
+    from ptm_ray.train import fit
+
+    path, saved = imagenet_resnet18
+    cfg = load_config(None, ["model.name=torchvision:resnet18", f"model.weights={path}", "model.freeze_depth=all",
+                             f"data.train={digits_dir}", "data.image_size=32", "data.validation=null",
+                             "data.val_fraction=0.2", "train.batch_size=32", "train.epochs=1",
+                             "train.max_steps_per_epoch=5", "optim.lr=3e-3", "scaling.num_workers=1",
+                             "scaling.resources_per_worker={CPU: 1}", f"storage.path={tmp_path / 'runs'}",
+                             "storage.name=tv"])
+    result = fit(cfg)
+    artifact = load_artifact(result.best_checkpoint)
+    assert artifact.family.name == "torchvision" and artifact.model.fc.weight.shape == (10, 512)
+    state = artifact.model.state_dict()
+    # frozen blocks keep the saved weights (BatchNorm statistics too: frozen modules stay in eval mode)
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("fc."))
+    images = [p.read_bytes() for p in sorted(Path(digits_dir).rglob("*.png"))[:3]]
+    check_classification_predictions(artifact, images, predict(artifact, images))
