@@ -2,7 +2,10 @@
 
 Layout of one checkpoint folder::
 
-    model/            architecture + weights (safetensors), written by the model family
+    model/            architecture + weights (safetensors), written by the model family, with what the model's
+                      own library loads it with: ``transformers.pipeline(task, model="<ckpt>/model")`` finds
+                      the tokenizer / feature extractor / CTC processor and id2label there,
+                      ``timm.create_model("local-dir:<ckpt>/model", pretrained=True)`` timm's config.json
     preprocessor/     tokenizer (or image/audio transform) exactly as training used it
     config.yaml       the resolved run config
     ptm_ray.json      family, model name, task (+ what it learned, e.g. thresholds), labels, epoch, metrics,
@@ -53,6 +56,7 @@ def save_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     family.save(model, path / "model")
+    family.save_ecosystem_files(model, preprocessor, labels, path / "model")
     preprocessor.save(path / "preprocessor")
     (path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     meta = {

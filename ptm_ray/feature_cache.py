@@ -92,7 +92,7 @@ def _invalid_reason(cfg: Config, task: Any, family: Any, model: torch.nn.Module,
 
 def cache_key(cfg: Config, family: Any, ref: Any, depth: int, num_blocks: int, summary: DataSummary) -> str:
     """sha256 over model and weights fingerprint, frozen depth, preprocessing and data fingerprint."""
-    weights = ref.weights if ref.weights else ref.location
+    weights = ref.weights if ref.weights else ref.location.removeprefix("local-dir:")  # timm:local-dir:<folder>
     description = {
         "format": _FORMAT,
         "family": family.name,

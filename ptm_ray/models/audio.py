@@ -26,8 +26,9 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.base import Family, ModelRef, Preprocessor
+from ptm_ray.models.base import Family, ModelRef, Preprocessor, announce_new_head
 from ptm_ray.models.hf import HFFamily
+from ptm_ray.seq_metrics import CTC_PAD, CTC_UNK, CTC_WORD_DELIMITER
 
 __all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily",
            "decode_audio"]
@@ -121,6 +122,25 @@ class HFAudioFamily(HFFamily):
             config.ctc_loss_reduction, config.ctc_zero_infinity = "mean", True
         else:
             super().configure(config, head, labels, cfg)
+
+    def save_ecosystem_files(self, model: nn.Module, preprocessor: Preprocessor, labels: list[str],
+                             path: Path) -> None:
+        """A ``Wav2Vec2FeatureExtractor`` preprocessing as ``AudioPreprocessor`` does (rate, per-clip normalisation,
+        attention mask); for a CTC head a ``Wav2Vec2Processor`` adding the character tokenizer of ``labels``
+        (``<pad>`` = the blank first, ``|`` between words), so the ASR pipeline decodes as ptm_ray does."""
+        from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+        extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=preprocessor.sampling_rate, padding_value=0.0,
+                                             do_normalize=preprocessor.normalize,
+                                             return_attention_mask=preprocessor.attention_mask)
+        if not type(model).__name__.endswith("ForCTC"):
+            extractor.save_pretrained(path)
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(labels)}, ensure_ascii=False))
+        tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), unk_token=CTC_UNK, pad_token=CTC_PAD,
+                                         word_delimiter_token=CTC_WORD_DELIMITER, do_lower_case=False)
+        Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
 
     def blocks(self, model: nn.Module) -> list[Block]:
         base = model.base_model_prefix
@@ -224,7 +244,7 @@ class DeepSpeechFamily(Family):
         except TypeError as e:
             raise ValueError(f"model.kwargs={cfg.kwargs} do not fit DeepSpeech: {e}") from None
         if pretrained and ref.weights not in ("", "none"):
-            _load_backbone(model, ref.weights, head_prefix=self._HEAD)
+            _load_backbone(model, ref.weights, head_prefix=self._HEAD, name=cfg.name)
         return model
 
     def blocks(self, model: nn.Module) -> list[Block]:
@@ -252,8 +272,9 @@ class DeepSpeechFamily(Family):
         return model
 
 
-def _load_backbone(model: nn.Module, weights: str, head_prefix: str) -> None:
-    """Load a state dict (safetensors, or a torch file read with ``weights_only``), skipping a head of another size."""
+def _load_backbone(model: nn.Module, weights: str, head_prefix: str, name: str) -> None:
+    """Load a state dict (safetensors, or a torch file read with ``weights_only``); a head of another size is
+    left freshly initialised, and ``announce_new_head`` says so."""
     path = Path(weights)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -261,8 +282,12 @@ def _load_backbone(model: nn.Module, weights: str, head_prefix: str) -> None:
         raise ValueError(f"model.weights={weights}: no such file")
     state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not (k.startswith(head_prefix) and own.get(k, v).shape != v.shape)}
+    changed = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+               if k.startswith(head_prefix) and k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in {c[0] for c in changed}}
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad = [k for k in missing if not k.startswith(head_prefix)] + list(unexpected)
     if bad:
         raise ValueError(f"model.weights={weights} does not match the architecture: {bad[:5]}")
+    if changed:
+        announce_new_head(name, changed[0][2][0], changed)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ptm_ray.config import Config, ModelConfig
 
 __all__ = ["Classifier", "Detector", "Family", "FrameClassifier", "Generator", "ModelRef", "PrefixCache",
-           "Preprocessor", "package_dir", "weights_cache_dir"]
+           "Preprocessor", "announce_new_head", "package_dir", "weights_cache_dir"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,12 @@ class Family(ABC):
     def load(self, path: Path) -> "nn.Module":
         """Rebuild the model written by ``save``."""
 
+    def save_ecosystem_files(self, model: "nn.Module", preprocessor: Preprocessor, labels: list[str],
+                             path: Path) -> None:
+        """Write beside the weights in ``path`` what the model's own library needs to load it with no ptm_ray
+        (``transformers.pipeline``: tokenizer, feature extractor, processor; ``timm.create_model("local-dir:...")``:
+        timm's ``config.json``). Nothing by default; ``load`` never reads these files."""
+
 
 @runtime_checkable
 class Classifier(Protocol):
@@ -168,6 +174,21 @@ class PrefixCache(Protocol):
 
     def suffix_logits(self, model: "nn.Module", features: dict[str, "torch.Tensor"], depth: int) -> "torch.Tensor":
         """The rest of the forward pass, from cached prefix outputs to class scores."""
+
+
+def announce_new_head(name: str, num_labels: int, changes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> str:
+    """Print (and return) the one line saying that the weights' head had another size and was replaced.
+
+    Args:
+        name: the registry name the weights came with (``model.name``).
+        num_labels: how many outputs the new head has.
+        changes: (tensor name, shape in the weights, new shape), e.g. ``("classifier.weight", (2, 16), (4, 16))``.
+    """
+    shapes = ", ".join(f"{key} {tuple(old)} -> {tuple(new)}" for key, old, new in sorted(changes))
+    line = (f"[ptm_ray] {name}: its head has another size, replaced with a freshly initialised one for "
+            f"{num_labels} outputs: {shapes}")
+    print(line, flush=True)
+    return line
 
 
 def package_dir(package: str, *parts: str) -> str:

@@ -150,6 +150,17 @@ class HFTextFamily(HFFamily):
         """The top layer of the encoder (the last block's first module)."""
         return model.get_submodule(self.blocks(model)[-1].prefixes[0])
 
+    def save_ecosystem_files(self, model: nn.Module, preprocessor: Preprocessor, labels: list[str],
+                             path: Path) -> None:
+        """The tokenizer beside the weights, where ``transformers.pipeline`` looks for it, its ``model_max_length``
+        set to ``model.max_length`` (a pipeline called with ``truncation=True`` then cuts where ptm_ray does)."""
+        tokenizer, limit = preprocessor.tokenizer, preprocessor.tokenizer.model_max_length
+        tokenizer.model_max_length = preprocessor.max_length
+        try:
+            tokenizer.save_pretrained(path)
+        finally:
+            tokenizer.model_max_length = limit
+
     def blocks(self, model: nn.Module) -> list[Block]:
         embeddings, stacks = _LAYOUTS[model.config.model_type]
         # T5ForConditionalGeneration holds its stacks itself; the other heads wrap a base model

@@ -1,4 +1,6 @@
-"""timm image classifiers: ResNet, VGG, Inception, EfficientNet, ViT, ... (``timm:<arch>[.<tag>]``).
+"""timm image classifiers: ResNet, VGG, Inception, EfficientNet, ViT, ... (``timm:<arch>[.<tag>]``, and the names
+timm itself takes: ``timm:local-dir:<folder>`` for a folder with timm's ``config.json`` and weights, such as a
+ptm_ray checkpoint's ``model/``, and ``timm:hf-hub:<id>``).
 
 Blocks come from timm's own grouping (``group_matcher(coarse=True)``: stem, then stages or blocks, then
 the final norm/conv); the classifier (``get_classifier``, replaced with ``reset_classifier``-style
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
-from ptm_ray.models.base import Family, ModelRef, Preprocessor, package_dir, weights_cache_dir
+from ptm_ray.models.base import Family, ModelRef, Preprocessor, announce_new_head, package_dir, weights_cache_dir
 
 __all__ = ["ImagePreprocessor", "TimmFamily", "converted_efficientnet_lite0", "decode_image"]
 
@@ -73,7 +76,8 @@ class ImagePreprocessor(Preprocessor):
 
 
 class TimmFamily(Family):
-    """``timm:<arch>[.<tag>]`` with weights from ``model.weights`` (file or folder), or the hub where online."""
+    """``timm:<arch>[.<tag>]`` with weights from ``model.weights`` (file or folder), or the hub where online;
+    ``timm:local-dir:<folder>`` / ``timm:hf-hub:<id>`` with the weights and config found there."""
 
     name = "timm"
     modality = "image"
@@ -84,21 +88,30 @@ class TimmFamily(Family):
     def build(self, ref: ModelRef, labels: list[str], cfg: ModelConfig, head: str, pretrained: bool = True) -> nn.Module:
         import timm
 
-        if not timm.is_model(ref.location.split(".")[0]):
-            raise ValueError(f"model.name=timm:{ref.location}: timm has no such architecture "
-                             f"(see timm.list_models(), e.g. resnet18, vgg11, inception_v3, efficientnet_b0, vit_tiny_patch16_224)")
+        source = _timm_source(ref)
         kwargs: dict[str, Any] = dict(cfg.kwargs)
         use_pretrained = pretrained and ref.weights != "none"
+        shapes: dict[str, tuple[int, ...]] = {}
         if use_pretrained and ref.weights:
-            kwargs["pretrained_cfg_overlay"] = {"file": _weights_file(ref.weights)}
+            file = _weights_file(ref.weights)
+            shapes = _head_shapes(file, source.classifier)
+            # timm keeps the file's classifier when num_classes equals the file's, and drops it otherwise
+            classes = {"num_classes": next(iter(shapes.values()))[0]} if shapes else {}
+            kwargs["pretrained_cfg_overlay"] = {"file": file, **classes}
+        elif use_pretrained and source.folder is not None and (Path(source.folder) / "model.safetensors").is_file():
+            shapes = _head_shapes(str(Path(source.folder) / "model.safetensors"), source.classifier)
         try:
-            # timm drops the pretrained classifier when num_classes differs: the head is fresh
-            model = timm.create_model(ref.location, pretrained=use_pretrained, num_classes=len(labels), **kwargs)
+            model = timm.create_model(source.name, pretrained=use_pretrained, num_classes=len(labels), **kwargs)
         except (RuntimeError, TypeError, OSError) as e:
             hint = " (no network? set model.weights to a local file, or none)" if not ref.weights else ""
             raise ValueError(f"model.name=timm:{ref.location} with model.kwargs={cfg.kwargs} and "
                              f"model.weights={ref.weights!r} failed to build{hint}: {str(e).splitlines()[0]}") from None
-        model._ptm_arch, model._ptm_kwargs = ref.location, dict(cfg.kwargs)  # what save() writes to timm.json
+        own = model.state_dict()
+        changes = [(k, old, tuple(own[k].shape)) for k, old in shapes.items() if k in own and tuple(own[k].shape) != old]
+        if changes:
+            announce_new_head(cfg.name, len(labels), changes)
+        # what save() writes to timm.json: the architecture itself, so a checkpoint never needs the source again
+        model._ptm_arch, model._ptm_kwargs = source.arch, {**source.model_args, **cfg.kwargs}
         return model
 
     def blocks(self, model: nn.Module) -> list[Block]:
@@ -162,6 +175,22 @@ class TimmFamily(Family):
         (path / "timm.json").write_text(json.dumps(arch))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
 
+    def save_ecosystem_files(self, model: nn.Module, preprocessor: Preprocessor, labels: list[str],
+                             path: Path) -> None:
+        """timm's own ``config.json`` (architecture, num_classes, label_names, pretrained_cfg with the preprocessing
+        ptm_ray used), so ``timm.create_model("local-dir:<path>", pretrained=True)`` loads ``model.safetensors``."""
+        from timm.models._hub import save_config_for_hf  # timm 1.0: public as timm.models.push_to_hf_hub's helper
+
+        data = preprocessor.data_config
+        data_config = {k: data[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+                       if k in data}
+        try:
+            save_config_for_hf(model, str(path / "config.json"), model_config={"label_names": list(labels)},
+                               model_args=dict(model._ptm_kwargs), data_config=data_config)
+        except (TypeError, ValueError) as e:  # e.g. a model.kwargs value timm cannot write to JSON
+            print(f"[ptm_ray] {path}: timm's config.json not written, so timm.create_model('local-dir:...') cannot "
+                  f"load this checkpoint (ptm_ray can): {e}", flush=True)
+
     def load(self, path: Path) -> nn.Module:
         import timm
 
@@ -200,6 +229,67 @@ def _weights_file(weights: str) -> str:
     if not path.is_file():
         raise ValueError(f"model.weights={weights}: no such file")
     return str(path)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a ``timm:`` name stands for: the name ``create_model`` takes, the bare architecture, the saved
+    constructor arguments and classifier names (``hf-hub:`` / ``local-dir:`` configs), a local folder."""
+
+    name: str
+    arch: str
+    model_args: dict[str, Any]
+    classifier: Any
+    folder: str | None = None
+
+
+def _timm_source(ref: ModelRef) -> _Source:
+    """Resolve ``timm:<arch>[.<tag>]``, ``timm:local-dir:<folder>`` or ``timm:hf-hub:<id>``, or say what is wrong."""
+    import timm
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+    prefix, sep, rest = ref.location.partition(":")
+    if not sep or prefix not in ("local-dir", "hf-hub"):
+        if not timm.is_model(ref.location.split(".")[0]):
+            raise ValueError(f"model.name=timm:{ref.location}: timm has no such architecture (see timm.list_models(), "
+                             "e.g. resnet18, vgg11, inception_v3, efficientnet_b0, vit_tiny_patch16_224), and it is "
+                             "not a timm:local-dir:<folder> or timm:hf-hub:<id> name")
+        try:
+            classifier = timm.models.get_pretrained_cfg_value(ref.location, "classifier")
+        except RuntimeError:  # an architecture with no pretrained config registered
+            classifier = None
+        return _Source(ref.location, ref.location, {}, classifier)
+    if ref.weights not in ("", "none"):
+        raise ValueError(f"model.weights={ref.weights}: timm:{ref.location} brings its own weights; leave "
+                         "model.weights empty (or none for the architecture alone)")
+    folder = str(Path(rest).expanduser()) if prefix == "local-dir" else None
+    try:
+        config, arch, model_args = (load_model_config_from_path(folder) if folder is not None
+                                    else load_model_config_from_hf(rest))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        where = ("a folder with timm's config.json (timm's save_for_hf, or a ptm_ray checkpoint's model/)"
+                 if folder is not None else "a hub id, which needs a network or the Hugging Face cache")
+        raise ValueError(f"model.name=timm:{ref.location}: expected {where}: {str(e).splitlines()[0]}") from None
+    saved_args = {k: v for k, v in (model_args or {}).items() if k != "num_classes"}  # the labels set it
+    return _Source(f"{prefix}:{folder or rest}", arch, saved_args, config.get("classifier"), folder)
+
+
+def _head_shapes(file: str, classifier: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of the ``classifier`` tensors (timm's ``pretrained_cfg["classifier"]``: a module name or several)
+    in the weights file; the first is the classifier's weight. Empty without a classifier name or tensors."""
+    import timm.models
+
+    names = [classifier] if isinstance(classifier, str) else list(classifier or ())
+    keys = [f"{name}.{kind}" for name in names for kind in ("weight", "bias")]
+    if not keys:
+        return {}
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in f.keys()}
+    state = timm.models.load_state_dict(file)
+    return {k: tuple(state[k].shape) for k in keys if k in state}
 
 
 def converted_efficientnet_lite0() -> str:
