@@ -1,7 +1,7 @@
 """What every Hugging Face family shares: the config, one ``Auto*`` class per head, save and load.
 
-Text (``ptm_ray.models.text``) and audio (``ptm_ray.models.audio``) families subclass ``HFFamily`` and
-say which auto class makes each head and how the config is sized for it.
+Text (``ptm_ray.models.text``), audio (``ptm_ray.models.audio``) and vision (``ptm_ray.models.hf_vision``)
+families subclass ``HFFamily`` and say which auto class makes each head and how the config is sized for it.
 """
 
 from __future__ import annotations

@@ -31,24 +31,23 @@ _INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "b
 def timm_data_config(processor: Any) -> dict[str, Any]:
     """A Hugging Face image processor's resize, crop and normalisation as a timm data config.
 
-    ``size={height, width}`` resizes to exactly that (timm's ``squash``); ``size={shortest_edge}`` resizes
-    the short side, then centre-crops to ``crop_size`` (or, as ConvNeXt's processor does, to the short side
-    after resizing it to ``shortest_edge / crop_pct``).
+    With ``do_center_crop``: resize to ``size`` (``height`` or ``shortest_edge``), centre-crop ``crop_size``
+    (timm keeps the aspect ratio where Hugging Face resizes to a square first: the same for square images).
+    ``size={height, width}`` alone resizes to exactly that (timm's ``squash``). ``size={shortest_edge}``
+    alone resizes the short side, or, as ConvNeXt's processor does with ``crop_pct``, resizes it to
+    ``shortest_edge / crop_pct`` and centre-crops ``shortest_edge``.
     """
-    size = processor.size
-    height, width, shortest = (getattr(size, k, None) or (size.get(k) if isinstance(size, dict) else None)
-                               for k in ("height", "width", "shortest_edge"))
-    crop = getattr(processor, "crop_size", None)
-    if height and width:
+    height, width, shortest = (_field(processor.size, k) for k in ("height", "width", "shortest_edge"))
+    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else None
+    if crop and (height or shortest):
+        side = (_field(crop, "height"), _field(crop, "width"))
+        crop_pct, mode = side[0] / (height or shortest), "center"
+    elif height and width:
         side, crop_pct, mode = (height, width), 1.0, "squash"
-    elif shortest and getattr(processor, "do_center_crop", False) and crop:
-        side = (crop["height"] if isinstance(crop, dict) else crop.height,
-                crop["width"] if isinstance(crop, dict) else crop.width)
-        crop_pct, mode = side[0] / shortest, "center"
     elif shortest:
         side, crop_pct, mode = (shortest, shortest), float(getattr(processor, "crop_pct", None) or 1.0), "center"
     else:
-        raise ValueError(f"image processor {type(processor).__name__} gives no size (size={size})")
+        raise ValueError(f"image processor {type(processor).__name__} gives no size (size={processor.size})")
     normalize = getattr(processor, "do_normalize", True)
     return {
         "input_size": (3, int(side[0]), int(side[1])),
@@ -58,6 +57,11 @@ def timm_data_config(processor: Any) -> dict[str, Any]:
         "crop_pct": crop_pct,
         "crop_mode": mode,
     }
+
+
+def _field(size: Any, key: str) -> Any:
+    """``size[key]`` of a dict or ``size.key`` of transformers' ``SizeDict``; None where absent."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
 class HFVisionFamily(HFFamily):

@@ -1,12 +1,14 @@
-"""Hugging Face text models: BERT, RoBERTa, GPT-2 and T5 (``hf:<hub id or local dir>``).
+"""Hugging Face text models (``hf:<hub id or local dir>``): any type transformers lists for sequence
+classification, seq2seq or causal LM (BERT, DistilBERT, DeBERTa-v2, ALBERT, XLM-R, GPT-2, Llama, Qwen,
+Mistral, T5, BART, ...; ``ptm_ray.models.hf_types``).
 
-Heads: ``classifier`` (``AutoModelForSequenceClassification``, every family), ``seq2seq``
-(``AutoModelForSeq2SeqLM``: T5) and ``causal_lm`` (``AutoModelForCausalLM``: GPT-2).
+Heads: ``classifier`` (``AutoModelForSequenceClassification``), ``seq2seq`` (``AutoModelForSeq2SeqLM``:
+encoder-decoders) and ``causal_lm`` (``AutoModelForCausalLM``: decoder-only models).
 
-Blocks, input to output: the embeddings, then every transformer layer of each stack (T5: encoder, then
-decoder), each stack's final norm riding with its last layer. What is left (pooler, classifier, T5's
-classification head, a language-modelling head) is the task head. GPT-2 and T5 tie their LM head to the
-input embeddings: freezing the embeddings block freezes that shared matrix too.
+Blocks are discovered from the module tree (``ptm_ray.models.layout``): the embeddings, then every layer of
+each stack (encoder-decoders: encoder, then decoder), each stack's final norm riding with its last layer.
+What is left (pooler, classifier, a classification head, a language-modelling head) is the task head. A
+language-modelling head tied to the input embeddings is frozen with the embeddings block.
 """
 
 from __future__ import annotations
