@@ -45,7 +45,7 @@ _HIDDEN = {"hidden_size": 32, "d_model": 32, "n_embd": 32, "dim": 32, "embed_dim
            "num_experts_per_tok": 2, "image_size": 32, "patch_size": 4,
            "conv_dim": (16, 16), "conv_kernel": (10, 3), "conv_stride": (5, 2), "num_feat_extract_layers": 2,
            "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2, "pooler_hidden_size": 32,
-           "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 16}
+           "window_size": 4, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 16}
 _CAPPED = {"vocab_size": 128, "max_position_embeddings": 512, "n_positions": 512, "max_target_positions": 512}
 
 
@@ -55,7 +55,8 @@ def _shrink(values: dict) -> dict:
     for key, value in values.items():
         if isinstance(value, dict) and "model_type" in value:
             out[key] = _shrink(value)
-        elif key in _HIDDEN and (value is not None or key == "head_dim") and not isinstance(value, (bool, list, str)):
+        elif key in _HIDDEN and (value is not None or key == "head_dim") and not isinstance(value, (bool, str)) and (
+                not isinstance(value, (list, tuple)) or key.startswith("conv_")):
             if not (key == "num_layers" and "depths" in values):
                 out[key] = _HIDDEN[key]
         elif (key in _CAPPED or key.endswith("vocab_size")) and isinstance(value, int) and not isinstance(value, bool):
@@ -63,7 +64,7 @@ def _shrink(values: dict) -> dict:
         elif key == "depths" and isinstance(value, (list, tuple)):
             out[key] = [1] * len(value)
         elif key in ("hidden_sizes", "embed_dims", "dims") and isinstance(value, (list, tuple)):
-            out[key] = [8 * 2 ** i for i in range(len(value))]
+            out[key] = [32] * len(value)  # group norms of 32 groups (BiT) divide it
         elif key == "num_heads" and isinstance(value, (list, tuple)):
             out[key] = [1] * len(value)
         elif key in ("layer_types", "layers_block_type") and isinstance(value, (list, tuple)):
@@ -83,7 +84,8 @@ def tiny_config(model_type: str):
 
     cls = CONFIG_MAPPING[model_type]
     values = _shrink(cls().to_dict())
-    for key in ("transformers_version", "architectures", "_name_or_path", "model_type"):
+    for key in ("transformers_version", "architectures", "_name_or_path", "model_type", "out_features", "out_indices",
+                "stage_names"):
         values.pop(key, None)
     config = cls.from_dict(values)
     text = config.get_text_config()
