@@ -251,16 +251,17 @@ def main() -> None:
 
     tasks = sys.argv[1:] or sorted(TASKS)
     with tempfile.TemporaryDirectory() as tmp:
-        for task in tasks:
+        for spec in tasks:  # TASK or TASK:first:last (a slice of its types, to split a sweep over processes)
+            task, *part = spec.split(":")
             start, failures = time.time(), {}
-            types = _types(task)
+            types = _types(task)[int(part[0]):int(part[1])] if part else _types(task)
             for model_type in types:
                 t0 = time.time()
                 reason = cover(model_type, task, Path(tmp))
                 print(f"  {model_type:32s} {time.time() - t0:5.1f}s {reason or 'ok'}", flush=True)
                 if reason:
                     failures[model_type] = reason
-            print(f"{task}: {len(types) - len(failures)} of {len(types)} in {time.time() - start:.0f} s", flush=True)
+            print(f"{spec}: {len(types) - len(failures)} of {len(types)} in {time.time() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

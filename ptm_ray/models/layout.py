@@ -57,8 +57,8 @@ class _Places:
     """Where the backbone's items go: per stack, extra prefixes before its first and after its last layer."""
 
     stacks: list[str]
-    before: list[list[str]] = field(default_factory=list)
-    after: list[list[str]] = field(default_factory=list)
+    before: list[list[str]]
+    after: list[list[str]]
     feature_encoder: list[str] = field(default_factory=list)
 
 
@@ -73,7 +73,7 @@ def discover_blocks(model: nn.Module) -> list[Block]:
     stacks = find_stacks(base, getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     places = _Places(stacks, [[] for _ in stacks], [[] for _ in stacks])
     _place(base, "", places, top=True, own_backbone=base is model, owned=_relative(owned, base_path))
-    return _blocks(base, base_path, places, owned)
+    return _blocks(base, base_path, places)
 
 
 def find_stacks(base: nn.Module, encoder_decoder: bool = False) -> list[str]:
@@ -191,16 +191,15 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _blocks(base: nn.Module, base_path: str, places: _Places, owned: list[str]) -> list[Block]:
+def _blocks(base: nn.Module, base_path: str, places: _Places) -> list[Block]:
     """Blocks from the placed items, full parameter-name prefixes, input to output."""
     full = (lambda p: f"{base_path}.{p}") if base_path else (lambda p: p)
     blocks: list[Block] = []
     if places.feature_encoder:
         blocks.append(Block("feature_encoder", tuple(full(p) for p in places.feature_encoder)))
-    first_before = [p for p in places.before[0]]
-    if first_before:
+    if places.before[0]:
         name = "feature_projection" if places.feature_encoder else "embeddings"
-        blocks.append(Block(name, tuple(full(p) for p in first_before)))
+        blocks.append(Block(name, tuple(full(p) for p in places.before[0])))
     for s, stack in enumerate(places.stacks):
         n = len(base.get_submodule(stack))
         for i in range(n):
