@@ -5,8 +5,8 @@ Heads: ``classifier`` (pooled over time) and ``ctc`` (per output frame, for spee
 
 Blocks, input to output. ``hf:`` models (discovered, ``ptm_ray.models.layout``): the convolutional feature
 encoder, the feature projection (with the positional convolution and encoder norm), then each transformer
-layer; the projector and classifier are the head. DeepSpeech: fc1, fc2, fc3, the bidirectional RNN, fc4; its output layer,
-re-sized to the labels and averaged over time, is the head.
+layer; the projector and classifier are the head. DeepSpeech: fc1, fc2, fc3, the bidirectional RNN, fc4;
+its output layer, re-sized to the labels and averaged over time, is the head.
 
 Both share one preprocessor: decode (soundfile), mix to mono, resample to the model's rate, crop or
 zero-pad to ``data.max_seconds``, and normalise per clip where the model expects it.
@@ -32,8 +32,7 @@ from ptm_ray.models.hf import HFFamily
 from ptm_ray.models.hf_types import refuse_head
 from ptm_ray.models.layout import discover_blocks
 
-__all__ = ["AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily",
-           "decode_audio"]
+__all__ = ["AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily", "decode_audio"]
 
 _CACHEABLE = frozenset({"wav2vec2", "hubert"})  # whose prefix/suffix split is implemented and checked
 
