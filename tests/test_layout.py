@@ -198,3 +198,15 @@ def test_every_uncovered_type_is_refused_with_its_reason():
         config = SimpleNamespace(model_type=model_type)  # refused on the type alone, before anything else is read
         with pytest.raises(ValueError, match=f"'{model_type}' models with a {head} head"):
             family_for(family).configure(config, head, ["a", "b"], ModelConfig(name="hf:x", task=head))
+
+
+def test_the_feature_cache_stays_with_the_types_it_was_checked_on():
+    from ptm_ray.models.audio import HFAudioFamily
+    from ptm_ray.models.text import HFTextFamily
+
+    wavlm = transformers.WavLMForSequenceClassification(transformers.WavLMConfig(**AUDIO))
+    assert HFAudioFamily().cache_unsupported(wavlm, 1) == (
+        "cache not supported for hf-audio 'wavlm' (only ['hubert', 'wav2vec2']), falling back to uncached")
+    llama = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**TEXT, pad_token_id=0))
+    assert HFTextFamily().cache_unsupported(llama, 1) == (
+        "cache not supported for hf-text 'llama' (only ['bert']), falling back to uncached")
