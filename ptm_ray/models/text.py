@@ -122,14 +122,14 @@ class HFTextFamily(HFFamily):
     cache_sequence_features = ("hidden", "attention_mask")  # padded to model.max_length in the cache
 
     def configure(self, config: Any, head: str, labels: list[str], cfg: ModelConfig) -> None:
-        refuse_head(self.name, config, head, cfg)
-        if head == "seq2seq" and not config.is_encoder_decoder:
+        if head == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"model.task={cfg.task} needs an encoder-decoder model such as T5; model.name={cfg.name} "
                              f"is a {config.model_type!r} model")
-        if head == "causal_lm" and (config.is_encoder_decoder or _masked_lm_encoder(config)):
+        if head == "causal_lm" and (getattr(config, "is_encoder_decoder", False) or _masked_lm_encoder(config)):
+            why = " (an encoder pretrained with masked language modelling)" if _masked_lm_encoder(config) else ""
             raise ValueError(f"model.task={cfg.task} needs a decoder-only model such as GPT-2; model.name="
-                             f"{cfg.name} is a {config.model_type!r} model"
-                             + (" (an encoder pretrained with masked language modelling)" if _masked_lm_encoder(config) else ""))
+                             f"{cfg.name} is a {config.model_type!r} model{why}")
+        refuse_head(self.name, config, head, cfg)
         if head == "classifier":
             set_label_maps(config, labels)
             if getattr(config, "pad_token_id", None) is None:  # GPT-2 has none; sequence classification needs one
