@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -107,3 +108,56 @@ def test_efficientnet_lite0_real_imagenet_weights_recognise_photos():
     assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert coffee == 967  # espresso
 
+
+
+def _solid_png(rgb: tuple[int, int, int], size: tuple[int, int] = (50, 40)) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_hf_vision_builds_freezes_preprocesses_and_round_trips_a_checkpoint(tmp_path):
+    import transformers
+
+    from ptm_ray.checkpoint import load_artifact, save_checkpoint
+
+    folder = tmp_path / "vit"
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                                   image_std=[0.2, 0.25, 0.5], resample=2).save_pretrained(folder)
+    cfg, model_family, ref, model = _build(f"hf:{folder}", [])
+    assert model_family.name == "hf-vision" and type(model).__name__ == "ViTForImageClassification"
+    blocks = _check_freezing(model_family, model, ("classifier.",))
+    assert [b.name for b in blocks] == ["embeddings", "layers.0", "layers.1"]
+    preprocessor = model_family.preprocessor(ref, model, cfg)
+    assert preprocessor.data_config == {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.4, 0.5, 0.6),
+                                        "std": (0.2, 0.25, 0.5), "crop_pct": 1.0, "crop_mode": "squash"}
+    images = [_solid_png((51, 102, 204)), _solid_png((255, 0, 0), (20, 60))]
+    inputs = preprocessor(images)
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32)
+    expected = torch.tensor([(0.2 - 0.4) / 0.2, (0.4 - 0.5) / 0.25, (0.8 - 0.6) / 0.5])  # (c/255 - mean) / std
+    assert torch.allclose(inputs["pixel_values"][0].mean(dim=(1, 2)), expected, atol=1e-5)
+    model.eval()
+    logits = model_family.logits(model, inputs)
+    path = save_checkpoint(tmp_path / "ckpt", family=model_family, model=model, preprocessor=preprocessor, cfg=cfg,
+                           labels=LABELS, metrics={}, history=[])
+    artifact = load_artifact(path)
+    assert artifact.family.name == "hf-vision" and artifact.labels == LABELS
+    assert json.loads(json.dumps(artifact.preprocessor.data_config)) == json.loads(json.dumps(preprocessor.data_config))
+    assert torch.allclose(artifact.family.logits(artifact.model, artifact.batch(images)), logits, atol=1e-5)
+
+
+def test_hf_image_processors_become_timm_transforms():
+    import transformers
+
+    from ptm_ray.models.hf_vision import timm_data_config
+
+    convnext = timm_data_config(transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875))
+    assert convnext == {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
+                        "std": (0.5, 0.5, 0.5), "crop_pct": 0.875, "crop_mode": "center"}
+    deit = timm_data_config(transformers.DeiTImageProcessor())  # resize 256, centre-crop 224
+    assert (deit["input_size"], deit["crop_pct"], deit["crop_mode"]) == ((3, 224, 224), 224 / 256, "center")

