@@ -86,8 +86,6 @@ def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(local_cluster):
 
 def test_search_then_deploy_as_submitted_jobs_serve_predictions_over_http(local_cluster, tiny_text, tmp_path):
     """The README's cluster sequence after fine-tuning: search (promotes to a registry), deploy, predict."""
-    import requests
-
     address, env, _ = local_cluster
     registry, port = tmp_path / "registry", free_port()
     space = "search.space={model.freeze_depth: {grid: [0, 1]}, optim.lr: {loguniform: [1.0e-3, 3.0e-3]}}"
@@ -98,6 +96,17 @@ def test_search_then_deploy_as_submitted_jobs_serve_predictions_over_http(local_
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "promoted to the model registry:" in out and (registry / "intents" / "v1" / "lineage.json").is_file()
+
+    try:
+        _deploy_and_predict(address, env, registry, port, tmp_path)
+    finally:  # the app would keep CPUs of this 2-CPU cluster: a training job run after it could never start
+        stopped = subprocess.run([str(Path(sys.executable).parent / "serve"), "shutdown", "--address", address, "--yes"],
+                                 env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def _deploy_and_predict(address: str, env: dict, registry: Path, port: int, tmp_path: Path) -> None:
+    import requests
 
     proc = _submit(address, env, ["jobs/deploy.py", "--config", "jobs/configs/serve.yaml", f"serve.registry={registry}",
                                   "serve.models=[{name: intents}]", f"serve.port={port}", "serve.proxy_location=HeadOnly",
