@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from ptm_ray.inference import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
+API_KEY_ENV = "PTM_RAY_TEST_API_KEY"
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +29,17 @@ def local_cluster(tmp_path_factory):
     """Head (0 CPUs) + 2 worker nodes (1 CPU each) on 127.0.0.1, started and stopped by cluster/local.sh."""
     state = Path(tempfile.mkdtemp(prefix="ptmc", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 bytes
     base = free_port() // 1000 * 1000 if free_port() < 60000 else 41000  # agent ports base+1.., base+101.., base+201..
+    # every node's processes get the API key in their environment, as pods do from a Kubernetes Secret
     env = dict(os.environ, PTM_RAY_CLUSTER_DIR=str(state), PTM_RAY_GCS_PORT=str(free_port()),
-               PTM_RAY_DASHBOARD_PORT=str(free_port()), PTM_RAY_PORT_BASE=str(base), RAY=RAY)
+               PTM_RAY_DASHBOARD_PORT=str(free_port()), PTM_RAY_PORT_BASE=str(base), RAY=RAY,
+               **{API_KEY_ENV: secrets.token_urlsafe(24)})
     env.pop("RAY_ADDRESS", None)
     script = str(ROOT / "cluster" / "local.sh")
     try:
         t0 = time.time()
         started = subprocess.run([script, "start", "2", "1"], env=env, capture_output=True, text=True, timeout=300)
-        assert started.returncode == 0, started.stdout + started.stderr + (state / "worker1.log").read_text()[-2000:]
+        logs = "".join(f"\n--- {log.name}:\n{log.read_text()[-2000:]}" for log in sorted(state.glob("*.log")))
+        assert started.returncode == 0, started.stdout + started.stderr + logs
         print(f"local cluster start: {time.time() - t0:.1f} s")
         yield f"http://127.0.0.1:{env['PTM_RAY_DASHBOARD_PORT']}", env, started.stdout
     finally:  # stop also after a failed start: never leave our processes behind
@@ -111,16 +116,26 @@ def _deploy_and_predict(address: str, env: dict, registry: Path, port: int, tmp_
     proc = _submit(address, env, ["jobs/deploy.py", "--config", "jobs/configs/serve.yaml", f"serve.registry={registry}",
                                   "serve.models=[{name: intents}]", f"serve.port={port}", "serve.proxy_location=HeadOnly",
                                   "serve.num_cpus=0.25", "serve.min_replicas=1", "serve.ingress_replicas=1",
-                                  f"serve.config_out={tmp_path / 'serve_config.yaml'}"])
+                                  f"serve.api_key_env={API_KEY_ENV}", f"serve.config_out={tmp_path / 'serve_config.yaml'}"])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    key = env[API_KEY_ENV]
+    # the key reached the ingress through its own environment: the config (and the file written from it) names
+    # only the variable, never the key
+    assert API_KEY_ENV in (tmp_path / "serve_config.yaml").read_text()
+    assert key not in (tmp_path / "serve_config.yaml").read_text() and key not in out
     # the job has ended; the application lives on in the cluster
-    answer = requests.post(f"http://127.0.0.1:{port}/v1/models/intents/predict",
-                           json={"inputs": ["where is my parcel"]}, timeout=60)
+    url = f"http://127.0.0.1:{port}/v1/models/intents/predict"
+    for headers in ({}, {"Authorization": f"Bearer {key[:-1]}"}):
+        refused = requests.post(url, json={"inputs": ["where is my parcel"]}, headers=headers, timeout=60)
+        assert refused.status_code == 401 and "API key" in refused.json()["error"], refused.text
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200  # liveness needs no key
+    auth = {"Authorization": f"Bearer {key}"}
+    answer = requests.post(url, json={"inputs": ["where is my parcel"]}, headers=auth, timeout=60)
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["model"] == "intents" and body["version"] == 1
-    described = requests.get(f"http://127.0.0.1:{port}/v1/models/intents", timeout=30).json()
+    described = requests.get(f"http://127.0.0.1:{port}/v1/models/intents", headers=auth, timeout=30).json()
     assert described["versions"][0]["labels"] == load_artifact(registry / "intents" / "v1").labels
     # the prediction made on the cluster is the promoted checkpoint's own, made here offline (a label merely in
     # the label list passed before)
