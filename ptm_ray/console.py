@@ -11,12 +11,14 @@ Only the standard library is imported at module level: the command line imports 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["VERBOSE_ENV", "epoch_line", "logs_dir", "quiet_driver", "ray_init_options", "set_verbose", "verbose"]
+__all__ = ["VERBOSE_ENV", "epoch_line", "logs_dir", "quiet_driver", "quiet_tune", "ray_init_options", "set_verbose",
+           "verbose"]
 
 VERBOSE_ENV = "PTM_RAY_VERBOSE"
 """Environment variable that turns verbose mode on (``1``, ``true``, ``yes``), as ``--verbose`` does."""
@@ -64,6 +66,28 @@ def quiet_driver() -> None:
         transformers.logging.disable_progress_bar()
     except ImportError:  # transformers is a core dependency; a broken install fails elsewhere, louder
         pass
+
+
+@contextlib.contextmanager
+def quiet_tune() -> Iterator[None]:
+    """Around ``Tuner.fit()``: no Tune console output unless verbose (the search prints its own lines).
+
+    Tune's default output engine prints its "Configuration for experiment" box and "View detailed results
+    here" lines even at ``verbose=0``; its legacy engine (``RAY_AIR_NEW_OUTPUT=0``) at ``verbose=0`` prints
+    nothing. Verbose mode keeps the default engine and its tables.
+    """
+    if verbose():
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def logs_dir() -> str | None:

@@ -224,7 +224,7 @@ def run_search(cfg: Config) -> SearchResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from ptm_ray.console import verbose
+    from ptm_ray.console import quiet_tune, verbose
     from ptm_ray.progress import SearchProgress
     from ptm_ray.runtime import init_ray
     from ptm_ray.tracking import SearchTracker, allow_file_store, mlflow_uri
@@ -259,7 +259,8 @@ def run_search(cfg: Config) -> SearchResult:
             run_config=_run_config(cfg, name, root, verbose=None if verbose() else 0,
                                    callbacks=[SearchProgress(metric, mode, cfg.train.epochs), *tracker.callbacks()]),
         )
-    grid = tuner.fit()
+    with quiet_tune():
+        grid = tuner.fit()
     board = apply_budget(measure_serving_cost(leaderboard(grid, cfg), shared or prepare_data(cfg)), cfg)
     csv_path = write_leaderboard(board, Path(experiment) if "://" not in experiment else Path(root) / name)
     promoted = promote(board, cfg, experiment)

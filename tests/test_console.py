@@ -1,4 +1,4 @@
-"""The console's parts without Ray: the epoch line, verbose mode (flag and variable), the tracking switches.
+"""The console's parts: the epoch line, verbose mode (flag and variable), the tracking switches, Tune kept quiet.
 
 The console of a whole run (a reduced quickstart) and the MLflow / TensorBoard records it leaves are checked
 in tests/test_quickstart.py."""
@@ -99,3 +99,27 @@ def test_tracking_without_the_extra():
     assert proc.returncode == 1
     assert "tracking.mlflow=on needs mlflow, which comes with the 'tracking' extra: pip install 'ptm_ray[tracking]'" \
         in proc.stderr
+
+
+@pytest.mark.parametrize("verbose_value, box_expected", [("0", False), ("1", True)])
+def test_tune_prints_its_experiment_box_only_in_verbose_mode(ray_cluster, tmp_path, capfd, monkeypatch, verbose_value,
+                                                             box_expected):
+    from ray import tune
+
+    from ptm_ray.console import quiet_tune
+
+    monkeypatch.setenv(VERBOSE_ENV, verbose_value)
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+
+    def score(config: dict) -> dict:  # defined here: pickled by value, the workers cannot import this test file
+        return {"score": config["x"]}
+
+    tuner = tune.Tuner(score, param_space={"x": tune.grid_search([1, 2])},
+                       tune_config=tune.TuneConfig(metric="score", mode="max"),
+                       run_config=tune.RunConfig(name="quiet", storage_path=str(tmp_path), verbose=0))
+    with quiet_tune():
+        best = tuner.fit().get_best_result().metrics["score"]
+    out = capfd.readouterr()
+    assert best == 2
+    assert ("Configuration for experiment" in out.out + out.err) is box_expected, out.out[-2000:]
+    assert "RAY_AIR_NEW_OUTPUT" not in __import__("os").environ  # put back as it was
