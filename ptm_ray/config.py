@@ -112,6 +112,10 @@ class DataConfig:
     """Square input size for images; 0 takes the model's pretrained config."""
     max_seconds: float = 2.0
     """Audio clips are cropped or zero-padded to this duration."""
+    materialize: str = "auto"
+    """Read the data into Ray's object store once (``always``), stream it from storage every epoch (``never``),
+    or ``auto``: once when its files are small (up to 256 MB), else streamed. Streamed data keeps the driver's
+    and the object store's memory flat in the dataset's size."""
 
 
 @dataclass
@@ -334,6 +338,7 @@ _CHOICES = {
     "model.pooling": ("cls", "mean"),
     "data.format": ("auto", "csv", "jsonl", "parquet", "coco", "yolo"),
     "data.on_bad_file": ("fail", "skip"),
+    "data.materialize": ("auto", "always", "never"),
     "data.augment": ("none", "light"),
     "optim.scheduler": ("linear", "cosine", "constant"),
     "train.mode": ("max", "min"),

@@ -7,16 +7,22 @@ Two steps, in this order:
    returns the label set. Every problem is a ``ValueError`` naming the file, the column and, where there
    is one, the row. Unreadable image/audio files fail the run, or with ``data.on_bad_file=skip`` are left
    out and counted.
-2. ``ray_datasets(plan, cfg.data, seed)`` reads the same data with Ray Data for the training workers, who
+2. ``ray_datasets(summary, cfg.data)`` reads the same data with Ray Data for the training workers, who
    take their shard with ``ray.train.get_dataset_shard`` and preprocess on the fly. Every dataset has two
-   columns: ``input`` (text, or the encoded file bytes) and ``label`` (a string).
+   columns: ``input`` (text, or the encoded file bytes) and ``label`` (a string). Small data is read into
+   the object store once; large data streams from storage every epoch (``data.materialize``,
+   ``materialize_decision``), so neither the driver nor the object store holds the whole dataset.
+
+Without a validation file, text rows are held out by a hash of their input text (``validation_mask``), the
+same function on the driver (counts) and in Ray Data tasks (rows): no global shuffle, no materialization.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +33,10 @@ from ptm_ray.config import DataConfig
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["DataSummary", "MEDIA_EXTENSIONS", "check_columns", "check_media_files", "inspect_data", "inspect_table", "list_media_files",
-           "media_dataset", "media_decoder", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
-           "split_counts", "table_datasets"]
+__all__ = ["AUTO_MATERIALIZE_BYTES", "DataSummary", "MEDIA_EXTENSIONS", "check_columns", "check_media_files", "finish_datasets",
+           "hash_split_counts", "inspect_data", "inspect_table", "list_media_files", "materialize_decision", "media_dataset",
+           "media_decoder", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
+           "split_counts", "table_datasets", "validation_mask"]
 
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 MEDIA_EXTENSIONS = {
@@ -175,7 +182,36 @@ def _check_labels(train_labels: list[str], val_labels: list[str] | None, cfg: Da
     return labels
 
 
+def validation_mask(texts: Sequence, fraction: float) -> np.ndarray:
+    """Which rows to hold out for validation when no validation file is given: those whose input text hashes
+    (BLAKE2b) into the lowest ``fraction`` of the range.
+
+    Fixed by the data alone: the same text always lands on the same side (a duplicate cannot leak from
+    training into validation), a row keeps its side when rows are added or reordered, and Ray Data tasks
+    compute it batch by batch with no global shuffle. The validation share is ``fraction`` on average.
+    """
+    bound = int(fraction * 2**64)
+    digest = lambda text: int.from_bytes(hashlib.blake2b(str(text).encode(), digest_size=8).digest(), "little")  # noqa: E731
+    return np.fromiter((digest(t) < bound for t in texts), dtype=bool, count=len(texts))
+
+
+def hash_split_counts(texts: Sequence, cfg: DataConfig) -> tuple[int, int]:
+    """(training rows, validation rows) of ``data.train`` split by ``validation_mask``.
+
+    Raises:
+        ValueError: when either side would be empty.
+    """
+    num_val = int(validation_mask(texts, cfg.val_fraction).sum())
+    if num_val in (0, len(texts)):
+        side = "validation" if num_val == 0 else "training"
+        raise ValueError(f"data.train: {cfg.train} has {len(texts)} rows; holding out data.val_fraction="
+                         f"{cfg.val_fraction} of them by text hash leaves no {side} rows: give data.validation "
+                         "or change data.val_fraction")
+    return len(texts) - num_val, num_val
+
+
 def split_counts(num_rows: int, cfg: DataConfig) -> tuple[int, int]:
+    """(training rows, validation rows) of a seeded split of media files (a list known on the driver)."""
     num_val = max(1, round(num_rows * cfg.val_fraction))
     if num_rows - num_val < 1:
         raise ValueError(f"data.train: {cfg.train} has {num_rows} rows, too few to split off validation")
@@ -188,7 +224,7 @@ def _inspect_text(cfg: DataConfig) -> DataSummary:
     check_columns(train, cfg.train, "data.train", columns, cfg.text_column)
     if cfg.validation is None:
         labels = _check_labels(_labels_of(train, cfg.label_column), None, cfg)
-        return DataSummary(labels, *split_counts(train.num_rows, cfg))
+        return DataSummary(labels, *hash_split_counts(train[cfg.text_column].to_pylist(), cfg))
     val = read_table(cfg.validation, cfg.format, "data.validation")
     check_columns(val, cfg.validation, "data.validation", columns, cfg.text_column)
     labels = _check_labels(_labels_of(train, cfg.label_column), _labels_of(val, cfg.label_column), cfg)
@@ -197,28 +233,84 @@ def _inspect_text(cfg: DataConfig) -> DataSummary:
 
 def inspect_table(cfg: DataConfig, columns: dict[str, str], text_columns: tuple[str, ...]) -> DataSummary:
     """Check the ``columns`` (name -> config key) of the training and validation files: they exist, no value
-    is missing, and ``text_columns`` hold strings. For tasks whose target is text; the summary has no labels."""
+    is missing, and ``text_columns`` hold strings (the first is the input). For tasks whose target is text;
+    the summary has no labels."""
     train = read_table(cfg.train, cfg.format, "data.train")
     for text_column in text_columns:
         check_columns(train, cfg.train, "data.train", columns, text_column)
     if cfg.validation is None:
-        return DataSummary([], *split_counts(train.num_rows, cfg))
+        return DataSummary([], *hash_split_counts(train[text_columns[0]].to_pylist(), cfg))
     val = read_table(cfg.validation, cfg.format, "data.validation")
     for text_column in text_columns:
         check_columns(val, cfg.validation, "data.validation", columns, text_column)
     return DataSummary([], train.num_rows, val.num_rows)
 
 
-def table_datasets(cfg: DataConfig, rename: dict[str, str], seed: int) -> dict[str, "ray.data.Dataset"]:
-    """Ray Data ``train`` and ``validation`` of the file columns in ``rename``, renamed (e.g. text -> input);
-    validation split off ``train`` with a seeded shuffle when not given. Materialized, as ``ray_datasets``."""
+def table_datasets(cfg: DataConfig, rename: dict[str, str], summary: DataSummary) -> dict[str, "ray.data.Dataset"]:
+    """Ray Data ``train`` and ``validation`` of the file columns in ``rename``, renamed (one of them to ``input``);
+    validation held out of ``train`` by ``validation_mask`` when not given. Materialized or streamed as
+    ``finish_datasets`` decides."""
     quiet_ray_data()
-    train = _ray_read(cfg.train, cfg.format).select_columns(list(rename)).rename_columns(rename)
+
+    def read(path: str, side: str) -> "ray.data.Dataset":
+        # one task per block selects, renames and holds out: Ray Data's own select/rename would be operators
+        # of their own asking a whole CPU, which Train workers may hold (see leave_cpus_for_data)
+        return _ray_read(path, cfg.format).map_batches(_columns, batch_format="numpy", **_READ_ARGS, fn_kwargs={
+            "rename": rename, "fraction": cfg.val_fraction if cfg.validation is None else None, "side": side})
+
     if cfg.validation is not None:
-        val = _ray_read(cfg.validation, cfg.format).select_columns(list(rename)).rename_columns(rename)
+        return finish_datasets({"train": read(cfg.train, "all"), "validation": read(cfg.validation, "all")}, summary, cfg)
+    return finish_datasets({"train": read(cfg.train, "train"), "validation": read(cfg.train, "validation")}, summary, cfg)
+
+
+def _columns(batch: dict[str, np.ndarray], rename: dict[str, str], fraction: float | None,
+             side: str) -> dict[str, np.ndarray]:
+    """The ``rename`` columns of a batch, renamed; with a ``fraction``, only the rows of ``side``."""
+    columns = {new: batch[old] for old, new in rename.items()}
+    if side == "all":
+        return columns
+    mask = validation_mask(columns["input"], fraction)
+    return {name: values[mask if side == "validation" else ~mask] for name, values in columns.items()}
+
+
+# Up to this size the files are read into the object store once (no re-reading every epoch); above it they
+# stream, so that memory stays flat however large the dataset.
+AUTO_MATERIALIZE_BYTES = 256 * 2**20
+
+
+def materialize_decision(summary: DataSummary, cfg: DataConfig) -> tuple[bool, str]:
+    """Whether a run reads its data into the object store once (True) or streams it every epoch; and why."""
+    if cfg.materialize != "auto":
+        return cfg.materialize == "always", f"data.materialize={cfg.materialize}"
+    size = _source_bytes(summary, cfg)
+    limit = f"{AUTO_MATERIALIZE_BYTES / 2**20:.0f} MB"
+    if size <= AUTO_MATERIALIZE_BYTES:
+        return True, f"data.materialize=auto: {size / 2**20:.1f} MB of files, up to {limit} are read once"
+    return False, f"data.materialize=auto: {size / 2**20:.1f} MB of files, over {limit}"
+
+
+def _source_bytes(summary: DataSummary, cfg: DataConfig) -> int:
+    """The size of the data's files: the media files when there are, else the table files."""
+    if summary.train_files is not None:
+        paths = [file for file, _ in summary.train_files + (summary.val_files or [])]
     else:
-        train, val = train.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
-    return {"train": train.materialize(), "validation": val.materialize()}
+        paths = [resolve_path(p) for p in (cfg.train, cfg.validation) if p]
+    total = 0
+    for path in paths:
+        fs, inner = _filesystem(path)
+        total += max(fs.get_file_info(inner).size or 0, 0)
+    return total
+
+
+def finish_datasets(datasets: dict[str, "ray.data.Dataset"], summary: DataSummary,
+                    cfg: DataConfig) -> dict[str, "ray.data.Dataset"]:
+    """``datasets`` read into the object store now, or left lazy to stream (said on the console), as
+    ``materialize_decision`` says."""
+    materialize, why = materialize_decision(summary, cfg)
+    if materialize:
+        return {name: ds.materialize() for name, ds in datasets.items()}
+    print(f"[ptm_ray] data streamed from storage every epoch ({why})")
+    return datasets
 
 
 def quiet_ray_data() -> None:
@@ -351,23 +443,23 @@ def _load_files(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarr
 
 def media_dataset(rows: list[tuple[str, str]], column: str = "label") -> "ray.data.Dataset":
     """(file, value) rows as a Ray dataset of ``input`` (the file's bytes, read by Ray Data tasks) and
-    ``column`` (the value: a label, a transcript, a JSON target). Lazy: materialize it on the driver."""
+    ``column`` (the value: a label, a transcript, a JSON target). Lazy: ``finish_datasets`` decides."""
     import ray.data
 
     items = [{"path": file, column: value} for file, value in rows]
     return ray.data.from_items(items).map_batches(_load_files, batch_size=64, fn_kwargs={"column": column}, **_READ_ARGS)
 
 
-def ray_datasets(summary: DataSummary, cfg: DataConfig, seed: int) -> dict[str, "ray.data.Dataset"]:
+def ray_datasets(summary: DataSummary, cfg: DataConfig) -> dict[str, "ray.data.Dataset"]:
     """Ray Data datasets ``train`` and ``validation`` with columns ``input`` and ``label``.
 
-    Text is read with Ray Data's CSV/JSON/Parquet readers (validation split off ``train`` with a seeded
-    shuffle when not given); image and audio files are read by Ray Data tasks from the checked file list.
-    Both are materialized: on a small node the Train workers hold the CPUs, and a lazy read would wait
-    forever for one. Blocks live in the object store (spilled to disk if large).
+    Text is read with Ray Data's CSV/JSON/Parquet readers (validation held out of ``train`` by
+    ``validation_mask`` when not given); image and audio files are read by Ray Data tasks from the checked
+    file list. Small data is materialized (blocks in the object store, spilled to disk if large), large data
+    streams (``finish_datasets``); ``ptm_ray.train`` leaves streamed reads a share of the CPUs.
     """
     if summary.train_files is None:
-        return table_datasets(cfg, {cfg.text_column: "input", cfg.label_column: "label"}, seed)
+        return table_datasets(cfg, {cfg.text_column: "input", cfg.label_column: "label"}, summary)
     quiet_ray_data()
-    train, val = media_dataset(summary.train_files), media_dataset(summary.val_files or [])
-    return {"train": train.materialize(), "validation": val.materialize()}
+    return finish_datasets({"train": media_dataset(summary.train_files),
+                            "validation": media_dataset(summary.val_files or [])}, summary, cfg)

@@ -26,7 +26,7 @@ import torch
 from ptm_ray.checkpoint import as_uri, read_meta
 from ptm_ray.config import Config, config_to_dict, parse_freeze_depth
 from ptm_ray.console import epoch_line, logs_dir
-from ptm_ray.data import DataSummary
+from ptm_ray.data import DataSummary, materialize_decision
 from ptm_ray.feature_cache import cache_decision, prepare_cache
 from ptm_ray.lora import lora_targets
 from ptm_ray.models import resolve_model
@@ -154,7 +154,8 @@ def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedDat
     name = _run_name(cfg)
     tracker = RunTracker(cfg, name, f"{storage_path(cfg)}/{name}")
     stream = EpochStream([_epoch_printer(cfg), tracker.log_epoch])
-    trainer = _trainer(cfg, name, loop_config, datasets, [stream.callback, *(run_config_callbacks or [])])
+    streamed = not materialize_decision(plan.data, cfg.data)[0]
+    trainer = _trainer(cfg, name, loop_config, datasets, [stream.callback, *(run_config_callbacks or [])], streamed)
     best_path = None
     try:
         with stream:
@@ -259,7 +260,8 @@ def fit_in_trial(cfg: Config, data: PreparedData | None = None) -> None:
 
 def _loop_config(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:
     """What every worker's loop is given: the config, the labels, the training rows, the feature cache."""
-    loop_config = {"cfg": config_to_dict(cfg), "labels": plan.labels, "num_train_rows": datasets["train"].count()}
+    loop_config = {"cfg": config_to_dict(cfg), "labels": plan.labels, "num_train_rows": plan.data.num_train_rows,
+                   "num_val_rows": plan.data.num_val_rows}
     return loop_config | _feature_cache(cfg, plan, datasets)
 
 
@@ -270,16 +272,20 @@ def _epoch_printer(cfg: Config) -> Any:
     return print_epoch
 
 
-def _trainer(cfg: Config, name: str, loop_config: dict[str, Any], datasets: dict, callbacks: list) -> Any:
+def _trainer(cfg: Config, name: str, loop_config: dict[str, Any], datasets: dict, callbacks: list,
+             streamed: bool) -> Any:
     """The ``TorchTrainer`` of a run: workers, storage, checkpoint ranking by ``train.metric``, retries."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    resources = dict(cfg.scaling.resources_per_worker)
+    if streamed:
+        resources = leave_cpus_for_data(resources, cfg.scaling.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=dict(cfg.scaling.resources_per_worker)),
+                                     resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path(cfg),
@@ -290,10 +296,56 @@ def _trainer(cfg: Config, name: str, loop_config: dict[str, Any], datasets: dict
             callbacks=callbacks,
         ),
         datasets=datasets,
-        # Training data is split across workers; every worker sees all of validation and evaluates
-        # its stride of batches, so the metrics cover every validation row exactly once.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=_shards_config(),
     )
+
+
+def _shards_config() -> Any:
+    """Ray Train's ``DataConfig``, but validation split into unequal shards: every row exactly once.
+
+    Ray's default splits every dataset with ``equal=True`` (each worker the same number of rows, up to
+    world size - 1 rows dropped), right for training (every worker takes the same number of steps), wrong
+    for validation, whose metrics must cover every row. Workers combine their sums after their last batch,
+    so shards of different sizes cost nothing."""
+    from ray.train import DataConfig
+
+    class Shards(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {name: ds for name, ds in datasets.items() if name != "validation"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "validation" in datasets:
+                val = datasets["validation"]
+                val = val.copy(val)  # as Ray's configure: options set here stay off the caller's dataset
+                val.context.execution_options = self._resolve_execution_options("validation")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for shard, split in zip(output, val.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    shard["validation"] = split
+            return output
+
+    return Shards(datasets_to_split=["train"])
+
+
+# Streamed data is read by Ray Data tasks (a quarter of a CPU each) while the workers train.
+DATA_CPUS = 0.5
+
+
+def leave_cpus_for_data(resources: dict[str, float], num_workers: int, who: str = "workers") -> dict[str, float]:
+    """``resources_per_worker`` with the CPU lowered, where the workers would hold every CPU of the cluster,
+    so that streamed reads always find ``DATA_CPUS`` free; said on the console. Otherwise unchanged.
+
+    Without it, two workers of 1 CPU on a 2-CPU node wait forever for their first batch: the read task
+    that would make it waits for a CPU they hold."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    cpu = resources.get("CPU", 1.0)
+    spare = total - num_workers * cpu
+    if spare >= DATA_CPUS or cpu <= 0:
+        return resources
+    lowered = round(max(cpu - (DATA_CPUS - spare) / num_workers, 0.05), 3)
+    print(f"[ptm_ray] streamed data: each of the {num_workers} {who} reserves {lowered:g} CPU instead of {cpu:g}, "
+          f"so that Ray Data's reads find {DATA_CPUS:g} of the cluster's {total:g} CPUs free")
+    return resources | {"CPU": lowered}
 
 
 def _feature_cache(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 from ptm_ray.checkpoint import as_uri
 from ptm_ray.config import Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, with_overrides
+from ptm_ray.data import materialize_decision
 from ptm_ray.model_store import ModelStore, ModelVersion
-from ptm_ray.train import PreparedData, fit, fit_in_trial, plan_run, prepare_data, storage_path
+from ptm_ray.train import PreparedData, fit, fit_in_trial, leave_cpus_for_data, plan_run, prepare_data, storage_path
 
 __all__ = ["LeaderboardRow", "SearchResult", "build_param_space", "leaderboard", "promote", "run_search", "validate_search"]
 
@@ -169,18 +170,22 @@ def _trial(overrides: dict[str, Any], base: dict[str, Any], trials_path: str, da
         fit(cfg, run_config_callbacks=[TuneReportCallback()], data=data)
 
 
-def _trial_resources(cfg: Config) -> Callable[[dict[str, Any]], Any]:
+def _trial_resources(cfg: Config, streamed: bool = False) -> Callable[[dict[str, Any]], Any]:
     """Per trial, what Tune reserves: the worker's resources when the trial trains itself, else
-    ``search.trial_cpus`` for a driver that waits on its worker group."""
+    ``search.trial_cpus`` for a driver that waits on its worker group. Trials that train themselves on
+    streamed data leave Ray Data's reads a share of the CPUs (``leave_cpus_for_data``)."""
     from ray.tune import PlacementGroupFactory
 
     base = config_to_dict(cfg)
+    cpu = {"CPU": cfg.scaling.resources_per_worker.get("CPU", 1.0)}
+    if streamed:
+        cpu = leave_cpus_for_data(cpu, cfg.search.max_concurrent_trials, "concurrent trials")
 
     def resources(overrides: dict[str, Any]) -> PlacementGroupFactory:
         trial = with_overrides(config_from_dict(base), dict(overrides))
         if not _in_trial(trial):
             return PlacementGroupFactory([{"CPU": trial.search.trial_cpus}])
-        bundle = {"CPU": 1.0, **trial.scaling.resources_per_worker}
+        bundle = {"CPU": 1.0, **trial.scaling.resources_per_worker, **cpu}
         if trial.scaling.use_gpu:
             bundle.setdefault("GPU", 1.0)
         return PlacementGroupFactory([bundle])
@@ -238,7 +243,7 @@ def run_search(cfg: Config) -> SearchResult:
     shared = _shared_data(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=config_to_dict(cfg), trials_path=f"{experiment}/trials", data=shared),
-        _trial_resources(cfg),
+        _trial_resources(cfg, streamed=shared is not None and not materialize_decision(shared.summary, cfg.data)[0]),
     )
     tracker = None
     if tune.Tuner.can_restore(experiment):

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -391,7 +391,8 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, float]:
     started = time.perf_counter()
     sums = torch.zeros(len(worker.task.stat_names), dtype=torch.float64, device=device)
     examples = 0
-    for step, batch in enumerate(worker.batches("train", shuffle_seed=cfg.train.seed * 100_003 + epoch)):
+    waited = Waited(worker.batches("train", shuffle_seed=cfg.train.seed * 100_003 + epoch))
+    for step, batch in enumerate(waited):
         if step >= worker.steps_per_epoch:
             break
         last = (step + 1) % accumulate == 0 or step + 1 == worker.steps_per_epoch
@@ -412,7 +413,27 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, float]:
                             "checkpointing this epoch, and earlier checkpoints are kept. Lower optim.lr / "
                             "optim.head_lr, set optim.max_grad_norm, or check the data for bad values")
     examples = int(all_reduce(torch.tensor(examples, device=device)).item())
-    return worker.task.train_metrics(sums) | {"samples_per_s": examples / max(seconds, 1e-9), "epoch_time_s": seconds}
+    wait = all_reduce(torch.tensor([waited.seconds, seconds], dtype=torch.float64, device=device))
+    return worker.task.train_metrics(sums) | {"samples_per_s": examples / max(seconds, 1e-9), "epoch_time_s": seconds,
+                                              "data_wait_share": (wait[0] / wait[1].clamp(min=1e-9)).item()}
+
+
+class Waited:
+    """An iterator of batches that adds up the seconds spent waiting for each (``seconds``): time a step
+    could not start because the data pipeline had no batch ready."""
+
+    def __init__(self, batches: Iterable[dict[str, Any]]) -> None:
+        self.batches, self.seconds = iter(batches), 0.0
+
+    def __iter__(self) -> "Waited":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def _update(worker: Worker) -> None:
@@ -425,13 +446,21 @@ def _update(worker: Worker) -> None:
 
 
 def validate(worker: Worker) -> dict[str, float]:
-    """The task's validation metrics over every validation row: each worker takes every world-th batch."""
-    session = worker.session
+    """The task's validation metrics over every validation row: each worker evaluates its own shard (Ray
+    Train splits validation without dropping rows) and the task combines the workers' sums. ``validation_rows``
+    counts the rows evaluated across workers."""
     net = getattr(worker.net, "module", worker.net)
     net.eval()
     started = time.perf_counter()
-    batches = (b for i, b in enumerate(worker.batches("validation")) if i % session.world_size == session.rank)
-    val = worker.task.evaluate(worker.context, net, batches, worker.autocast)
+    rows = [0]
+
+    def counted(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            rows[0] += len(next(iter(batch.values())))
+            yield batch
+
+    val = worker.task.evaluate(worker.context, net, counted(worker.batches("validation")), worker.autocast)
+    val["validation_rows"] = int(all_reduce(torch.tensor(rows[0], device=worker.session.device)).item())
     metric = worker.cfg.train.metric
     if metric not in val:
         raise ValueError(f"train.metric={metric!r} is not a validation metric of model.task={worker.cfg.model.task}; "

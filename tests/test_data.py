@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ptm_ray.config import DataConfig
-from ptm_ray.data import inspect_data
+from ptm_ray.data import inspect_data, validation_mask
 
 from conftest import TRAIN_CSV, VAL_CSV
 
@@ -25,11 +25,33 @@ def test_bundled_data_labels_and_counts():
     assert len(summary.labels) == 8 and summary.labels == sorted(summary.labels)
     assert (summary.num_train_rows, summary.num_val_rows) == (320, 96)
     split = inspect_data(DataConfig(train=TRAIN_CSV, val_fraction=0.25))
-    assert (split.num_train_rows, split.num_val_rows) == (240, 80)
+    assert (split.num_train_rows, split.num_val_rows) == (246, 74)  # held out by text hash: 23 % for 25 %
+
+
+def test_held_out_rows_are_fixed_by_their_text():
+    texts = [f"order {i} has not arrived" for i in range(2000)]
+    mask = validation_mask(texts, 0.2)
+    assert 0.17 < mask.mean() < 0.23  # the share asked for, on average
+    assert (validation_mask(texts, 0.2) == mask).all()  # no seed, no state: the same answer every time
+    # rows keep their side when others are added or the file is reordered; a duplicate goes with its original
+    grown = texts[::-1] + [f"new row {i}" for i in range(500)] + texts[:10]
+    sides = dict(zip(grown, validation_mask(grown, 0.2)))
+    assert [sides[t] for t in texts] == mask.tolist()
+    assert validation_mask(texts, 0.4).sum() > mask.sum() and (validation_mask(texts, 0.4) | ~mask).all()
+
+
+def test_a_split_that_leaves_a_side_empty_is_refused(tmp_path):
+    path = _csv(tmp_path, "d.csv", "text,label\n" + "words 0,a\n" * 5 + "words 1,b\n" * 5)
+    # two distinct texts: at 0.2 both stay in training, at 0.99 both are held out
+    for fraction, side in ((0.2, "validation"), (0.99, "training")):
+        with pytest.raises(ValueError, match=rf"data.train: .*d.csv has 10 rows; holding out data.val_fraction="
+                                             rf"{fraction} of them by text hash leaves no {side} rows"):
+            inspect_data(DataConfig(train=path, val_fraction=fraction))
 
 
 def test_jsonl_and_parquet_read_like_csv(tmp_path):
-    rows = [{"text": "refund please", "label": "refund"}, {"text": "where is it", "label": "status"}] * 3
+    rows = [{"text": f"refund please {i}", "label": "refund"} for i in range(5)] + \
+           [{"text": f"where is parcel {i}", "label": "status"} for i in range(5)]
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows))
     parquet = tmp_path / "d.parquet"

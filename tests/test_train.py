@@ -15,6 +15,7 @@ import torch
 from ptm_ray.checkpoint import load_artifact, load_train_state, read_meta
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
+from ptm_ray.tasks import task_for
 from ptm_ray.tasks.classification import classification_metrics
 from ptm_ray.train import fit
 
@@ -40,6 +41,9 @@ def test_two_workers_learn_and_write_self_describing_checkpoints(ray_cluster, ti
     assert 0 < result.best_metrics["trainable_params"] < result.best_metrics["total_params"]
     for key in ("train_loss", "val_loss", "val_macro_f1", "gap_loss", "gap_accuracy", "samples_per_s"):
         assert key in result.best_metrics
+    # every validation row evaluated once across the two workers (with the split the driver counted)
+    held_out = task_for("classification").inspect(cfg, "text").num_val_rows
+    assert [h["validation_rows"] for h in result.history] == [held_out] * 8
 
     # best k by the metric are kept, plus nothing else
     kept = [p for p in Path(result.run_path).glob("checkpoint_*") if p.is_dir()]

@@ -131,12 +131,11 @@ class DetectionTask(Task):
         return DataSummary(categories, len(train), len(val), rows(train), rows(val), skipped)
 
     def datasets(self, summary, cfg):
-        from ptm_ray.data import media_dataset, quiet_ray_data
+        from ptm_ray.data import finish_datasets, media_dataset, quiet_ray_data
 
         quiet_ray_data()
-        # materialized here: a lazy read would wait for a CPU while the Train workers hold them all
-        return {"train": media_dataset(summary.train_files, "target").materialize(),
-                "validation": media_dataset(summary.val_files, "target").materialize()}
+        return finish_datasets({"train": media_dataset(summary.train_files, "target"),
+                                "validation": media_dataset(summary.val_files, "target")}, summary, cfg.data)
 
     def train_step(self, ctx: WorkerContext, net, batch):
         targets = _targets(batch["target"], ctx.labels)

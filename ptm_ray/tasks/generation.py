@@ -118,7 +118,7 @@ class Text2TextTask(_LanguageModelTask):
         from ptm_ray.data import table_datasets
 
         data = cfg.data
-        return table_datasets(data, {data.text_column: "input", data.target_column: "target"}, cfg.train.seed)
+        return table_datasets(data, {data.text_column: "input", data.target_column: "target"}, summary)
 
     @staticmethod
     def _loss(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -179,7 +179,7 @@ class TextGenerationTask(_LanguageModelTask):
     def datasets(self, summary, cfg):
         from ptm_ray.data import table_datasets
 
-        return table_datasets(cfg.data, {cfg.data.text_column: "input"}, cfg.train.seed)
+        return table_datasets(cfg.data, {cfg.data.text_column: "input"}, summary)
 
     @staticmethod
     def _loss(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:

@@ -116,7 +116,7 @@ class MultiLabelTask(Task):
 
     # --- data -----------------------------------------------------------------------------------------------
     def inspect(self, cfg, modality) -> "DataSummary":
-        from ptm_ray.data import DataSummary, split_counts
+        from ptm_ray.data import DataSummary, hash_split_counts, split_counts
 
         data, separator = cfg.data, cfg.model.task_options["label_separator"]
         train = self._read(cfg, data.train, "data.train", modality)
@@ -131,7 +131,7 @@ class MultiLabelTask(Task):
                 raise ValueError(f"data.validation: {data.validation} row {row + 1}, column {data.label_column!r}: "
                                  f"labels {unknown} do not occur in the training data (labels: {labels})")
         if modality == "text":
-            counts = (len(train), len(val)) if val is not None else split_counts(len(train), data)
+            counts = (len(train), len(val)) if val is not None else hash_split_counts([text for text, _ in train], data)
             return DataSummary(labels, *counts)
         if val is None:  # a fixed, seeded split: part of the data, not of the run
             order = np.random.default_rng(0).permutation(len(train))
@@ -157,14 +157,14 @@ class MultiLabelTask(Task):
                 for row, (text, v) in enumerate(zip(table[data.text_column].to_pylist(), values))]
 
     def datasets(self, summary, cfg):
-        from ptm_ray.data import media_dataset, quiet_ray_data, table_datasets
+        from ptm_ray.data import finish_datasets, media_dataset, quiet_ray_data, table_datasets
 
         data = cfg.data
         if summary.train_files is None:
-            return table_datasets(data, {data.text_column: "input", data.label_column: "label"}, cfg.train.seed)
+            return table_datasets(data, {data.text_column: "input", data.label_column: "label"}, summary)
         quiet_ray_data()
-        return {"train": media_dataset(summary.train_files).materialize(),
-                "validation": media_dataset(summary.val_files).materialize()}
+        return finish_datasets({"train": media_dataset(summary.train_files),
+                                "validation": media_dataset(summary.val_files)}, summary, data)
 
     # --- training and validation ---------------------------------------------------------------------------
     def _targets(self, ctx, batch) -> torch.Tensor:

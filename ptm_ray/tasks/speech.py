@@ -73,13 +73,12 @@ class SpeechRecognitionTask(Task):
         return DataSummary(list(vocab), len(train), len(val), train, val, skipped)
 
     def datasets(self, summary, cfg):
-        from ptm_ray.data import media_dataset, quiet_ray_data
+        from ptm_ray.data import finish_datasets, media_dataset, quiet_ray_data
 
         quiet_ray_data()
-        # columns input (file bytes) and target (the transcript); materialized here: a lazy read would wait
-        # for a CPU while the Train workers hold them all
-        return {"train": media_dataset(summary.train_files, "target").materialize(),
-                "validation": media_dataset(summary.val_files, "target").materialize()}
+        # columns input (file bytes) and target (the transcript)
+        return finish_datasets({"train": media_dataset(summary.train_files, "target"),
+                                "validation": media_dataset(summary.val_files, "target")}, summary, cfg.data)
 
     @staticmethod
     def _loss_and_log_probs(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any],
