@@ -1,0 +1,184 @@
+"""Data at scale: memory and throughput of streamed data as the dataset grows, measured side by side in one run.
+
+Synthetic text (25k, 100k, 400k rows) and images (2k, 8k, 32k PNG files), made here; a fixed validation set
+at every size, so the training data is what grows. Two workers, one epoch, ``train.max_steps_per_epoch``
+steps, ``data.materialize=never`` (streamed):
+
+(a) tiny models (so the data path is what is stressed): the driver's peak RSS and the object store's peak
+    use during ``fit``, growth from the smallest to the largest size;
+(c) training samples/s at each size, spread = (max - min) / mean;
+(b) real models (MiniLM-L6 for text, EfficientNet-Lite0 for images) at the smallest size: share of the
+    training time the workers waited for their next batch (``data_wait_share``).
+Today's path (``data.materialize=always``) runs at the smallest size for comparison.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_data_scale.py [--steps 20] [--sizes small]
+
+The last line: ``data-scale: rss_growth=<x> store_growth=<x> data_wait_text=<f> data_wait_images=<f>
+throughput_spread=<f>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from ptm_ray.config import load_config
+from ptm_ray.runtime import init_ray
+from ptm_ray.train import fit
+
+TEXT_SIZES = (25_000, 100_000, 400_000)
+IMAGE_SIZES = (2_000, 8_000, 32_000)
+LABELS = ["billing", "delivery", "refund", "account", "password", "warranty", "cancel", "upgrade"]
+WORDS = "please help my order the a card parcel late broken never arrived charge twice login reset new plan".split()
+
+
+def make_text(path: Path, rows: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        for i in range(rows):
+            label = rng.randrange(len(LABELS))
+            words = [LABELS[label], *rng.choices(WORDS, k=rng.randint(4, 12)), str(i)]
+            rng.shuffle(words)
+            out.writerow([" ".join(words), LABELS[label]])
+    return path
+
+
+def make_images(folder: Path, files: int, seed: int) -> Path:
+    """``files`` 32x32 RGB PNGs in ``folder/<label>/``: a class's colour plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 255, size=(4, 3))
+    for label in range(4):
+        (folder / f"c{label}").mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        label = i % 4
+        pixels = np.clip(colours[label] + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{label}" / f"{i}.png")
+    return folder
+
+
+class Peaks:
+    """The driver's peak RSS and the object store's peak use, sampled every 0.25 s while running."""
+
+    def __init__(self) -> None:
+        self.rss = self.store = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        from ray._private.internal_api import memory_summary
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.rss = max(self.rss, me.memory_info().rss)
+            try:
+                used = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+                if used:
+                    self.store = max(self.store, int(used.group(1)) * 2**20)
+            except Exception:  # noqa: BLE001 - a missed sample is not a failed run
+                pass
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> "Peaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run(name: str, overrides: list[str], root: Path) -> dict[str, float]:
+    cfg = load_config(None, overrides + ["scaling.num_workers=2", "scaling.resources_per_worker={CPU: 1}",
+                                         "train.epochs=1", "optim.scheduler=constant", "optim.warmup_ratio=0.0",
+                                         "train.feature_cache=off", "tracking.mlflow=off", "tracking.tensorboard=off",
+                                         f"storage.path={root / 'runs'}", f"storage.name={name}"])
+    started = time.perf_counter()
+    with Peaks() as peaks:
+        history = fit(cfg).history
+    epoch = history[-1]
+    row = {"rss": peaks.rss, "store": peaks.store, "samples_per_s": epoch["samples_per_s"],
+           "data_wait": epoch["data_wait_share"], "validation_rows": epoch["validation_rows"],
+           "wall": time.perf_counter() - started}
+    print(f"    {name:<28} driver peak RSS {row['rss'] / 2**20:7.0f} MiB  object store peak {row['store'] / 2**20:6.0f} MiB  "
+          f"{row['samples_per_s']:7.1f} samples/s  data wait {row['data_wait']:6.1%}  "
+          f"({row['validation_rows']} validation rows, {row['wall']:.0f} s)", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="training steps per worker (train.max_steps_per_epoch)")
+    parser.add_argument("--sizes", choices=["full", "small"], default="full",
+                        help="small: 1/10 of every size (a quick check of the bench itself)")
+    args = parser.parse_args()
+    scale = 1 if args.sizes == "full" else 10
+    text_sizes = [n // scale for n in TEXT_SIZES]
+    image_sizes = [n // scale for n in IMAGE_SIZES]
+    init_ray()
+    root = Path(tempfile.mkdtemp(prefix="bench_data_scale_"))
+    from ptm_ray.tiny import make_tiny_text_model
+
+    started = time.perf_counter()
+    val_text = make_text(root / "val.csv", 2000, seed=1)
+    texts = {n: make_text(root / f"train_{n}.csv", n, seed=2) for n in text_sizes}
+    val_images = make_images(root / "val_images", 400, seed=3)
+    images = {n: make_images(root / f"images_{n}", n, seed=4) for n in image_sizes}
+    with open(val_text) as f:
+        tiny_bert = make_tiny_text_model("bert", root / "tiny_bert", [r["text"] for r in csv.DictReader(f)])
+    print(f"data made in {time.perf_counter() - started:.0f} s under {root}", flush=True)
+
+    steps = [f"train.max_steps_per_epoch={args.steps}", "train.batch_size=32"]
+    text = lambda n, model, mode: [f"model.name={model}", f"data.train={texts[n]}", f"data.validation={val_text}",  # noqa: E731
+                                   "model.max_length=32", f"data.materialize={mode}", *steps]
+    image = lambda n, model, mode: [f"model.name={model}", f"data.train={images[n]}",  # noqa: E731
+                                    f"data.validation={val_images}", f"data.materialize={mode}", *steps]
+    tiny_image = "timm:test_resnet"
+    print("(a)+(c) tiny models, streamed (data.materialize=never):")
+    text_rows = {n: run(f"text-tiny-{n}", text(n, f"hf:{tiny_bert}", "never"), root) for n in text_sizes}
+    image_rows = {n: run(f"images-tiny-{n}", image(n, tiny_image, "never") + ["model.weights=none",
+                                                                              "data.image_size=32"], root)
+                  for n in image_sizes}
+    print("    today's path at the smallest size (data.materialize=always):")
+    run(f"text-tiny-{text_sizes[0]}-materialized", text(text_sizes[0], f"hf:{tiny_bert}", "always"), root)
+    run(f"images-tiny-{image_sizes[0]}-materialized", image(image_sizes[0], tiny_image, "always")
+        + ["model.weights=none", "data.image_size=32"], root)
+    print("(b) real models at the smallest size, streamed, then materialized:")
+    minilm = [run(f"text-minilm-{text_sizes[0]}-{m}", text(text_sizes[0], "minilm-l6", m), root) for m in ("never", "always")]
+    lite0 = [run(f"images-lite0-{image_sizes[0]}-{m}", image(image_sizes[0], "efficientnet-lite0", m)
+                 + ["data.image_size=96"], root) for m in ("never", "always")]
+
+    def growth(rows: dict[int, dict], key: str) -> float:
+        return rows[max(rows)][key] / max(rows[min(rows)][key], 1)
+
+    def spread(rows: dict[int, dict]) -> float:
+        values = [r["samples_per_s"] for r in rows.values()]
+        return (max(values) - min(values)) / (sum(values) / len(values))
+
+    rss = max(growth(text_rows, "rss"), growth(image_rows, "rss"))
+    store = max(growth(text_rows, "store"), growth(image_rows, "store"))
+    print(f"    growth {min(text_sizes)} -> {max(text_sizes)} rows: RSS {growth(text_rows, 'rss'):.2f}x, "
+          f"object store {growth(text_rows, 'store'):.2f}x; {min(image_sizes)} -> {max(image_sizes)} files: "
+          f"RSS {growth(image_rows, 'rss'):.2f}x, object store {growth(image_rows, 'store'):.2f}x")
+    print(f"    samples/s spread: text {spread(text_rows):.1%}, images {spread(image_rows):.1%}")
+    print(f"    data wait, streamed vs materialized: MiniLM {minilm[0]['data_wait']:.1%} vs {minilm[1]['data_wait']:.1%}, "
+          f"Lite0 {lite0[0]['data_wait']:.1%} vs {lite0[1]['data_wait']:.1%}")
+    print(f"data-scale: rss_growth={rss:.2f} store_growth={store:.2f} data_wait_text={minilm[0]['data_wait']:.3f} "
+          f"data_wait_images={lite0[0]['data_wait']:.3f} "
+          f"throughput_spread={max(spread(text_rows), spread(image_rows)):.3f}")
+
+
+if __name__ == "__main__":
+    main()
