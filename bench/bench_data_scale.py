@@ -120,7 +120,8 @@ def run(name: str, overrides: list[str], root: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="training steps per worker (train.max_steps_per_epoch)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per worker, tiny models (a), (c)")
+    parser.add_argument("--real-steps", type=int, default=60, help="training steps per worker, real models (b)")
     parser.add_argument("--sizes", choices=["full", "small"], default="full",
                         help="small: 1/10 of every size (a quick check of the bench itself)")
     args = parser.parse_args()
@@ -140,11 +141,13 @@ def main() -> None:
         tiny_bert = make_tiny_text_model("bert", root / "tiny_bert", [r["text"] for r in csv.DictReader(f)])
     print(f"data made in {time.perf_counter() - started:.0f} s under {root}", flush=True)
 
-    steps = [f"train.max_steps_per_epoch={args.steps}", "train.batch_size=32"]
-    text = lambda n, model, mode: [f"model.name={model}", f"data.train={texts[n]}", f"data.validation={val_text}",  # noqa: E731
-                                   "model.max_length=32", f"data.materialize={mode}", *steps]
-    image = lambda n, model, mode: [f"model.name={model}", f"data.train={images[n]}",  # noqa: E731
-                                    f"data.validation={val_images}", f"data.materialize={mode}", *steps]
+    tiny = [f"train.max_steps_per_epoch={args.steps}", "train.batch_size=32"]
+    real = [f"train.max_steps_per_epoch={args.real_steps}", "train.batch_size=32"]
+    text = lambda n, model, mode, steps=tiny: [f"model.name={model}", f"data.train={texts[n]}",  # noqa: E731
+                                               f"data.validation={val_text}", "model.max_length=32",
+                                               f"data.materialize={mode}", *steps]
+    image = lambda n, model, mode, steps=tiny: [f"model.name={model}", f"data.train={images[n]}",  # noqa: E731
+                                                f"data.validation={val_images}", f"data.materialize={mode}", *steps]
     tiny_image = "timm:test_resnet"
     print("(a)+(c) tiny models, streamed (data.materialize=never):")
     text_rows = {n: run(f"text-tiny-{n}", text(n, f"hf:{tiny_bert}", "never"), root) for n in text_sizes}
@@ -156,8 +159,8 @@ def main() -> None:
     run(f"images-tiny-{image_sizes[0]}-materialized", image(image_sizes[0], tiny_image, "always")
         + ["model.weights=none", "data.image_size=32"], root)
     print("(b) real models at the smallest size, streamed, then materialized:")
-    minilm = [run(f"text-minilm-{text_sizes[0]}-{m}", text(text_sizes[0], "minilm-l6", m), root) for m in ("never", "always")]
-    lite0 = [run(f"images-lite0-{image_sizes[0]}-{m}", image(image_sizes[0], "efficientnet-lite0", m)
+    minilm = [run(f"text-minilm-{text_sizes[0]}-{m}", text(text_sizes[0], "minilm-l6", m, real), root) for m in ("never", "always")]
+    lite0 = [run(f"images-lite0-{image_sizes[0]}-{m}", image(image_sizes[0], "efficientnet-lite0", m, real)
                  + ["data.image_size=96"], root) for m in ("never", "always")]
 
     def growth(rows: dict[int, dict], key: str) -> float:

@@ -321,6 +321,12 @@ def quiet_ray_data() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Rows keep their order through the parallel file reads, so a seed fixes the batches a run sees.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # Small blocks: a streamed file is read 1 MiB at a time (a CSV file is one read task, whose output would
+    # otherwise be one block of up to 128 MiB), so what sits in the object store is flat in the file's size.
+    ray.data.DataContext.get_current().target_max_block_size = _BLOCK_BYTES
+
+
+_BLOCK_BYTES = 2**20
 
 
 def list_media_files(path: str, cfg: DataConfig, key: str, modality: str,

@@ -218,7 +218,8 @@ class Worker:
         return torch.autocast(self.session.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def batches(self, split: str, shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
-        kwargs: dict[str, Any] = {"batch_size": self.cfg.train.batch_size, "batch_format": "numpy"}
+        # a few batches prepared ahead, so that a streamed read's hiccup does not stall a step
+        kwargs: dict[str, Any] = {"batch_size": self.cfg.train.batch_size, "batch_format": "numpy", "prefetch_batches": 4}
         if shuffle_seed is not None and self.cfg.train.shuffle_buffer > 0:
             kwargs |= {"local_shuffle_buffer_size": self.cfg.train.shuffle_buffer, "local_shuffle_seed": shuffle_seed}
         return self.session.dataset(split).iter_batches(**kwargs)
