@@ -306,10 +306,21 @@ def _shards_config() -> Any:
     Ray's default splits every dataset with ``equal=True`` (each worker the same number of rows, up to
     world size - 1 rows dropped), right for training (every worker takes the same number of steps), wrong
     for validation, whose metrics must cover every row. Workers combine their sums after their last batch,
-    so shards of different sizes cost nothing."""
+    so shards of different sizes cost nothing.
+
+    Streamed data may hold ``INGEST_OBJECT_STORE_BYTES`` of the object store ahead of the workers (Ray
+    Data's default budget is a share of the whole store, so a read ran ahead by the whole file)."""
+    from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     class Shards(DataConfig):
+        def _resolve_execution_options(self, dataset_name):
+            options = super()._resolve_execution_options(dataset_name)
+            limits = options.resource_limits
+            options.resource_limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory,
+                                                         object_store_memory=INGEST_OBJECT_STORE_BYTES)
+            return options
+
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             rest = {name: ds for name, ds in datasets.items() if name != "validation"}
             output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
@@ -327,6 +338,9 @@ def _shards_config() -> Any:
 
 # Streamed data is read by Ray Data tasks (a quarter of a CPU each) while the workers train.
 DATA_CPUS = 0.5
+# What streamed data may hold of the object store ahead of the workers: a few 1 MiB blocks (tens of
+# thousands of text rows, hundreds of small images) keep them busy; more only grows with the dataset.
+INGEST_OBJECT_STORE_BYTES = 4 * 2**20
 
 
 def leave_cpus_for_data(resources: dict[str, float], num_workers: int, who: str = "workers") -> dict[str, float]:
