@@ -310,30 +310,30 @@ def _shards_config() -> Any:
 
     Streamed data may hold ``INGEST_OBJECT_STORE_BYTES`` of the object store ahead of the workers (Ray
     Data's default budget is a share of the whole store, so a read ran ahead by the whole file)."""
+    import copy
+
     from ray.data import ExecutionResources
     from ray.train import DataConfig
 
-    class Shards(DataConfig):
-        def _resolve_execution_options(self, dataset_name):
-            options = super()._resolve_execution_options(dataset_name)
-            limits = options.resource_limits
-            options.resource_limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory,
-                                                         object_store_memory=INGEST_OBJECT_STORE_BYTES)
-            return options
+    options = DataConfig.default_ingest_options()
+    limits = options.resource_limits
+    options.resource_limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory,
+                                                 object_store_memory=INGEST_OBJECT_STORE_BYTES)
 
+    class Shards(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             rest = {name: ds for name, ds in datasets.items() if name != "validation"}
             output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
             if "validation" in datasets:
                 val = datasets["validation"]
                 val = val.copy(val)  # as Ray's configure: options set here stay off the caller's dataset
-                val.context.execution_options = self._resolve_execution_options("validation")
+                val.context.execution_options = copy.deepcopy(options)
                 hints = worker_node_ids if self._enable_shard_locality else None
                 for shard, split in zip(output, val.streaming_split(world_size, equal=False, locality_hints=hints)):
                     shard["validation"] = split
             return output
 
-    return Shards(datasets_to_split=["train"])
+    return Shards(datasets_to_split=["train"], execution_options=options)
 
 
 # Streamed data is read by Ray Data tasks (a quarter of a CPU each) while the workers train.
