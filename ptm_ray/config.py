@@ -88,9 +88,10 @@ class DataConfig:
     train: str = ""
     """Training data: a CSV, JSONL or Parquet file (local path, any URI pyarrow understands, or ``bundled:<file>``)."""
     validation: str | None = None
-    """Validation file in the same format; when unset, ``val_fraction`` of ``train`` is split off (seeded)."""
+    """Validation file in the same format; when unset, ``val_fraction`` of ``train`` is held out (text: by a hash
+    of the input text, so a row keeps its side as data grows; image and audio files: a seeded split)."""
     val_fraction: float = 0.2
-    """Share of ``train`` held out for validation when no validation file is given."""
+    """Share of ``train`` held out for validation when no validation file is given (on average, for text)."""
     format: str = "auto"
     """``csv``, ``jsonl``, ``parquet`` or ``auto`` (from the file extension); for detection ``coco`` (a JSON
     file) or ``yolo`` (a folder with ``images/<split>``, ``labels/<split>`` and ``data.yaml``)."""
@@ -115,7 +116,7 @@ class DataConfig:
     materialize: str = "auto"
     """Read the data into Ray's object store once (``always``), stream it from storage every epoch (``never``),
     or ``auto``: once when its files are small (up to 256 MB), else streamed. Streamed data keeps the driver's
-    and the object store's memory flat in the dataset's size."""
+    memory flat and the object store's bounded however large the dataset."""
 
 
 @dataclass
