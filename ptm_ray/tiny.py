@@ -7,6 +7,7 @@ with no network: the weights are random, the architectures and tokenizer classes
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["AUDIO_FAMILIES", "TEXT_FAMILIES", "TINY_DEEPSPEECH", "make_tiny_audio_model", "make_tiny_deepspeech",
@@ -38,59 +39,76 @@ def _tokenizer(family: str, texts: list[str]):
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def make_tiny_text_model(family: str, path: str | Path, texts: list[str]) -> Path:
+@contextmanager
+def _seeded(seed: int):
+    """Random weights drawn from ``seed`` without touching the caller's torch RNG: the same tiny model whatever ran
+    before (the test order used to change the weights, and with them what a test saw)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def make_tiny_text_model(family: str, path: str | Path, texts: list[str], seed: int = 0) -> Path:
     """Write a tiny randomly initialised ``family`` model and its tokenizer to ``path``.
 
     Args:
         family: one of ``TEXT_FAMILIES``.
         path: output folder (made if missing).
         texts: sample texts the tokenizer's vocabulary is built from.
+        seed: the weights' seed (the caller's RNG state is left as it was).
     """
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel, T5Config, T5Model
 
     path = Path(path)
     tokenizer = _tokenizer(family, texts)
     vocab = len(tokenizer)
-    if family == "bert":
-        model = BertModel(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=256))
-    elif family == "roberta":
-        model = RobertaModel(RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=128, max_position_embeddings=258, pad_token_id=1))
-    elif family == "gpt2":
-        model = GPT2Model(GPT2Config(vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, n_positions=256,
-                                     pad_token_id=0, eos_token_id=0, bos_token_id=0))
-    elif family == "t5":
-        model = T5Model(T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                                 num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    else:
-        raise ValueError(f"unknown tiny text family {family!r}; choose from {TEXT_FAMILIES}")
+    with _seeded(seed):
+        if family == "bert":
+            model = BertModel(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, max_position_embeddings=256))
+        elif family == "roberta":
+            model = RobertaModel(RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=128,
+                                               max_position_embeddings=258, pad_token_id=1))
+        elif family == "gpt2":
+            model = GPT2Model(GPT2Config(vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, n_positions=256,
+                                         pad_token_id=0, eos_token_id=0, bos_token_id=0))
+        elif family == "t5":
+            model = T5Model(T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                     num_decoder_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0))
+        else:
+            raise ValueError(f"unknown tiny text family {family!r}; choose from {TEXT_FAMILIES}")
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
 
 
-def make_tiny_audio_model(family: str, path: str | Path) -> Path:
-    """Write a tiny randomly initialised wav2vec 2.0 or HuBERT encoder and its feature extractor to ``path``."""
+def make_tiny_audio_model(family: str, path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny wav2vec 2.0 or HuBERT encoder, randomly initialised from ``seed``, and its feature extractor to
+    ``path``."""
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     path = Path(path)
     dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 conv_dim=(16, 16, 16), conv_kernel=(10, 8, 4), conv_stride=(5, 8, 4), num_conv_pos_embeddings=16,
                 num_conv_pos_embedding_groups=2)
-    if family == "wav2vec2":
-        model = Wav2Vec2Model(Wav2Vec2Config(**dims))
-    elif family == "hubert":
-        model = HubertModel(HubertConfig(**dims))
-    else:
-        raise ValueError(f"unknown tiny audio family {family!r}; choose from {AUDIO_FAMILIES}")
+    with _seeded(seed):
+        if family == "wav2vec2":
+            model = Wav2Vec2Model(Wav2Vec2Config(**dims))
+        elif family == "hubert":
+            model = HubertModel(HubertConfig(**dims))
+        else:
+            raise ValueError(f"unknown tiny audio family {family!r}; choose from {AUDIO_FAMILIES}")
     model.save_pretrained(path, safe_serialization=True)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=False).save_pretrained(path)
     return path
 
 
-def make_tiny_deepspeech(path: str | Path, num_labels: int = 10) -> Path:
+def make_tiny_deepspeech(path: str | Path, num_labels: int = 10, seed: int = 0) -> Path:
     """Write the state dict of a tiny DeepSpeech classifier to ``path`` (safetensors), as pretrained weights."""
     from safetensors.torch import save_file
 
@@ -98,7 +116,9 @@ def make_tiny_deepspeech(path: str | Path, num_labels: int = 10) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(DeepSpeechClassifier(num_labels, **TINY_DEEPSPEECH).state_dict(), path)
+    with _seeded(seed):
+        model = DeepSpeechClassifier(num_labels, **TINY_DEEPSPEECH)
+    save_file(model.state_dict(), path)
     return path
 
 
