@@ -20,6 +20,7 @@ same function on the driver (counts) and in Ray Data tasks (rows): no global shu
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -384,26 +385,61 @@ def media_decoder(modality: str) -> Callable[[bytes], object]:
     return lambda data: decode_audio(data, 16000)
 
 
-def check_media_files(rows: list[tuple[str, str]], cfg: DataConfig, key: str, modality: str) -> tuple[list, list[str]]:
-    """Decode every file once; fail on the first bad one, or (``on_bad_file=skip``) leave them out."""
+def _decode_error(file: str, decode: Callable[[bytes], object]) -> str:
+    """Why ``file`` cannot be decoded, or "" when it can (without the repr of the in-memory buffer Pillow names)."""
+    try:
+        decode(read_bytes(file))
+    except (ValueError, OSError) as e:
+        return re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(e))
+    return ""
+
+
+def _decode_errors(batch: dict[str, np.ndarray], modality: str) -> dict[str, np.ndarray]:
     decode = media_decoder(modality)
+    return {"path": batch["path"], "error": np.array([_decode_error(f, decode) for f in batch["path"]], dtype=object)}
+
+
+# From this many files on, the decode check runs in Ray Data tasks, in parallel across the cluster's CPUs.
+PARALLEL_CHECK_FILES = 1000
+
+
+def check_media_files(rows: list[tuple[str, str]], cfg: DataConfig, key: str, modality: str,
+                      parallel: bool | None = None) -> tuple[list, list[str]]:
+    """Decode every file once; fail on the first bad one (in row order), or (``on_bad_file=skip``) leave them out.
+
+    ``parallel`` (default: from ``PARALLEL_CHECK_FILES`` files on) decodes in Ray Data tasks of a quarter CPU
+    each, on a local Ray started here if none is running; otherwise one by one on the driver."""
+    if parallel is None:
+        parallel = len(rows) >= PARALLEL_CHECK_FILES
+    if parallel:
+        import ray.data
+
+        from ptm_ray.runtime import init_ray
+
+        init_ray()
+        quiet_ray_data()
+        checked = ray.data.from_items([{"path": file} for file, _ in rows]).map_batches(
+            _decode_errors, batch_size=64, batch_format="numpy", fn_kwargs={"modality": modality}, **_READ_ARGS)
+        errors = {row["path"]: row["error"] for row in checked.iter_rows() if row["error"]}
+    else:
+        decode = media_decoder(modality)
+        errors = {file: error for file, error in ((f, _decode_error(f, decode)) for f, _ in rows) if error}
     good, bad = [], []
     for file, label in rows:
-        try:
-            decode(read_bytes(file))
-        except (ValueError, OSError) as e:
-            if cfg.on_bad_file == "fail":
-                raise ValueError(f"{key}: {file}: {e} (set data.on_bad_file=skip to leave such files out)") from None
-            bad.append(file)
+        if file not in errors:
+            good.append((file, label))
             continue
-        good.append((file, label))
+        if cfg.on_bad_file == "fail":
+            raise ValueError(f"{key}: {file}: {errors[file]} (set data.on_bad_file=skip to leave such files out)")
+        bad.append(file)
     if bad:
         print(f"[ptm_ray] {key}: skipped {len(bad)} unreadable {modality} file(s) of {len(rows)}, e.g. {bad[:3]}")
     return good, bad
 
 
 def _inspect_media(cfg: DataConfig, modality: str) -> DataSummary:
-    train, skipped_train = check_media_files(list_media_files(cfg.train, cfg, "data.train", modality), cfg, "data.train", modality)
+    train, skipped_train = check_media_files(list_media_files(cfg.train, cfg, "data.train", modality), cfg,
+                                             "data.train", modality)
     skipped = {"data.train": skipped_train} if skipped_train else {}
     if cfg.validation is None:
         _check_labels([label for _, label in train], None, cfg)
@@ -412,8 +448,8 @@ def _inspect_media(cfg: DataConfig, modality: str) -> DataSummary:
         val = [train[i] for i in order[num_train:]]
         train = [train[i] for i in order[:num_train]]
     else:
-        val, skipped_val = check_media_files(list_media_files(cfg.validation, cfg, "data.validation", modality), cfg,
-                                     "data.validation", modality)
+        val, skipped_val = check_media_files(list_media_files(cfg.validation, cfg, "data.validation", modality),
+                                             cfg, "data.validation", modality)
         if skipped_val:
             skipped["data.validation"] = skipped_val
     labels = _check_labels([label for _, label in train], [label for _, label in val], cfg)

@@ -61,3 +61,50 @@ def test_two_workers_stream_on_a_two_cpu_node_and_validate_every_row_once(ray_cl
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert [h["validation_rows"] for h in result.history] == [33, 33]
     assert all(0.0 <= h["data_wait_share"] < 1.0 for h in result.history)
+
+
+def test_two_concurrent_trials_stream_on_a_two_cpu_node(ray_cluster, tiny_text, tmp_path, capsys):
+    from ptm_ray.tune import run_search
+
+    overrides = tiny_overrides(tiny_text["bert"], tmp_path, "unused", data__validation=VAL_CSV,
+                               data__materialize="never", train__epochs=1, train__max_steps_per_epoch=3,
+                               scaling__num_workers=1)
+    overrides += ["search.space={optim.lr: {grid: [1.0e-3, 3.0e-4]}}", "search.name=stream", "search.scheduler=fifo",
+                  "search.max_concurrent_trials=2", f"search.registry={tmp_path / 'registry'}",
+                  "search.registry_name=intents", "search.top_k=1"]
+    # each trial trains itself and asks 1 CPU: two at once would hold both, and their reads would wait forever
+    result = run_search(load_config(None, overrides))
+    assert "each of the 2 concurrent trials reserves 0.75 CPU instead of 1" in capsys.readouterr().out
+    assert sorted(row.lr for row in result.leaderboard) == [3.0e-4, 1.0e-3]
+    assert all(row.epochs_run == 1 and row.best_score is not None for row in result.leaderboard)
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_media_checks_in_ray_data_tasks_find_what_the_driver_finds(ray_cluster, tmp_path, policy):
+    from PIL import Image
+
+    from ptm_ray.config import DataConfig
+    from ptm_ray.data import check_media_files
+
+    rows = []
+    for i in range(150):
+        path = tmp_path / f"{i}.png"
+        if i in (37, 120):  # truncated: a header and nothing else
+            path.write_bytes(b"\x89PNG\r\n\x1a\n")
+        else:
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(path)
+        rows.append((str(path), str(i % 3)))
+    cfg = DataConfig(train=str(tmp_path), on_bad_file=policy)
+    outcomes = []
+    for parallel in (False, True):
+        try:
+            outcomes.append(check_media_files(rows, cfg, "data.train", "image", parallel=parallel))
+        except ValueError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1]  # the same files kept, the same files skipped, the same first error
+    if policy == "fail":
+        assert outcomes[1] == (f"data.train: {tmp_path / '37.png'}: not decodable as an image: cannot identify image "
+                               "file (set data.on_bad_file=skip to leave such files out)")
+    else:
+        good, bad = outcomes[1]
+        assert bad == [str(tmp_path / "37.png"), str(tmp_path / "120.png")] and len(good) == 148
