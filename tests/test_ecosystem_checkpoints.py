@@ -58,11 +58,14 @@ def _train_a_few_steps(model, preprocessor) -> None:
     """Thirty full-batch Adam steps on the bundled intents, so the classifier tells inputs apart."""
     texts, targets, labels = _intents()
     texts, targets = texts[:64], torch.tensor([labels.index(t) for t in targets[:64]])
-    batch = preprocessor(texts)
+    _adam_steps(model, preprocessor(texts), targets)
+
+
+def _adam_steps(model, batch: dict, targets: torch.Tensor, steps: int = 30) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     with torch.enable_grad():
-        for _ in range(30):
+        for _ in range(steps):
             loss = torch.nn.functional.cross_entropy(model(**batch).logits, targets)
             optimizer.zero_grad()
             loss.backward()
@@ -73,16 +76,7 @@ def _fit_clips(clips: list[np.ndarray]):
     """A tweak: thirty full-batch Adam steps teaching clip i label i (scaling a random head was not enough: a random
     encoder's pooled features share one large direction, and which label wins everywhere depended on the seed)."""
     def tweak(model, preprocessor):
-        batch = preprocessor([_wav(c) for c in clips])
-        targets = torch.arange(len(clips))
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-        model.train()
-        with torch.enable_grad():
-            for _ in range(30):
-                loss = torch.nn.functional.cross_entropy(model(**batch).logits, targets)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        _adam_steps(model, preprocessor([_wav(c) for c in clips]), torch.arange(len(clips)))
     return tweak
 
 
