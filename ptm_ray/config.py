@@ -202,7 +202,8 @@ class TrackingConfig:
     """TensorBoard event files of the per-epoch metrics, in ``<run folder>/tensorboard`` (a search's trials:
     Tune's own, in each trial's folder): ``auto``, ``on`` or ``off``, as for ``mlflow``."""
     uri: str = ""
-    """MLflow tracking URI (``http://host:5000`` for a server); empty: the file store ``<storage.path>/mlruns``."""
+    """MLflow tracking URI (``http://host:5000`` for a server); empty: the file store ``<storage.path>/mlruns``
+    (a local folder: with ``storage.path`` on object storage, ``auto`` tracks nothing unless this is set)."""
     experiment: str = "ptm_ray"
     """MLflow experiment the runs go to."""
 
@@ -534,6 +535,10 @@ def _check_values(cfg: Config) -> None:
     _check_training(cfg)
     _check_search_and_serve(cfg)
     _check_model_and_data(cfg)
+    if cfg.tracking.mlflow == "on" and not cfg.tracking.uri and "://" in cfg.storage.path \
+            and not cfg.storage.path.startswith("file://"):
+        raise ValueError(f"tracking.mlflow=on needs tracking.uri (an MLflow server, such as http://mlflow:5000) when "
+                         f"storage.path is object storage ({cfg.storage.path}): MLflow's file store is a local folder")
 
 
 def _check_task(cfg: Config) -> None:

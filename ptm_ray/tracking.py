@@ -30,11 +30,14 @@ _REQUIRE = {"mlflow": lambda why: require_extra("mlflow", "tracking", why),  # l
 
 
 def mlflow_uri(cfg: Config) -> str:
-    """``tracking.uri``, or the file store ``<storage.path>/mlruns``."""
+    """``tracking.uri``, or the file store ``<storage.path>/mlruns``; "" when ``storage.path`` is object storage
+    (``s3://``, ``gs://``, ...) and no ``tracking.uri`` is set: MLflow's file store is a local folder."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    if "://" in cfg.storage.path:
+    if cfg.storage.path.startswith("file://"):
         return f"{cfg.storage.path.rstrip('/')}/mlruns"
+    if "://" in cfg.storage.path:
+        return ""
     return (Path(cfg.storage.path).expanduser().resolve() / "mlruns").as_uri()
 
 
@@ -52,6 +55,10 @@ def tracking_wanted(cfg: Config, tool: str) -> bool:
     except MissingExtraError:
         if setting == "on":
             raise
+        return False
+    if tool == "mlflow" and not mlflow_uri(cfg):  # tracking.mlflow=on was refused when the config loaded
+        print(f"[ptm_ray] MLflow tracking is off: storage.path={cfg.storage.path} is object storage, where MLflow's "
+              "file store cannot live; set tracking.uri to an MLflow server to track this run")
         return False
     return True
 

@@ -79,6 +79,24 @@ def test_tracking_settings_are_checked_and_default_to_a_file_store_under_storage
         load_config(None, ["model.name=minilm-l6", f"data.train={TRAIN_CSV}", "tracking.mlflow=sometimes"])
 
 
+def test_mlflow_on_object_storage_needs_a_server(capsys):
+    """MLflow's file store is a local folder: on s3:// storage `auto` says it is off and why (a fine-tune on S3 used
+    to train every epoch, then die in MLflow), `on` is refused when the config loads, a server URI is used."""
+    from ptm_ray.tracking import mlflow_uri, tracking_wanted
+
+    on_s3 = ["model.name=minilm-l6", f"data.train={TRAIN_CSV}", "storage.path=s3://bucket/runs"]
+    cfg = load_config(None, on_s3)
+    assert mlflow_uri(cfg) == "" and tracking_wanted(cfg, "mlflow") is False
+    assert ("MLflow tracking is off: storage.path=s3://bucket/runs is object storage, where MLflow's file store "
+            "cannot live; set tracking.uri to an MLflow server") in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"tracking.mlflow=on needs tracking.uri \(an MLflow server, such as "
+                                         r"http://mlflow:5000\) when storage.path is object storage \(s3://bucket/runs\)"):
+        load_config(None, on_s3 + ["tracking.mlflow=on"])
+    served = load_config(None, on_s3 + ["tracking.mlflow=on", "tracking.uri=http://127.0.0.1:5000"])
+    assert mlflow_uri(served) == "http://127.0.0.1:5000" and tracking_wanted(served, "mlflow") is True
+    assert mlflow_uri(load_config(None, on_s3[:2] + ["storage.path=file:///tmp/runs"])) == "file:///tmp/runs/mlruns"
+
+
 # Without the tracking extra: `auto` tracks nothing, `on` stops with the line that installs it
 _WITHOUT_TRACKING = """
 import sys
