@@ -13,8 +13,13 @@ always does. Rows are looked up by a digest of their raw input, so the training 
 Data pipeline (same shards, same shuffle order as without the cache) and only swaps the model's forward.
 
 On disk: one ``.npy`` array per feature (memory-mapped by the readers, so no process holds all
-activations), ``keys.npy`` (one 20-byte digest per row) and ``meta.json``. Written into a temporary
-folder and renamed into place, so trials building the same key at once never see half a cache.
+activations), ``row_key.npy`` (one 20-byte digest per row) and ``meta.json``, which commits a cache: nothing
+without it is read. One process in the cluster builds a key (a claim held in a small named Ray actor,
+renewed while the build runs, so trials racing for one key build it once and a dead builder's claim lapses
+within a minute); the others wait for its ``meta.json``. On a local or NFS path the cache is written into
+a temporary folder and renamed into place. On object storage (``s3://``, ``gs://``: ``storage.path``) it
+is built in a node-local folder, uploaded with ``meta.json`` last, and each node that reads it downloads it
+once into its own local folder (``local_copy``) to memory-map it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,7 +45,7 @@ from ptm_ray.data import DataSummary, resolve_path
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["CacheInfo", "FeatureStore", "cache_key", "cache_decision", "prepare_cache", "row_digests"]
+__all__ = ["CacheInfo", "FeatureStore", "cache_key", "cache_decision", "local_copy", "prepare_cache", "row_digests"]
 
 _FORMAT = 1  # bump when the layout of a cache folder changes
 
@@ -83,8 +90,6 @@ def _invalid_reason(cfg: Config, task: Any, family: Any, model: torch.nn.Module,
         return "model.freeze_depth is 0: nothing is frozen, so there is no prefix to cache"
     if cfg.data.augment != "none":
         return f"data.augment={cfg.data.augment} makes the prefix's input random in every epoch"
-    if "://" in cfg.storage.path:
-        return f"storage.path={cfg.storage.path} is a URI; the cache is memory-mapped from a local or NFS path"
     if not isinstance(family, PrefixCache):
         return f"cache not supported for the {family.name} family"
     return family.cache_unsupported(model, depth)
@@ -194,36 +199,201 @@ class _PrefixFn:
 
 def prepare_cache(cfg: Config, family: Any, ref: Any, labels: list[str], depth: int, num_blocks: int,
                   summary: DataSummary, datasets: dict[str, "ray.data.Dataset"], root: str) -> CacheInfo:
-    """Reuse the cache for this run's key under ``root``, or build it from ``datasets`` (all splits).
+    """Reuse the cache for this run's key under ``root`` (a folder or a URI), or build it from ``datasets``.
 
     Building streams: Ray Data actors compute the prefix batch by batch and this process appends each
-    batch to memory-mapped arrays, so no process ever holds the whole dataset's activations.
+    batch to memory-mapped arrays, so no process ever holds the whole dataset's activations. Another process
+    building the same key at the same time is waited for, not duplicated.
     """
     key = cache_key(cfg, family, ref, depth, num_blocks, summary)
-    final = Path(root) / key
-    if (final / "meta.json").is_file():
-        meta = json.loads((final / "meta.json").read_text())
-        return CacheInfo(str(final), key, meta["size_bytes"], False, 0.0)
+    store = _Store(root)
+    meta = store.meta(key)
+    if meta is None:
+        with _BuildClaim(key) as claim:
+            meta = claim.wait_or_claim(lambda: store.meta(key))
+            if meta is None:  # this process holds the claim and nobody has built the key
+                return _build(cfg, family, labels, depth, num_blocks, datasets, store, key)
+    return CacheInfo(store.path(key), key, meta["size_bytes"], False, 0.0)
+
+
+def _build(cfg: Config, family: Any, labels: list[str], depth: int, num_blocks: int, datasets: dict,
+           store: "_Store", key: str) -> CacheInfo:
     started = time.perf_counter()
-    tmp = Path(root) / f".building-{key}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    staging = store.staging(key)
+    staging.mkdir(parents=True)
     try:
-        rows = _write_features(cfg, labels, depth, datasets, tmp, family)
-        size = sum(p.stat().st_size for p in tmp.iterdir())
+        rows = _write_features(cfg, labels, depth, datasets, staging, family)
+        size = sum(p.stat().st_size for p in staging.iterdir())
         meta = {"key": key, "rows": rows, "depth": depth, "num_blocks": num_blocks, "model": cfg.model.name,
                 "size_bytes": size, "build_s": time.perf_counter() - started}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, final)  # atomic; fails if another trial completed the same key first
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return CacheInfo(str(final), key, json.loads((final / "meta.json").read_text())["size_bytes"], False, 0.0)
+        store.commit(staging, key, meta)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    return CacheInfo(str(final), key, size, True, meta["build_s"])
+    return CacheInfo(store.path(key), key, size, True, meta["build_s"])
+
+
+class _Store:
+    """Where caches live: a local (or NFS) folder, or a URI pyarrow understands."""
+
+    def __init__(self, root: str) -> None:
+        import pyarrow.fs
+
+        self.root = root.rstrip("/")
+        self.remote = "://" in root
+        if self.remote:
+            self.fs, self.base = pyarrow.fs.FileSystem.from_uri(self.root)
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def meta(self, key: str) -> dict | None:
+        """The committed cache's meta.json, or None."""
+        if not self.remote:
+            file = Path(self.root) / key / "meta.json"
+            return json.loads(file.read_text()) if file.is_file() else None
+        try:
+            with self.fs.open_input_stream(f"{self.base}/{key}/meta.json") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def staging(self, key: str) -> Path:
+        """A new folder to build ``key`` in: beside the caches, or on this node for object storage."""
+        parent = _node_folder() if self.remote else Path(self.root)
+        return parent / f".building-{key}-{uuid.uuid4().hex[:8]}"
+
+    def commit(self, staging: Path, key: str, meta: dict) -> None:
+        """Make ``staging`` the cache of ``key``: meta.json goes last, so a reader never sees part of it."""
+        if not self.remote:
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            _settle(staging, Path(self.root) / key)
+            return
+        import pyarrow.fs
+
+        local = pyarrow.fs.LocalFileSystem()
+        for file in sorted(staging.iterdir()):
+            pyarrow.fs.copy_files(str(file), f"{self.base}/{key}/{file.name}", source_filesystem=local,
+                                  destination_filesystem=self.fs)
+        with self.fs.open_output_stream(f"{self.base}/{key}/meta.json") as f:
+            f.write(json.dumps(meta, indent=1).encode())
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+        _settle(staging, _node_folder() / key)  # this node's copy, for its readers
+
+
+def _node_folder() -> Path:
+    """This node's folder for copies of caches kept on object storage."""
+    return Path(os.environ.get("PTM_RAY_CACHE_DIR", Path(tempfile.gettempdir()) / "ptm_ray_feature_cache"))
+
+
+def _settle(folder: Path, final: Path) -> None:
+    """Rename a complete ``folder`` to ``final``, unless another process on this node got there first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(folder, final)
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def local_copy(path: str) -> str:
+    """A local folder holding the cache ``path``: itself, or for a URI this node's copy (downloaded once)."""
+    if "://" not in path:
+        return path
+    import pyarrow.fs
+
+    key = path.rstrip("/").rsplit("/", 1)[-1]
+    final = _node_folder() / key
+    if not (final / "meta.json").is_file():
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        tmp = _node_folder() / f".download-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            pyarrow.fs.copy_files(inner, str(tmp), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            if not (tmp / "meta.json").is_file():
+                raise RuntimeError(f"feature cache {path} has no meta.json: it is not a complete cache")
+            _settle(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+# A claim lapses when its holder has not renewed it for this long (a builder renews it every RENEW_S seconds).
+CLAIM_TTL_S, RENEW_S = 60.0, 10.0
+
+
+class _Claims:
+    """Named Ray actor (one per cluster): which process is building which cache key, and since when."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[str, float]] = {}
+
+    def claim(self, key: str, holder: str) -> bool:
+        """Take or renew the claim on ``key``; False while another holder's claim is fresh."""
+        owner, renewed = self.held.get(key, (holder, 0.0))
+        if owner != holder and time.time() - renewed < CLAIM_TTL_S:
+            return False
+        self.held[key] = (holder, time.time())
+        return True
+
+    def release(self, key: str, holder: str) -> None:
+        if self.held.get(key, ("",))[0] == holder:
+            del self.held[key]
+
+
+class _BuildClaim:
+    """``with _BuildClaim(key) as claim: meta = claim.wait_or_claim(read_meta)``; released on exit."""
+
+    def __init__(self, key: str, timeout_s: float = 3600.0) -> None:
+        import ray
+
+        self.key, self.holder, self.timeout_s = key, uuid.uuid4().hex, timeout_s
+        # detached: a trial that created it may end while others still need it; a 0-CPU actor for the cluster's life
+        self.actor = ray.remote(num_cpus=0)(_Claims).options(
+            name="ptm_ray_feature_cache_claims", namespace="ptm_ray", get_if_exists=True, lifetime="detached").remote()
+        self.held = False
+        self._stop = threading.Event()
+
+    def wait_or_claim(self, read_meta) -> dict | None:
+        """The meta of the cache once another process has committed it, or None when this process holds the claim."""
+        import ray
+
+        deadline = time.time() + self.timeout_s
+        announced = False
+        while True:
+            meta = read_meta()
+            if meta is not None:
+                return meta
+            if ray.get(self.actor.claim.remote(self.key, self.holder)):
+                meta = read_meta()  # committed between the check and the claim
+                if meta is not None:
+                    return meta
+                self.held = True
+                threading.Thread(target=self._renew, daemon=True).start()
+                return None
+            if not announced:
+                print(f"[ptm_ray] feature cache {self.key[:12]}: another process is building it; waiting")
+                announced = True
+            if time.time() > deadline:
+                raise TimeoutError(f"feature cache {self.key}: waited {self.timeout_s:.0f} s for another process "
+                                   "to build it; rerun, or set train.feature_cache=off")
+            time.sleep(1.0)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            self.actor.claim.remote(self.key, self.holder)
+
+    def __enter__(self) -> "_BuildClaim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        self._stop.set()
+        if self.held:
+            ray.get(self.actor.release.remote(self.key, self.holder))
 
 
 def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, folder: Path, family: Any) -> int:
@@ -266,7 +436,7 @@ class FeatureStore:
     """Read side of a cache folder: features of a batch of raw inputs, gathered from memory-mapped arrays."""
 
     def __init__(self, path: str) -> None:
-        folder = Path(path)
+        folder = Path(local_copy(path))
         keys = np.load(folder / "row_key.npy")
         self.index = {k.tobytes(): i for i, k in enumerate(keys)}  # 20 bytes + an int per row; no activations
         self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy") if p.stem != "row_key"}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ptm_ray.config import load_config
 from ptm_ray.feature_cache import cache_key
@@ -96,6 +99,61 @@ def test_second_run_with_same_key_reuses_the_cache(ray_cluster, tiny_text, tmp_p
     assert build_s(third) > 0
     caches = list(cache_root.iterdir())
     assert len(caches) == 2 and not any(p.name.startswith(".building") for p in caches)
+
+
+def _prepare(cfg, root: str):
+    """``prepare_cache`` as ``fit`` calls it, for ``cfg``'s own plan and data."""
+    from ptm_ray.feature_cache import prepare_cache
+    from ptm_ray.tasks import task_for
+
+    model_family, ref = resolve_model(cfg.model)
+    plan = plan_run(cfg)
+    datasets = task_for(cfg.model.task).datasets(plan.data, cfg)
+    return prepare_cache(cfg, model_family, ref, plan.labels, plan.freeze_blocks, plan.num_blocks, plan.data, datasets,
+                         root)
+
+
+def _race(cfg, root: str) -> list:
+    """Two threads of this process ask for the same cache at once, as two trials of a search do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda _: _prepare(cfg, root), range(2)))
+
+
+def test_racing_builders_build_once_on_a_folder_and_on_s3(ray_cluster, tiny_text, tmp_path, s3_server, monkeypatch):
+    """One build per key however many trials ask at once (they used to build side by side and keep the first
+    rename); on object storage the cache goes to the bucket, meta.json last, and a reader memory-maps its node's
+    own copy, downloaded once: the same features as the cache built on a folder."""
+    import pyarrow.fs
+
+    from ptm_ray.feature_cache import FeatureStore
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PTM_RAY_CACHE_DIR", str(tmp_path / "node"))
+    cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "race", model__freeze_depth="all",
+                                           **ONE_WORKER))
+    local = _race(cfg, str(tmp_path / "caches"))
+    assert sorted(info.built for info in local) == [False, True] and local[0].path == local[1].path
+    assert [p.name for p in (tmp_path / "caches").iterdir()] == [local[0].key]
+
+    bucket = f"s3://ptm-ray/{tmp_path.name}/feature_cache"
+    remote = _race(cfg, bucket)
+    assert sorted(info.built for info in remote) == [False, True]
+    assert remote[0].path == f"{bucket}/{local[0].key}" and remote[0].size_bytes == local[0].size_bytes
+    s3, inner = pyarrow.fs.FileSystem.from_uri(remote[0].path)
+    on_bucket = sorted(i.base_name for i in s3.get_file_info(pyarrow.fs.FileSelector(inner)))
+    assert on_bucket == sorted(p.name for p in Path(local[0].path).iterdir())  # every array and meta.json
+    # the builder's node copy is what readers on its node map; a node without one downloads it
+    assert [p.name for p in (tmp_path / "node").iterdir()] == [local[0].key]
+    shutil.rmtree(tmp_path / "node")
+    with open(TRAIN_CSV, newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f)][:5]
+    from_folder, from_bucket = FeatureStore(local[0].path), FeatureStore(remote[0].path)
+    assert (tmp_path / "node" / local[0].key / "meta.json").is_file()
+    for name, array in from_folder.lookup(texts, torch.device("cpu")).items():
+        assert torch.equal(array, from_bucket.lookup(texts, torch.device("cpu"))[name])
 
 
 def _key(overrides: list[str]) -> str:
