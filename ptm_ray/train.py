@@ -198,25 +198,32 @@ _FIXED_ON_RESUME = ("model.", "data.", "optim.", "train.batch_size", "train.grad
 def refuse_changed_resume(cfg: Config, labels: list[str]) -> None:
     """Refuse to resume a run whose saved checkpoints came from a different model, data, optimizer or labels.
 
-    Re-running with the same ``storage.name`` resumes from the latest checkpoint (Ray Train's own behaviour).
+    Re-running with the same ``storage.name`` resumes from the latest checkpoint (Ray Train's own behaviour);
+    checked on a local folder and on object storage alike.
     """
+    import pyarrow.fs
     import yaml
 
     root = storage_path(cfg)
-    if "://" in root:  # object storage: Ray Train's own resume applies unchecked
-        return
-    saved = sorted(Path(root, _run_name(cfg)).glob("checkpoint_*/config.yaml"))
+    fs, base = pyarrow.fs.FileSystem.from_uri(root) if "://" in root else (pyarrow.fs.LocalFileSystem(), root)
+    run = f"{base}/{_run_name(cfg)}"
+    found = fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
+    folders = sorted(i.path for i in found if i.type == pyarrow.fs.FileType.Directory
+                     and i.base_name.startswith("checkpoint_"))
+    configs = fs.get_file_info([f"{folder}/config.yaml" for folder in folders])
+    saved = [info.path for info in configs if info.type == pyarrow.fs.FileType.File]
     if not saved:
         return
-    before = _flat(yaml.safe_load(saved[-1].read_text()))
+    with fs.open_input_stream(saved[-1]) as f:
+        before = _flat(yaml.safe_load(f.read()))
     now = _flat(config_to_dict(cfg))
     changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
                if key.startswith(_FIXED_ON_RESUME) and before.get(key) != now.get(key)]
-    saved_labels = read_meta(saved[-1].parent)["labels"]
+    saved_labels = read_meta(as_uri(saved[-1].rsplit("/", 1)[0], root))["labels"]
     if saved_labels != labels:
         changed.append(f"labels: {saved_labels} -> {labels}")
     if changed:
-        raise ValueError(f"storage.name={_run_name(cfg)!r} already holds a run ({saved[-1].parent.parent}) that this "
+        raise ValueError(f"storage.name={_run_name(cfg)!r} already holds a run ({as_uri(run, root)}) that this "
                          f"config would resume, but it differs: {'; '.join(changed)}. Resuming would ignore or break "
                          "on these; use a new storage.name, or put the values back to continue that run")
 

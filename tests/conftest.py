@@ -73,6 +73,40 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1 (moto's server mode) with the bucket ``ptm-ray``. Yields the
+    standard AWS variables that point a client at it: all ptm_ray and Ray are ever told about it."""
+    import subprocess
+    import time
+
+    import boto3
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "ptm-ray-test",
+           "AWS_SECRET_ACCESS_KEY": "ptm-ray-test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # never wait for an instance-metadata endpoint
+    try:
+        for _ in range(150):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert server.poll() is None, f"the S3 server exited: {log.read_text()[-2000:]}"
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                     region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket="ptm-ray")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
 def support_texts() -> list[str]:
     with open(TRAIN_CSV) as f:
         return [row["text"] for row in csv.DictReader(f)]

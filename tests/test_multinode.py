@@ -1,5 +1,6 @@
 """A real local multi-node cluster (cluster/local.sh): `ray job submit` runs the fine-tuning job unchanged,
-its two data-parallel workers on two different nodes; a bad config fails the job with the error in its logs."""
+its two data-parallel workers on two different nodes; a bad config fails the job with the error in its logs;
+a search, its registry and the deployment from it live on object storage (a real S3-compatible server)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,14 +28,15 @@ API_KEY_ENV = "PTM_RAY_TEST_API_KEY"
 
 
 @pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
+def local_cluster(tmp_path_factory, s3_server):
     """Head (0 CPUs) + 2 worker nodes (1 CPU each) on 127.0.0.1, started and stopped by cluster/local.sh."""
     state = Path(tempfile.mkdtemp(prefix="ptmc", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 bytes
     base = free_port() // 1000 * 1000 if free_port() < 60000 else 41000  # agent ports base+1.., base+101.., base+201..
-    # every node's processes get the API key in their environment, as pods do from a Kubernetes Secret
+    # every node's processes get the API key and the object store's AWS variables in their environment, as pods
+    # do from Kubernetes Secrets
     env = dict(os.environ, PTM_RAY_CLUSTER_DIR=str(state), PTM_RAY_GCS_PORT=str(free_port()),
                PTM_RAY_DASHBOARD_PORT=str(free_port()), PTM_RAY_PORT_BASE=str(base), RAY=RAY,
-               **{API_KEY_ENV: secrets.token_urlsafe(24)})
+               **s3_server, **{API_KEY_ENV: secrets.token_urlsafe(24)})
     env.pop("RAY_ADDRESS", None)
     script = str(ROOT / "cluster" / "local.sh")
     try:
@@ -79,6 +83,69 @@ def test_submitted_job_trains_on_both_worker_nodes(local_cluster, tiny_text, tmp
     print(f"job submit to finish: {time.time() - t0:.1f} s")
 
 
+def _kill_a_train_worker_after_first_checkpoint(address: str, run: str, killed: list[int]) -> None:
+    """Once the run on the bucket holds a registered checkpoint, SIGKILL one training worker of this test's own
+    cluster (the processes a preempted node takes with it). The workers are found while the first epoch runs,
+    so the kill follows the checkpoint at once (tiny epochs take a second or two)."""
+    import pyarrow.fs
+    from ray.util.state import list_actors
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(run)
+    deadline, workers, listed = time.time() + 300, [], 0.0
+    # the controller writes its snapshot once it has registered a checkpoint: from then on a restart resumes
+    while time.time() < deadline and fs.get_file_info(f"{inner}/checkpoint_manager_snapshot.json").type \
+            != pyarrow.fs.FileType.File:
+        if not workers and time.time() - listed > 1.0:
+            workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                            ("state", "=", "ALIVE")])
+            listed = time.time()
+        time.sleep(0.1)
+    if workers:
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed.append(workers[0].pid)
+
+
+def test_a_fine_tune_on_object_storage_survives_a_killed_worker(local_cluster, tiny_text, tmp_path, s3_server,
+                                                                monkeypatch):
+    """Checkpoints on S3; a training worker killed after the first one: Ray Train restarts the worker group
+    (scaling.max_failures) from the latest checkpoint on the bucket, and the run finishes every epoch."""
+    import pyarrow.fs
+
+    from ptm_ray.checkpoint import read_meta
+    from ptm_ray.config import load_config
+    from ptm_ray.train import refuse_changed_resume
+
+    address, env, _ = local_cluster
+    for key, value in {**s3_server, "RAY_AUTH_MODE": "token"}.items():  # this process reads the bucket and the cluster
+        monkeypatch.setenv(key, value)
+    run = f"s3://ptm-ray/{tmp_path.name}/runs"
+    overrides = tiny_overrides(tiny_text["bert"], tmp_path, "failover", train__epochs=6, storage__path=run,
+                               scaling__max_failures=2, train__keep_checkpoints=6, train__early_stopping_patience=0)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_train_worker_after_first_checkpoint,
+                              args=(address, f"{run}/failover", killed))
+    killer.start()
+    proc = _submit(address, env, ["jobs/finetune.py", "--config", "jobs/configs/text_quickstart.yaml", *overrides])
+    killer.join()
+    out = proc.stdout + proc.stderr
+    assert killed, "no training worker was found to kill"
+    assert proc.returncode == 0, out[-3000:]
+    best = re.search(r"best checkpoint:\s+(\S+)", out).group(1)
+    assert best.startswith(f"{run}/failover/checkpoint_")  # its URI: Ray reports it without the scheme
+    fs, inner = pyarrow.fs.FileSystem.from_uri(f"{run}/failover")
+    folders = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(inner))
+               if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    last = max((read_meta(f"s3://{f}") for f in folders), key=lambda meta: meta["metrics"]["epoch"])
+    assert [h["epoch"] for h in last["history"]] == [1, 2, 3, 4, 5, 6]
+    resumed = [h["resumed_from_epoch"] for h in last["history"]]
+    assert resumed[0] == 0 and max(resumed) >= 1  # the later epochs ran in the restarted worker group
+    assert not (tmp_path / "runs").exists()  # nothing went to a local folder instead
+    # a relaunch that would resume this run on the bucket with another learning rate is refused, by name
+    changed = load_config(None, [*overrides, "optim.lr=0.5"])
+    with pytest.raises(ValueError, match=rf"already holds a run \({run}/failover\) .* optim.lr: 0.001 -> 0.5"):
+        refuse_changed_resume(changed, last["labels"])
+
+
 def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(local_cluster):
     address, env, _ = local_cluster
     proc = _submit(address, env, ["jobs/finetune.py", "--config", "jobs/configs/text_quickstart.yaml",
@@ -89,18 +156,40 @@ def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(local_cluster):
     assert "failed" in out.lower()  # the job status, as `ray job submit` reports it
 
 
-def test_search_then_deploy_as_submitted_jobs_serve_predictions_over_http(local_cluster, tiny_text, tmp_path):
-    """The README's cluster sequence after fine-tuning: search (promotes to a registry), deploy, predict."""
+def test_search_then_deploy_on_object_storage_serve_predictions_over_http(local_cluster, tiny_text, tmp_path,
+                                                                          s3_server, monkeypatch):
+    """The README's cluster sequence after fine-tuning, as submitted jobs with every file on S3: search (trial
+    checkpoints on s3://, promotion to an s3:// registry), deploy from that registry, predict over HTTP."""
+    import pyarrow.fs
+
+    from ptm_ray.model_store import ModelStore
+
     address, env, _ = local_cluster
-    registry, port = tmp_path / "registry", free_port()
+    for key, value in s3_server.items():  # this process reads the bucket too
+        monkeypatch.setenv(key, value)
+    prefix, port = f"s3://ptm-ray/{tmp_path.name}", free_port()
+    registry = f"{prefix}/registry"
     space = "search.space={model.freeze_depth: {grid: [0, 1]}, optim.lr: {loguniform: [1.0e-3, 3.0e-3]}}"
-    base = tiny_overrides(tiny_text["bert"], tmp_path, "unused", train__epochs=2, scaling__num_workers=1)
+    base = tiny_overrides(tiny_text["bert"], tmp_path, "unused", train__epochs=2, scaling__num_workers=1,
+                          storage__path=f"{prefix}/runs")
     proc = _submit(address, env, ["jobs/search.py", "--config", "jobs/configs/text_search.yaml", *base, space,
                                   "search.num_samples=1", "search.name=submitted", f"search.registry={registry}",
                                   "search.registry_name=intents", "search.grace_period=2"])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "promoted to the model registry:" in out and (registry / "intents" / "v1" / "lineage.json").is_file()
+    assert "promoted to the model registry:" in out
+    promoted = ModelStore(registry).get("intents")
+    assert promoted.version == 1 and promoted.path == f"{registry}/intents/v1"
+    # the winner was a trial checkpoint on the bucket, named by its URI (Ray reports it without the scheme)
+    source = promoted.lineage["source_checkpoint"]
+    assert source.startswith(f"{prefix}/runs/submitted/")
+    s3, inner = pyarrow.fs.FileSystem.from_uri(source)
+    assert s3.get_file_info(f"{inner}/ptm_ray.json").type == pyarrow.fs.FileType.File
+    # the frozen-embeddings trial kept its feature cache on the bucket, committed (meta.json)
+    caches = s3.get_file_info(pyarrow.fs.FileSelector(f"ptm-ray/{tmp_path.name}/runs/submitted/trials/feature_cache"))
+    assert [c.type for c in caches] == [pyarrow.fs.FileType.Directory]
+    assert s3.get_file_info(f"{caches[0].path}/meta.json").type == pyarrow.fs.FileType.File
+    assert not (tmp_path / "runs").exists()  # nothing went to a local folder instead
 
     try:
         _deploy_and_predict(address, env, registry, port, tmp_path)
@@ -110,7 +199,7 @@ def test_search_then_deploy_as_submitted_jobs_serve_predictions_over_http(local_
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
-def _deploy_and_predict(address: str, env: dict, registry: Path, port: int, tmp_path: Path) -> None:
+def _deploy_and_predict(address: str, env: dict, registry: str, port: int, tmp_path: Path) -> None:
     import requests
 
     proc = _submit(address, env, ["jobs/deploy.py", "--config", "jobs/configs/serve.yaml", f"serve.registry={registry}",
@@ -136,9 +225,9 @@ def _deploy_and_predict(address: str, env: dict, registry: Path, port: int, tmp_
     body = answer.json()
     assert body["model"] == "intents" and body["version"] == 1
     described = requests.get(f"http://127.0.0.1:{port}/v1/models/intents", headers=auth, timeout=30).json()
-    assert described["versions"][0]["labels"] == load_artifact(registry / "intents" / "v1").labels
+    assert described["versions"][0]["labels"] == load_artifact(f"{registry}/intents/v1").labels
     # the prediction made on the cluster is the promoted checkpoint's own, made here offline (a label merely in
     # the label list passed before)
-    offline = predict(load_artifact(registry / "intents" / "v1"), ["where is my parcel"])[0]
+    offline = predict(load_artifact(f"{registry}/intents/v1"), ["where is my parcel"])[0]
     assert body["predictions"][0]["label"] == offline["label"]
     assert body["predictions"][0]["probability"] == pytest.approx(offline["probability"], abs=1e-4)
