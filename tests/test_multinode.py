@@ -8,11 +8,9 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -81,69 +79,6 @@ def test_submitted_job_trains_on_both_worker_nodes(local_cluster, tiny_text, tmp
     assert (f"warning: storage.path={tmp_path / 'runs'} is a local path but the cluster has 3 nodes: checkpoints "
             "written on one node are not visible on the others") in out
     print(f"job submit to finish: {time.time() - t0:.1f} s")
-
-
-def _kill_a_train_worker_after_first_checkpoint(address: str, run: str, killed: list[int]) -> None:
-    """Once the run on the bucket holds a registered checkpoint, SIGKILL one training worker of this test's own
-    cluster (the processes a preempted node takes with it). The workers are found while the first epoch runs,
-    so the kill follows the checkpoint at once (tiny epochs take a second or two)."""
-    import pyarrow.fs
-    from ray.util.state import list_actors
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(run)
-    deadline, workers, listed = time.time() + 300, [], 0.0
-    # the controller writes its snapshot once it has registered a checkpoint: from then on a restart resumes
-    while time.time() < deadline and fs.get_file_info(f"{inner}/checkpoint_manager_snapshot.json").type \
-            != pyarrow.fs.FileType.File:
-        if not workers and time.time() - listed > 1.0:
-            workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
-                                                            ("state", "=", "ALIVE")])
-            listed = time.time()
-        time.sleep(0.1)
-    if workers:
-        os.kill(workers[0].pid, signal.SIGKILL)
-        killed.append(workers[0].pid)
-
-
-def test_a_fine_tune_on_object_storage_survives_a_killed_worker(local_cluster, tiny_text, tmp_path, s3_server,
-                                                                monkeypatch):
-    """Checkpoints on S3; a training worker killed after the first one: Ray Train restarts the worker group
-    (scaling.max_failures) from the latest checkpoint on the bucket, and the run finishes every epoch."""
-    import pyarrow.fs
-
-    from ptm_ray.checkpoint import read_meta
-    from ptm_ray.config import load_config
-    from ptm_ray.train import refuse_changed_resume
-
-    address, env, _ = local_cluster
-    for key, value in {**s3_server, "RAY_AUTH_MODE": "token"}.items():  # this process reads the bucket and the cluster
-        monkeypatch.setenv(key, value)
-    run = f"s3://ptm-ray/{tmp_path.name}/runs"
-    overrides = tiny_overrides(tiny_text["bert"], tmp_path, "failover", train__epochs=6, storage__path=run,
-                               scaling__max_failures=2, train__keep_checkpoints=6, train__early_stopping_patience=0)
-    killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_train_worker_after_first_checkpoint,
-                              args=(address, f"{run}/failover", killed))
-    killer.start()
-    proc = _submit(address, env, ["jobs/finetune.py", "--config", "jobs/configs/text_quickstart.yaml", *overrides])
-    killer.join()
-    out = proc.stdout + proc.stderr
-    assert killed, "no training worker was found to kill"
-    assert proc.returncode == 0, out[-3000:]
-    best = re.search(r"best checkpoint:\s+(\S+)", out).group(1)
-    assert best.startswith(f"{run}/failover/checkpoint_")  # its URI: Ray reports it without the scheme
-    fs, inner = pyarrow.fs.FileSystem.from_uri(f"{run}/failover")
-    folders = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(inner))
-               if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-    last = max((read_meta(f"s3://{f}") for f in folders), key=lambda meta: meta["metrics"]["epoch"])
-    assert [h["epoch"] for h in last["history"]] == [1, 2, 3, 4, 5, 6]
-    resumed = [h["resumed_from_epoch"] for h in last["history"]]
-    assert resumed[0] == 0 and max(resumed) >= 1  # the later epochs ran in the restarted worker group
-    assert not (tmp_path / "runs").exists()  # nothing went to a local folder instead
-    # a relaunch that would resume this run on the bucket with another learning rate is refused, by name
-    changed = load_config(None, [*overrides, "optim.lr=0.5"])
-    with pytest.raises(ValueError, match=rf"already holds a run \({run}/failover\) .* optim.lr: 0.001 -> 0.5"):
-        refuse_changed_resume(changed, last["labels"])
 
 
 def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(local_cluster):
