@@ -269,9 +269,16 @@ class ServeConfig:
     route_prefix: str = "/"
     """URL prefix of the API."""
     max_batch_size: int = 16
-    """Most inputs one model call batches together (``@serve.batch``)."""
-    batch_wait_timeout_s: float = 0.01
-    """How long a batch waits to fill up."""
+    """Most inputs one forward pass batches together. Batching never waits: a pass takes every input queued
+    when it starts (those that arrived during the previous pass), so one request alone runs at once."""
+    one_hop: bool = True
+    """An application serving a single full model version loads it in the HTTP ingress replica itself (HTTP proxy
+    -> model replica, one hop) and autoscales that deployment; false, or several versions or models, put each
+    version in its own deployment behind the ingress (two hops)."""
+    max_variants_per_replica: int = 8
+    """Variants of one base (LoRA adapters, heads on a frozen backbone) share replicas that hold the base once and
+    load each variant on demand (Ray Serve model multiplexing, least recently used evicted past this many);
+    0 gives every variant its own deployment, as a full fine-tune has."""
     min_replicas: int = 1
     """Autoscaling: fewest replicas per model version."""
     max_replicas: int = 2
@@ -453,12 +460,18 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+_RETIRED = {"serve.batch_wait_timeout_s": "batching no longer waits for a batch to fill (a forward pass takes every "
+                                        "input queued when it starts); delete the key"}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
+    if unknown and f"{prefix}{unknown[0]}" in _RETIRED:
+        raise ValueError(f"config key {prefix}{unknown[0]} was removed: {_RETIRED[f'{prefix}{unknown[0]}']}")
     if unknown:
         raise ValueError(f"unknown config key {prefix}{unknown[0]}; allowed in this group: {', '.join(names)}")
     kwargs = {}

@@ -1,10 +1,19 @@
 """Ray Serve: registry artifacts behind an autoscaling HTTP API (FastAPI ingress).
 
-One deployment per model version (``ModelServer``: loads the artifact, batches inputs across requests
-with ``@serve.batch``, autoscales on ongoing requests) behind one ``Ingress`` that validates requests,
-checks the optional API key, and splits traffic between versions of a model by weight (canary). The
-preprocessing is the artifact's own (tokenizer, image transform, audio resampling), so a served
-prediction equals ``load_artifact(path).predict`` for the same input.
+Where a model version runs (``build_app``):
+
+- **one hop**: an application whose traffic goes to one full model version loads it in the ``Ingress``
+  replica itself (HTTP proxy -> that replica), which autoscales as the model's deployment would;
+- **its own deployment**: with several versions (canary) or models, each full version is a ``ModelServer``
+  deployment behind the ingress, autoscaling on its own (HTTP proxy -> ingress -> model replica);
+- **shared**: variants of one base (LoRA adapters, heads on a frozen backbone: ``ptm_ray.variants``) share a
+  ``VariantServer`` deployment that holds the base once per replica and loads variants on demand (Ray Serve
+  model multiplexing, routed by the version's id, least recently used evicted).
+
+The ingress validates requests, checks the optional API key and splits traffic between versions of a model by
+weight (canary). Batched tasks share forward passes between concurrent requests without waiting for a batch to
+fill (``_Batcher``). The preprocessing is the artifact's own (tokenizer, image transform, audio resampling), so
+a served prediction equals ``load_artifact(path).predict`` for the same input.
 
 Routes: ``GET /healthz`` (liveness), ``GET /readyz`` (every model answers), ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /v1/models/{name}/predict``,
 ``POST /v1/models/{name}/versions/{version}/predict``, the OpenAPI schema at ``/openapi.json``, and its pages
@@ -37,7 +46,7 @@ from ptm_ray.model_store import ModelStore
 from ptm_ray.request_limits import InputError, TooLarge, cap_text, probe_audio, probe_image, read_limited
 from ptm_ray.tasks import Task, task_for
 
-__all__ = ["Ingress", "ModelServer", "app_args", "build_app", "deploy", "write_serve_config"]
+__all__ = ["Ingress", "ModelServer", "VariantServer", "app_args", "build_app", "deploy", "write_serve_config"]
 
 
 class PredictRequest(BaseModel):
@@ -89,19 +98,87 @@ class ApiError(Exception):
         self.status, self.message, self.headers, self.detail = status, message, headers, detail
 
 
-@serve.deployment
-class ModelServer:
-    """One model-store version: its task's predictions with the artifact's own preprocessing.
+class _Batcher:
+    """Continuous batching: a forward pass takes every input queued when it starts, up to ``max_batch_size``.
 
-    A batched task (``Task.batched``) shares forward passes between the inputs of concurrent requests
-    (``@serve.batch``), then shapes each input's prediction with its request's options. Any other task
-    answers one request at a time (requests differ in their options: beams, sampling, thresholds).
+    Nothing waits for a batch to fill. One request alone runs at once; under load the inputs that arrive while a
+    pass runs (off the event loop, in a thread) make the next pass, so batches grow with the load by themselves.
+    Inputs of different keys (variants on a shared base) never share a pass. Texts are sorted by length and cut
+    into buckets whose longest input is at most twice the shortest, so a pass pads to about its own length.
+    ``run(key, inputs)`` returns one result per input; passes run one at a time (a tokenizer's padding and
+    truncation settings are shared state: two threads using it at once corrupt batches).
     """
 
-    def __init__(self, path: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(self, run: Any, max_batch_size: int, observe: Any = None) -> None:
+        import collections
+
+        self.run, self.max_batch_size, self.observe = run, max_batch_size, observe
+        self.pending: collections.deque = collections.deque()
+        self.worker: Any = None
+
+    async def submit(self, key: Any, inputs: list[Any]) -> list[Any]:
         import asyncio
 
-        from ray.util.metrics import Histogram
+        done = asyncio.get_running_loop().create_future()
+        self.pending.append((key, list(inputs), done))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        while self.pending:
+            taken, size = [], 0
+            while self.pending and (not taken or size + len(self.pending[0][1]) <= self.max_batch_size):
+                taken.append(self.pending.popleft())
+                size += len(taken[-1][1])
+            for key in dict.fromkeys(entry[0] for entry in taken):
+                await self._run_key(key, [entry for entry in taken if entry[0] is key])
+
+    async def _run_key(self, key: Any, entries: list[tuple[Any, list[Any], Any]]) -> None:
+        import asyncio
+
+        inputs = [item for _, items, _ in entries for item in items]
+        results: list[Any] = [None] * len(inputs)
+        try:
+            for bucket in _length_buckets(inputs):
+                if self.observe:
+                    self.observe(len(bucket))
+                outputs = await asyncio.to_thread(self.run, key, [inputs[i] for i in bucket])
+                for i, output in zip(bucket, outputs):
+                    results[i] = output
+        except Exception as e:  # every request of this pass hears it (each is a 500 or a clean error upstream)
+            for _, _, done in entries:
+                if not done.done():
+                    done.set_exception(e)
+            return
+        start = 0
+        for _, items, done in entries:
+            if not done.done():  # a caller that gave up (timeout) has cancelled its future
+                done.set_result(results[start:start + len(items)])
+            start += len(items)
+
+
+def _length_buckets(inputs: list[Any], shortest: int = 32) -> list[list[int]]:
+    """Indices of ``inputs`` in passes: texts by length, a new pass where one would be over twice the first's
+    length (texts up to ``shortest`` characters count as that long); other inputs in one pass."""
+    if not inputs or not all(isinstance(x, str) for x in inputs):
+        return [list(range(len(inputs)))]
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    buckets: list[list[int]] = [[]]
+    for i in order:
+        if buckets[-1] and len(inputs[i]) > 2 * max(len(inputs[buckets[-1][0]]), shortest):
+            buckets.append([])
+        buckets[-1].append(i)
+    return buckets
+
+
+class _Predictor:
+    """One loaded artifact answering requests: batched tasks (``Task.batched``) share forward passes between
+    concurrent requests (``_Batcher``), then shape each input's prediction with its own request's options; any
+    other task answers one request at a time (requests differ in their options: beams, sampling, thresholds)."""
+
+    def __init__(self, path: str, max_batch_size: int) -> None:
+        import asyncio
 
         import ray
 
@@ -109,36 +186,16 @@ class ModelServer:
 
         self.artifact = load_artifact(path, device=serving_device(ray.get_gpu_ids()))  # cuda under serve.num_gpus > 0
         self.task = task_for(self.artifact.task_name)
-        self.outputs_batch.set_max_batch_size(max_batch_size)
-        self.outputs_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes = Histogram("ptm_ray_serve_batch_size", "inputs per batched forward pass",
-                                     boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",))
-        self.tags = {"model": path.rstrip("/").rsplit("/", 2)[-2] + ":" + path.rstrip("/").rsplit("/", 1)[-1]}
+        self.batcher = _Batcher(lambda artifact, items: _outputs(self.artifact, self.task, items), max_batch_size,
+                                _batch_size_metric(path))
         self.one_at_a_time = asyncio.Lock()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def outputs_batch(self, items: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
-        """(the task's output, preprocessing notes) per input, for inputs gathered from concurrent requests.
-
-        Everything touching the tokenizer runs here, on the replica's event loop: a fast tokenizer's
-        padding/truncation settings are shared state, and two threads using it at once corrupt batches.
-        """
-        self.batch_sizes.observe(len(items), tags=self.tags)
-        items = list(items)
-        with self.artifact.autocast():
-            outputs = self.task.outputs(self.artifact, items)
-        return list(zip(outputs, self.artifact.preprocessor.notes(items)))
-
-    def ready(self) -> bool:
-        """True: the artifact is loaded (a replica answers only after ``__init__`` finished)."""
-        return True
 
     async def predict(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
         """Predictions for one request's inputs, as ``ptm_ray.inference.predict`` makes them offline."""
         import asyncio
 
-        if self.task.batched:  # each input is its own batched call, so concurrent requests share passes
-            results = await asyncio.gather(*(self.outputs_batch(item) for item in items))
+        if self.task.batched:
+            results = await self.batcher.submit(None, items)
             return [self.task.format(output, self.artifact, **options) | notes for output, notes in results]
         async with self.one_at_a_time:  # off the event loop, but never two at once (shared tokenizer state)
             return await asyncio.to_thread(self._predict_whole, items, options)
@@ -147,6 +204,151 @@ class ModelServer:
         with self.artifact.autocast():
             predictions = self.task.predict(self.artifact, items, **options)
         return [p | notes for p, notes in zip(predictions, self.artifact.preprocessor.notes(items))]
+
+
+def _outputs(artifact: Any, task: Task, items: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """(the task's output, preprocessing notes) per input, from one forward pass."""
+    with artifact.autocast():
+        outputs = task.outputs(artifact, items)
+    return list(zip(outputs, artifact.preprocessor.notes(items)))
+
+
+def _batch_size_metric(path: str) -> Any:
+    """``observe(n)``: the size of each forward pass, as the Ray metric ``ptm_ray_serve_batch_size``."""
+    from ray.util.metrics import Histogram
+
+    histogram = Histogram("ptm_ray_serve_batch_size", "inputs per batched forward pass",
+                          boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",))
+    tags = {"model": path.rstrip("/").rsplit("/", 2)[-2] + ":" + path.rstrip("/").rsplit("/", 1)[-1]}
+    return lambda n: histogram.observe(n, tags=tags)
+
+
+@serve.deployment
+class ModelServer:
+    """One model-store version in its own deployment (behind the ingress): see ``_Predictor``."""
+
+    def __init__(self, path: str, max_batch_size: int) -> None:
+        self.predictor = _Predictor(path, max_batch_size)
+
+    def ready(self) -> bool:
+        """True: the artifact is loaded (a replica answers only after ``__init__`` finished)."""
+        return True
+
+    async def predict(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.predictor.predict(items, options)
+
+
+@serve.deployment
+class VariantServer:
+    """Variants of one base (``ptm_ray.variants``) multiplexed on shared replicas: the base once per replica,
+    each variant loaded on its first request (``@serve.multiplexed``; Serve routes a variant's requests to
+    replicas that hold it) and the least recently used dropped past ``max_variants`` per replica. The model id
+    of a request is its version's registry path."""
+
+    def __init__(self, first_path: str, max_batch_size: int, max_variants: int) -> None:
+        import ray
+
+        from ptm_ray.inference import serving_device
+        from ptm_ray.variants import SharedBase
+
+        from ptm_ray.config import config_from_dict
+        from ptm_ray.data import read_bytes
+
+        cfg = config_from_dict(yaml.safe_load(read_bytes(f"{first_path}/config.yaml")))  # model.name, task of the base
+        self.shared = SharedBase(cfg, serving_device(ray.get_gpu_ids()))
+        self.batcher = _Batcher(self._outputs, max_batch_size, _batch_size_metric(first_path))
+
+        async def load(model_id: str) -> Any:
+            return await self._load(model_id)
+
+        self.variant = serve.multiplexed(max_num_models_per_replica=max_variants)(load)
+
+    async def _load(self, path: str) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(_load_variant, self.shared, path)
+
+    def ready(self) -> bool:
+        return True
+
+    def _outputs(self, artifact: Any, items: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        with self.shared.lock:  # never beside a variant's loading or unloading
+            return _outputs(artifact, task_for(artifact.task_name), items)
+
+    async def predict(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+        artifact = await self.variant(serve.get_multiplexed_model_id())
+        artifact.hold()
+        try:
+            results = await self.batcher.submit(artifact, items)
+        finally:
+            await artifact.release()
+        task = task_for(artifact.task_name)
+        return [task.format(output, artifact, **options) | notes for output, notes in results]
+
+
+class _VariantArtifact:
+    """A variant loaded on a shared base: an ``Artifact`` whose model is a view of the shared base.
+
+    ``@serve.multiplexed`` calls ``__del__`` when it evicts the variant; its adapter leaves the base only once no
+    request still holds the variant (``uses``), so an input queued before the eviction still gets its own adapter.
+    """
+
+    def __init__(self, artifact: Any, shared: Any) -> None:
+        import threading
+
+        self.artifact, self.shared, self.counts = artifact, shared, threading.Lock()
+        self.uses, self.evicted, self.unloaded = 0, False, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["artifact"], name)
+
+    def hold(self) -> None:
+        with self.counts:
+            self.uses += 1
+
+    async def release(self) -> None:
+        import asyncio
+
+        with self.counts:
+            self.uses -= 1
+            idle = self.evicted and self.uses == 0
+        if idle:  # off the event loop: unloading waits for the forward pass that may be running
+            await asyncio.to_thread(self._unload_if_evicted)
+
+    def __del__(self) -> None:  # Serve's eviction (in a thread), then the garbage collector: once is enough
+        if "counts" not in self.__dict__:
+            return
+        with self.counts:
+            if self.unloaded:
+                return
+            self.evicted = True
+        self._unload_if_evicted()
+
+    def _unload_if_evicted(self) -> None:
+        with self.shared.lock, self.counts:
+            if self.evicted and self.uses == 0 and not self.unloaded:
+                self.shared.unload(self.artifact.model)
+                self.unloaded = True
+
+
+def _load_variant(shared: Any, path: str) -> _VariantArtifact:
+    """The variant at ``path`` (a registry version) on ``shared``: its preprocessor, labels and config from the
+    checkpoint, its model the shared base with its adapters and head."""
+    from ray.train import Checkpoint
+
+    from ptm_ray.checkpoint import Artifact, read_meta
+    from ptm_ray.config import config_from_dict
+    from ptm_ray.models import family_for
+
+    with Checkpoint(path).as_directory() as folder:
+        folder = Path(folder)
+        meta = read_meta(folder)
+        cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+        family = family_for(meta["family"])
+        with shared.lock:
+            model = shared.load(folder)
+        preprocessor = family.load_preprocessor(folder / "preprocessor")
+    return _VariantArtifact(Artifact(path, family, model, preprocessor, meta["labels"], cfg, meta, shared.device), shared)
 
 
 def _api_key(sv: dict[str, Any]) -> str | None:
@@ -200,9 +402,16 @@ app.mount(DOCS_ASSETS, StaticFiles(directory=_docs_assets()), name="docs-assets"
 class Ingress:
     """HTTP API in front of the model versions: validation, auth, canary routing."""
 
-    def __init__(self, models: dict[str, dict[str, Any]], handles: dict[str, Any], settings: dict[str, Any]) -> None:
-        # models: name -> {"versions": {version: {"weight", "meta"}}}; handles: "name:version" -> handle
+    def __init__(self, models: dict[str, dict[str, Any]], handles: dict[str, Any], settings: dict[str, Any],
+                 variant_ids: dict[str, str] | None = None, local: dict[str, str] | None = None,
+                 draining: dict[str, Any] | None = None) -> None:
+        # models: name -> {"versions": {version: {"weight", "meta"}}}; handles: "name:version" -> the handle of
+        # its deployment; variant_ids: "name:version" -> its multiplexed model id on a VariantServer; local:
+        # "name:version" -> registry path of a version this replica holds itself (one hop); draining: deployments
+        # kept for the previous ingress's last requests, never called from here
         self.models, self.handles, self.settings = models, handles, settings
+        self.variant_ids = variant_ids or {}
+        self.local = {key: _Predictor(path, settings["max_batch_size"]) for key, path in (local or {}).items()}
         self.api_key = _api_key(settings)
 
     def _error(self, exc: ApiError) -> JSONResponse:
@@ -261,7 +470,7 @@ class Ingress:
         if waiting:
             return self._error(ApiError(503, f"not ready: {', '.join(waiting)} did not answer", waiting=waiting,
                                         headers={"Retry-After": "5"}))
-        return {"status": "ready", "models": keys}
+        return {"status": "ready", "models": sorted([*keys, *self.local])}  # local ones: loaded before any request
 
     @app.get("/v1/models", responses=_documented(401))
     def list_models(self, request: Request):
@@ -310,15 +519,16 @@ class Ingress:
             inputs, fields, parameters = await self._read_inputs(request, meta["modality"])
             options = self._task_options(task_for(meta["task"]), fields, parameters)
             inputs, notes = self._cap_texts(inputs) if meta["modality"] == "text" else (inputs, {})
-            predictions = await self._call_model(self.handles[f"{name}:{chosen}"], inputs, options)
+            predictions = await self._call_model(f"{name}:{chosen}", inputs, options)
         except ApiError as e:
             return self._error(e)
         for i, note in notes.items():
             predictions[i] |= note
         return {"model": name, "version": chosen, "predictions": predictions}
 
-    async def _call_model(self, handle: Any, inputs: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
-        """The model deployment's predictions, within ``serve.request_timeout_s`` and its queue bound."""
+    async def _call_model(self, key: str, inputs: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+        """The predictions of version ``key``, within ``serve.request_timeout_s`` and its queue bound: from this
+        replica when it holds the version, else from the version's deployment (a variant's: routed by its id)."""
         import asyncio
 
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -328,6 +538,11 @@ class Ingress:
         timeout = self.settings["request_timeout_s"]
         died = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
         try:
+            if key in self.local:
+                return await asyncio.wait_for(self.local[key].predict(inputs, options), timeout)
+            handle = self.handles[key]
+            if key in self.variant_ids:
+                handle = handle.options(multiplexed_model_id=self.variant_ids[key])
             try:
                 return await asyncio.wait_for(handle.predict.remote(inputs, options), timeout)
             except died:  # its replica died mid-request: predictions are idempotent, so ask another once
@@ -500,25 +715,76 @@ def _meta(path: str) -> dict[str, Any]:
 _SURGE = 100
 
 
+def _placements(args: dict[str, Any]) -> dict[str, str]:
+    """Where each version ("name:version") runs: ``shared`` (a variant, on its base's ``VariantServer``),
+    ``local`` (inside the ingress replica: the only version taking traffic, a full model, ``serve.one_hop`` on)
+    or ``own`` (a ``ModelServer`` deployment named ``<name>-v<version>``)."""
+    from ptm_ray.variants import read_variant_info
+
+    settings = args["settings"]
+    versions = [(model["name"], v) for model in args["models"] for v in model["versions"]]
+    taking_traffic = [(name, v) for name, v in versions if v["weight"] > 0]
+    places = {}
+    for name, v in versions:
+        if settings.get("max_variants_per_replica", 8) > 0 and read_variant_info(v["path"]) is not None:
+            places[f"{name}:{v['version']}"] = "shared"
+        elif settings.get("one_hop", True) and taking_traffic == [(name, v)]:
+            places[f"{name}:{v['version']}"] = "local"
+        else:
+            places[f"{name}:{v['version']}"] = "own"
+    return places
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The Serve application for ``app_args`` (also the ``import_path`` target of ``serve deploy``)."""
+    """The Serve application for ``app_args`` (also the ``import_path`` target of ``serve deploy``).
+
+    Each version runs where ``_placements`` puts it. ``args["draining"]`` (a roll-out's first step, see
+    ``deploy``) lists versions whose deployments the new ingress never calls but keeps while the old ingress
+    replicas finish their requests on them.
+    """
+    import hashlib
+
+    from ptm_ray.variants import base_key, read_variant_info
+
     settings = args["settings"]
     autoscaling = {k: settings[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
                                             "upscale_delay_s", "downscale_delay_s")}
-    actor_options = {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"]}
-    models, handles = {}, {}
+    # a replica takes enough requests at once for a full forward pass (Serve's default, 5, capped batches at 5)
+    model_options = {"autoscaling_config": autoscaling, "max_surge_percent": _SURGE,
+                     "ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"]},
+                     "max_ongoing_requests": max(32, 2 * settings["max_batch_size"]),
+                     "max_queued_requests": settings["max_queued_requests"]}
+
+    def own(name: str, v: dict[str, Any]) -> Any:
+        return ModelServer.options(name=f"{name}-v{v['version']}", **model_options).bind(
+            v["path"], settings["max_batch_size"])
+
+    places = _placements(args)
+    models, handles, variant_ids, shared, local = {}, {}, {}, {}, {}
     for model in args["models"]:
-        entry = models.setdefault(model["name"], {"versions": {}})
         for v in model["versions"]:
-            deployment = ModelServer.options(name=f"{model['name']}-v{v['version']}", autoscaling_config=autoscaling,
-                                             ray_actor_options=actor_options, max_surge_percent=_SURGE,
-                                             max_queued_requests=settings["max_queued_requests"])
-            handles[f"{model['name']}:{v['version']}"] = deployment.bind(
-                v["path"], settings["max_batch_size"], settings["batch_wait_timeout_s"])
-            entry["versions"][v["version"]] = {"weight": v["weight"], "meta": _meta(v["path"])}
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_surge_percent=_SURGE,
-                           num_replicas=settings["ingress_replicas"],
-                           max_queued_requests=settings["max_queued_requests"]).bind(models, handles, settings)
+            key, meta = f"{model['name']}:{v['version']}", _meta(v["path"])
+            models.setdefault(model["name"], {"versions": {}})["versions"][v["version"]] = {"weight": v["weight"],
+                                                                                          "meta": meta}
+            if places[key] == "shared":
+                group = base_key(meta, read_variant_info(v["path"]))
+                if group not in shared:
+                    digest = hashlib.sha256(group.encode()).hexdigest()[:10]
+                    shared[group] = VariantServer.options(name=f"shared-{digest}", **model_options).bind(
+                        v["path"], settings["max_batch_size"], settings.get("max_variants_per_replica", 8))
+                handles[key], variant_ids[key] = shared[group], v["path"]
+            elif places[key] == "local":
+                local[key] = v["path"]
+            else:
+                handles[key] = own(model["name"], v)
+    draining = {f"{d['name']}:{d['version']}": own(d["name"], d) for d in args.get("draining", [])}
+    if local:  # the ingress is the model's deployment: its resources, autoscaling and request bounds
+        ingress = Ingress.options(**model_options)
+    else:  # the ingress only forwards: many requests at once, each waiting on a model deployment
+        ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_surge_percent=_SURGE,
+                                  num_replicas=settings["ingress_replicas"], max_ongoing_requests=256,
+                                  max_queued_requests=settings["max_queued_requests"])
+    return ingress.bind(models, handles, settings, variant_ids, local, draining)
 
 
 def write_serve_config(args: dict[str, Any], sv: ServeConfig) -> Path:
@@ -578,9 +844,10 @@ def _refuse_another_bind(sv: ServeConfig) -> None:
 def deploy(cfg: Config) -> tuple[str, Path]:
     """Deploy ``cfg.serve.models`` on Serve (starting Serve on ``serve.host:port`` if needed).
 
-    Updating a running application is a two-step roll-out, so no request fails: first the new versions
-    start beside the old ones (which keep weight 0, still deployed) and the ingress is replaced; once the
-    old ingress replicas have drained, the old versions are removed.
+    Updating a running application is a two-step roll-out, so no request fails: first the new application
+    starts with the deployments it no longer needs kept beside it (the new ingress never calls them; Serve starts
+    the new ingress replicas before stopping the old ones), and once the old ingress replicas have drained, those
+    deployments are removed.
 
     Returns the base URL of the API and the path of the written Serve config YAML.
     """
@@ -592,21 +859,12 @@ def deploy(cfg: Config) -> tuple[str, Path]:
     _refuse_another_bind(sv)
     serve.start(proxy_location=sv.proxy_location, http_options={"host": sv.host, "port": sv.port})
     registry = ModelStore(sv.registry)
-    bridge = {"models": [dict(m, versions=list(m["versions"])) for m in args["models"]], "settings": args["settings"]}
-    retiring = False
-    for name, versions in _deployed_versions(sv.app_name).items():
-        model = next((m for m in bridge["models"] if m["name"] == name), None)
-        for version in sorted(versions - {v["version"] for v in (model or {"versions": []})["versions"]}):
-            if model is None:
-                model = {"name": name, "versions": []}
-                bridge["models"].append(model)
-            model["versions"].append({"version": version, "weight": 0.0, "path": registry.get(name, version).path})
-            retiring = True
-    if retiring:
-        for model in bridge["models"]:  # a model that is only being retired still needs a routable weight
-            if not any(v["weight"] > 0 for v in model["versions"]):
-                model["versions"][-1]["weight"] = 1.0
-        serve.run(build_app(bridge), name=sv.app_name, route_prefix=sv.route_prefix)
+    kept = {f"{key.replace(':', '-v')}" for key, place in _placements(args).items() if place == "own"}
+    draining = [{"name": name, "version": version, "path": registry.get(name, version).path}
+                for name, versions in _deployed_versions(sv.app_name).items() for version in sorted(versions)
+                if f"{name}-v{version}" not in kept]
+    if draining:  # first the new ingress beside the old deployments, then (old ingress drained) without them
+        serve.run(build_app(dict(args, draining=draining)), name=sv.app_name, route_prefix=sv.route_prefix)
         _wait_until_settled(sv.app_name)
     serve.run(build_app(args), name=sv.app_name, route_prefix=sv.route_prefix)
     config_path = write_serve_config(args, sv)

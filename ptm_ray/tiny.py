@@ -10,8 +10,8 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["AUDIO_FAMILIES", "TEXT_FAMILIES", "TINY_DEEPSPEECH", "make_tiny_audio_model", "make_tiny_deepspeech",
-           "make_tiny_text_model"]
+__all__ = ["AUDIO_FAMILIES", "TEXT_FAMILIES", "TINY_DEEPSPEECH", "make_lora_variant", "make_tiny_audio_model",
+           "make_tiny_deepspeech", "make_tiny_text_model"]
 
 TEXT_FAMILIES = ("bert", "roberta", "gpt2", "t5")
 AUDIO_FAMILIES = ("wav2vec2", "hubert")
@@ -120,6 +120,38 @@ def make_tiny_deepspeech(path: str | Path, num_labels: int = 10, seed: int = 0) 
         model = DeepSpeechClassifier(num_labels, **TINY_DEEPSPEECH)
     save_file(model.state_dict(), path)
     return path
+
+
+def make_lora_variant(path: str | Path, overrides: list[str], labels: list[str], seed: int = 0) -> Path:
+    """A checkpoint as a LoRA run (or, with ``model.lora.r=0`` and every block frozen, a head-only run) writes
+    it, with random adapters and head instead of trained ones: ``model/`` merged, ``variant/`` the adapters and
+    head. ``overrides`` are config overrides naming the base (``model.name``) and ``model.lora``."""
+    import torch
+
+    from ptm_ray.checkpoint import save_checkpoint
+    from ptm_ray.config import load_config, parse_freeze_depth
+    from ptm_ray.freeze import freeze
+    from ptm_ray.lora import apply_lora, merged_copy
+    from ptm_ray.models import resolve_model
+    from ptm_ray.variants import variant_tensors, write_variant
+
+    cfg = load_config(None, ["data.train=unused", *overrides])
+    family, ref = resolve_model(cfg.model)
+    with _seeded(seed):
+        net = family.build(ref, labels, cfg.model, "classifier")
+        blocks = family.blocks(net)
+        depth = parse_freeze_depth(cfg.model.freeze_depth, len(blocks))
+        freeze(net, blocks, depth)
+        wrapper = apply_lora(net, blocks, depth, cfg.model.lora) if cfg.model.lora.r else None
+        with torch.no_grad():  # peft starts B at zero; trained adapters are not
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    plain = merged_copy(wrapper) if wrapper is not None else net
+    folder = save_checkpoint(Path(path), family=family, model=plain.eval(), preprocessor=family.preprocessor(ref, net, cfg),
+                             cfg=cfg, labels=labels, metrics={"epoch": 0}, history=[])
+    write_variant(folder, cfg, variant_tensors(net), wrapper)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,7 @@ from ptm_ray.lora import adapter_state, apply_lora, describe_lora, load_adapter_
 from ptm_ray.models import Classifier, Family, PrefixCache, Preprocessor, resolve_model
 from ptm_ray.tasks import Task, WorkerContext, task_for
 from ptm_ray.tasks.base import all_reduce
+from ptm_ray.variants import variant_tensors, write_variant
 
 __all__ = ["EarlyStopping", "RaySession", "Session", "TuneSession", "Worker", "checkpoint_and_report", "record_epoch",
            "scores_of_raw_inputs", "setup_worker", "train_one_epoch", "validate"]
@@ -510,4 +511,7 @@ def checkpoint_and_report(worker: Worker, metrics: dict[str, Any]) -> None:
                                      preprocessor=worker.preprocessor, cfg=worker.cfg, labels=worker.labels,
                                      metrics=metrics, history=worker.history, train_state=train_state,
                                      task_state=worker.task.state())
+            if worker.task.batched and (worker.lora is not None or worker.depth == len(worker.blocks)):
+                # only adapters and head trained: a server can share the base with other variants of it
+                write_variant(folder, worker.cfg, variant_tensors(worker.model), worker.lora)
         worker.session.report(metrics, folder)

@@ -194,6 +194,17 @@ def test_lora_training_changes_only_adapters_and_head_and_resume_restores_the_ex
     with torch.no_grad():
         assert torch.allclose(artifact.model(**batch).logits, worker.model(**batch).logits, atol=1e-5)
 
+    # and variant/ holds exactly what trained: on a shared pretrained base it predicts as the adapted model does
+    from safetensors.torch import load_file
+
+    from ptm_ray.variants import SharedBase
+
+    trained = load_file(str(saved / "variant" / "weights.safetensors"))
+    assert trained.keys() == {n for n, p in worker.model.named_parameters() if p.requires_grad}
+    view = SharedBase(cfg, "cpu").load(saved)
+    with torch.no_grad():
+        assert torch.allclose(view(**batch).logits, worker.model(**batch).logits, atol=1e-5)
+
 
 def test_lora_on_two_workers_with_a_feature_cache_serves_merged_and_resumes(ray_cluster, tiny_text, tmp_path):
     overrides = dict(model__lora__r=4, model__freeze_depth=2, train__feature_cache="on", data__validation=VAL_CSV,
