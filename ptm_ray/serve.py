@@ -726,9 +726,9 @@ def _placements(args: dict[str, Any]) -> dict[str, str]:
     taking_traffic = [(name, v) for name, v in versions if v["weight"] > 0]
     places = {}
     for name, v in versions:
-        if settings.get("max_variants_per_replica", 8) > 0 and read_variant_info(v["path"]) is not None:
+        if settings["max_variants_per_replica"] > 0 and read_variant_info(v["path"]) is not None:
             places[f"{name}:{v['version']}"] = "shared"
-        elif settings.get("one_hop", True) and taking_traffic == [(name, v)]:
+        elif settings["one_hop"] and taking_traffic == [(name, v)]:
             places[f"{name}:{v['version']}"] = "local"
         else:
             places[f"{name}:{v['version']}"] = "own"
@@ -771,7 +771,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 if group not in shared:
                     digest = hashlib.sha256(group.encode()).hexdigest()[:10]
                     shared[group] = VariantServer.options(name=f"shared-{digest}", **model_options).bind(
-                        v["path"], settings["max_batch_size"], settings.get("max_variants_per_replica", 8))
+                        v["path"], settings["max_batch_size"], settings["max_variants_per_replica"])
                 handles[key], variant_ids[key] = shared[group], v["path"]
             elif places[key] == "local":
                 local[key] = v["path"]

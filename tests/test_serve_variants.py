@@ -269,3 +269,8 @@ def test_one_model_is_one_hop_and_changing_hops_under_load_fails_no_request(serv
         assert before > 5 and answered > before + 5
     finally:
         serve.delete("onehop")
+
+
+def test_the_removed_batch_wait_key_says_why():
+    with pytest.raises(ValueError, match=r"serve.batch_wait_timeout_s was removed: batching no longer waits"):
+        load_config(None, ["data.train=unused", "serve.batch_wait_timeout_s=0.01"])
