@@ -131,8 +131,16 @@ def main() -> None:
     for url in [*urls.values(), *spread]:
         load([url], 8, 4)  # warm-up: every replica and every variant loaded
 
-    # (a) one request at a time, over Serve and in this process (one thread, as a replica of num_cpus < 1 gets)
+    # (a) one request at a time, over Serve and in this process (one thread, as a replica of num_cpus < 1 gets);
+    # where the time goes: a GET that touches no model (proxy + replica), and the same model behind two hops
     _, serial = load([urls["batched"]], 60, 1)
+    _, two_hops = load([urls["plain"]], 60, 1)
+    session = requests.Session()
+    health = []
+    for _ in range(60):
+        started = time.perf_counter()
+        session.get(f"{base}/batched/healthz", timeout=30).raise_for_status()
+        health.append(time.perf_counter() - started)
     artifact = load_artifact(registry.get("bench").path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -148,12 +156,17 @@ def main() -> None:
     rss_plain, rss_shared = replica_rss("plain", "bench-v1"), replica_rss("variants", _shared_deployment())
     _, one_variant = load(spread[:1], args.requests // 2, 8)
     _, all_variants = load(spread, args.requests // 2, 8)
+    _, one_serial = load(spread[:1], 48, 1)
+    _, all_serial = load(spread, 48, 1)
     serve.shutdown()
 
     print(f"\n== Serve benchmark: {args.model}, single-input requests, one replica per deployment")
     http, local = statistics.median(serial[10:]) * 1000, statistics.median(direct[10:]) * 1000
     print(f"(a) one request at a time: over Serve {http:.1f} ms vs in-process {local:.1f} ms "
           f"(Serve adds {http - local:.1f} ms, x{http / local:.2f})")
+    hop, ping = statistics.median(two_hops[10:]) * 1000, statistics.median(health[10:]) * 1000
+    print(f"    where it goes: GET /healthz (proxy + replica, no model, no body) {ping:.1f} ms; predict one hop "
+          f"{http:.1f} ms; two hops (ingress, then a model deployment) {hop:.1f} ms: the second hop adds {hop - http:.1f} ms")
     print(f"(b) {args.requests} requests from {args.concurrency} client threads")
     print(f"    {'':<10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for label, (rps, lat) in results.items():
@@ -164,6 +177,8 @@ def main() -> None:
           f"{rss_plain / 2**20:.0f} MiB for one plain replica (x{rss_shared / rss_plain:.2f})")
     print(f"    p50 at 8 client threads: spread over {VARIANTS} variants {pct(all_variants, 50):.1f} ms vs one "
           f"variant {pct(one_variant, 50):.1f} ms (x{pct(all_variants, 50) / pct(one_variant, 50):.2f})")
+    print(f"    p50 one request at a time: spread {pct(all_serial, 50):.1f} ms vs one variant {pct(one_serial, 50):.1f} ms "
+          f"(x{pct(all_serial, 50) / pct(one_serial, 50):.2f})")
     print(f"serve: overhead_ms={http - local:.1f} batching_x={b_rps / u_rps:.2f} "
           f"multiplex_mem_x={rss_shared / rss_plain:.2f} multiplex_p50_x={pct(all_variants, 50) / pct(one_variant, 50):.2f}")
 

@@ -11,6 +11,8 @@ Layout of one checkpoint folder::
     ptm_ray.json      family, model name, task (+ what it learned, e.g. thresholds), labels, epoch, metrics,
                       per-epoch history
     train_state.pt    optimizer/scheduler/early-stopping state (resume only; tensors and numbers)
+    variant/          only a run that trained adapters and head alone (LoRA, or every block frozen): those
+                      tensors and their base, so a server shares the base between variants (``ptm_ray.variants``)
 """
 
 from __future__ import annotations
