@@ -109,10 +109,11 @@ class _Batcher:
     truncation settings are shared state: two threads using it at once corrupt batches).
     """
 
-    def __init__(self, run: Any, max_batch_size: int, observe: Any = None) -> None:
+    def __init__(self, run: Any, max_batch_size: int, observe: Any = None, text: Any = None) -> None:
         import collections
 
         self.run, self.max_batch_size, self.observe = run, max_batch_size, observe
+        self.text = text or (lambda item: item)  # the text of an input (to bucket by its length)
         self.pending: collections.deque = collections.deque()
         self.worker: Any = None
 
@@ -140,7 +141,7 @@ class _Batcher:
         inputs = [item for _, items, _ in entries for item in items]
         results: list[Any] = [None] * len(inputs)
         try:
-            for bucket in _length_buckets(inputs):
+            for bucket in _length_buckets([self.text(item) for item in inputs]):
                 if self.observe:
                     self.observe(len(bucket))
                 outputs = await asyncio.to_thread(self.run, key, [inputs[i] for i in bucket])
@@ -248,15 +249,15 @@ class VariantServer:
     def __init__(self, first_path: str, max_batch_size: int, max_variants: int) -> None:
         import ray
 
+        from ptm_ray.config import config_from_dict
+        from ptm_ray.data import read_bytes
         from ptm_ray.inference import serving_device
         from ptm_ray.variants import SharedBase
 
-        from ptm_ray.config import config_from_dict
-        from ptm_ray.data import read_bytes
-
         cfg = config_from_dict(yaml.safe_load(read_bytes(f"{first_path}/config.yaml")))  # model.name, task of the base
         self.shared = SharedBase(cfg, serving_device(ray.get_gpu_ids()))
-        self.batcher = _Batcher(self._outputs, max_batch_size, _batch_size_metric(first_path))
+        # inputs are (variant, input) pairs; those of variants with the same preprocessing share forward passes
+        self.batcher = _Batcher(self._outputs, max_batch_size, _batch_size_metric(first_path), text=lambda pair: pair[1])
 
         async def load(model_id: str) -> Any:
             return await self._load(model_id)
@@ -271,15 +272,40 @@ class VariantServer:
     def ready(self) -> bool:
         return True
 
-    def _outputs(self, artifact: Any, items: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    def _outputs(self, preprocessing: str, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, dict[str, Any]]]:
+        """(output, notes) per (variant, input) pair: one pass for all of them where their heads allow it."""
+        import torch
+
+        from ptm_ray.variants import NotMixable
+
+        variants = list(dict.fromkeys(variant for variant, _ in pairs))
         with self.shared.lock:  # never beside a variant's loading or unloading
-            return _outputs(artifact, task_for(artifact.task_name), items)
+            if len(variants) == 1:
+                return _outputs(variants[0], task_for(variants[0].task_name), [item for _, item in pairs])
+            rows = [[i for i, (variant, _) in enumerate(pairs) if variant is v] for v in variants]
+            items = [item for _, item in pairs]
+            try:
+                with torch.no_grad(), variants[0].autocast():
+                    logits = self.shared.mixed_logits([v.model for v in variants], variants[0].batch(items), rows)
+            except NotMixable:  # one pass per variant
+                logits = None
+            results: list[Any] = [None] * len(pairs)
+            for i, (variant, own) in enumerate(zip(variants, rows)):
+                mine = [items[j] for j in own]
+                if logits is None:
+                    answers = _outputs(variant, task_for(variant.task_name), mine)
+                else:
+                    scores = task_for(variant.task_name).scores(logits[i][:, :len(variant.labels)])
+                    answers = list(zip(scores, variant.preprocessor.notes(mine)))
+                for j, answer in zip(own, answers):
+                    results[j] = answer
+            return results
 
     async def predict(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
         artifact = await self.variant(serve.get_multiplexed_model_id())
         artifact.hold()
         try:
-            results = await self.batcher.submit(artifact, items)
+            results = await self.batcher.submit(artifact.preprocessing, [(artifact, item) for item in items])
         finally:
             await artifact.release()
         task = task_for(artifact.task_name)
@@ -293,10 +319,11 @@ class _VariantArtifact:
     request still holds the variant (``uses``), so an input queued before the eviction still gets its own adapter.
     """
 
-    def __init__(self, artifact: Any, shared: Any) -> None:
+    def __init__(self, artifact: Any, shared: Any, preprocessing: str) -> None:
         import threading
 
         self.artifact, self.shared, self.counts = artifact, shared, threading.Lock()
+        self.preprocessing = preprocessing  # a digest of its preprocessor's files: equal digests share passes
         self.uses, self.evicted, self.unloaded = 0, False, False
 
     def __getattr__(self, name: str) -> Any:
@@ -334,6 +361,8 @@ class _VariantArtifact:
 def _load_variant(shared: Any, path: str) -> _VariantArtifact:
     """The variant at ``path`` (a registry version) on ``shared``: its preprocessor, labels and config from the
     checkpoint, its model the shared base with its adapters and head."""
+    import hashlib
+
     from ray.train import Checkpoint
 
     from ptm_ray.checkpoint import Artifact, read_meta
@@ -348,7 +377,11 @@ def _load_variant(shared: Any, path: str) -> _VariantArtifact:
         with shared.lock:
             model = shared.load(folder)
         preprocessor = family.load_preprocessor(folder / "preprocessor")
-    return _VariantArtifact(Artifact(path, family, model, preprocessor, meta["labels"], cfg, meta, shared.device), shared)
+        digest = hashlib.sha256()
+        for file in sorted(p for p in (folder / "preprocessor").rglob("*") if p.is_file()):
+            digest.update(file.name.encode() + file.read_bytes())
+    artifact = Artifact(path, family, model, preprocessor, meta["labels"], cfg, meta, shared.device)
+    return _VariantArtifact(artifact, shared, digest.hexdigest())
 
 
 def _api_key(sv: dict[str, Any]) -> str | None:

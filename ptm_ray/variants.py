@@ -29,7 +29,7 @@ from torch import nn
 
 from ptm_ray.config import Config
 
-__all__ = ["SharedBase", "VARIANT_DIR", "base_key", "read_variant_info", "variant_tensors", "write_variant"]
+__all__ = ["NotMixable", "SharedBase", "VARIANT_DIR", "base_key", "read_variant_info", "variant_tensors", "write_variant"]
 
 VARIANT_DIR = "variant"
 _INFO, _WEIGHTS = "variant.json", "weights.safetensors"
@@ -92,6 +92,32 @@ class _View(nn.Module):
         shared = self._shared
         shared.activate(self._loaded.adapter)
         return torch.func.functional_call(shared.model, self._loaded.head, args, kwargs, strict=False)
+
+
+class NotMixable(Exception):
+    """Variants whose heads cannot be applied row by row in one pass."""
+
+
+def _with_adapter_names(names: list[str], layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, "adapter_names": names}
+
+
+class _RowwiseLinear(nn.Module):
+    """A head layer of several variants in one pass: each group of batch rows through its own weights, the
+    outputs padded with zeros to the widest."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], size: int) -> None:
+        super().__init__()
+        self.groups, self.size = groups, size
+        self.width = max(weight.shape[0] for _, weight, _ in groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.size:
+            raise NotMixable(f"a head layer's input has {x.shape[0]} rows, the batch {self.size}")
+        out = x.new_zeros((*x.shape[:-1], self.width))
+        for rows, weight, bias in self.groups:
+            out[rows, ..., :weight.shape[0]] = nn.functional.linear(x[rows], weight, bias)
+        return out
 
 
 class SharedBase:
@@ -170,6 +196,59 @@ class SharedBase:
         for layer in self._lora_layers():
             layer._active_adapter = [adapter or "none"]
         self._active = adapter
+
+    def mixed_logits(self, views: list[nn.Module], inputs: dict[str, torch.Tensor],
+                     rows: list[list[int]]) -> list[torch.Tensor]:
+        """Logits of several variants from one forward pass over all their rows (``rows[i]``: the batch rows of
+        ``views[i]``), each row through its own adapter and its own head, instead of a pass per variant.
+
+        Adapters: peft's per-row ``adapter_names`` (each LoRA layer runs every adapter on its rows only). Heads:
+        each head layer (a ``Linear`` some variant trained) is replaced for the pass by one that applies each
+        variant's weights to its rows; a head wider than another (more labels) is cut to its own labels after.
+
+        Raises:
+            NotMixable: when a head layer is not a ``Linear`` over batch-first inputs (run the views one by one).
+        """
+        from functools import partial
+
+        size = sum(len(r) for r in rows)
+        names = ["__base__"] * size  # peft's name for "no adapter on this row"
+        for view, own in zip(views, rows):
+            for i in own:
+                names[i] = view._loaded.adapter or "__base__"
+        swapped = self._rowwise_heads(views, rows, size)
+        hooks = [layer.register_forward_pre_hook(partial(_with_adapter_names, names), with_kwargs=True)
+                 for layer in self._lora_layers()]
+        try:
+            logits = self.family.logits(self.model, inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for parent, attr, layer in swapped:
+                setattr(parent, attr, layer)
+        return [logits[own] for own in rows]
+
+    def _rowwise_heads(self, views: list[nn.Module], rows: list[list[int]], size: int) -> list[tuple]:
+        """Swap each head layer for a ``_RowwiseLinear``; returns (parent, attribute, original) to put back."""
+        layers = sorted({name.rsplit(".", 1)[0] for view in views for name in view._loaded.head})
+        swapped = []
+        try:
+            for name in layers:
+                layer = self.model.get_submodule(name)
+                if not isinstance(layer, nn.Linear):
+                    raise NotMixable(f"head layer {name} is a {type(layer).__name__}, not a Linear")
+                groups = [(torch.tensor(own, device=self.device),
+                           view._loaded.head.get(f"{name}.weight", layer.weight),
+                           view._loaded.head.get(f"{name}.bias", layer.bias)) for view, own in zip(views, rows)]
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name)
+                setattr(parent, attr, _RowwiseLinear(groups, size))
+                swapped.append((parent, attr, layer))
+        except NotMixable:
+            for parent, attr, layer in swapped:
+                setattr(parent, attr, layer)
+            raise
+        return swapped
 
     def _lora_layers(self) -> list[Any]:
         if self._layers is None:

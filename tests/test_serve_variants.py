@@ -133,6 +133,27 @@ def test_variants_on_one_shared_base_predict_as_their_own_merged_checkpoints(var
     assert read_variant_info(str(variants["head"]))["lora"] is None
 
 
+def test_one_pass_over_rows_of_several_variants_equals_each_variants_own_pass(variants):
+    from ptm_ray.variants import NotMixable, _RowwiseLinear
+
+    shared = SharedBase(load_artifact(variants["lora-all"]).config, torch.device("cpu"))
+    views = [shared.load(folder) for folder in variants.values()]
+    texts = TEXTS * 2  # rows interleaved across the three variants: 0,3,6 / 1,4,7 / 2,5
+    rows = [[i for i in range(len(texts)) if i % 3 == k] for k in range(3)]
+    merged = [load_artifact(folder) for folder in variants.values()]
+    with torch.no_grad():
+        mixed = shared.mixed_logits(views, merged[0].batch(texts), rows)
+    for own, logits, artifact in zip(rows, mixed, merged):
+        alone = _logits(artifact, [texts[i] for i in own])
+        assert torch.allclose(logits[:, :len(artifact.labels)], alone, atol=1e-5), artifact.path
+    # the head layers and hooks are put back: a variant alone still answers as itself
+    with torch.no_grad():
+        assert torch.allclose(views[1](**merged[1].batch(TEXTS)).logits, _logits(merged[1], TEXTS), atol=1e-5)
+    assert all(type(m).__name__ != "_RowwiseLinear" for m in shared.model.modules())
+    with pytest.raises(NotMixable, match="3 rows, the batch 4"):
+        _RowwiseLinear([(torch.tensor([0]), torch.zeros(2, 5), None)], 4)(torch.zeros(3, 5))
+
+
 def test_a_variant_of_another_base_is_refused_naming_the_tensors(variants, tiny_text, tmp_path):
     other = make_lora_variant(tmp_path / "gpt2", [f"model.name=hf:{tiny_text['gpt2']}", "model.lora.r=2"], ["a", "b"])
     shared = SharedBase(load_artifact(variants["head"]).config, torch.device("cpu"))

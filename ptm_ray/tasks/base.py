@@ -133,6 +133,11 @@ class Task(ABC):
         """Batched tasks: what the model computes per input, independent of request options."""
         raise NotImplementedError(f"{self.name} predicts in one call (batched = False)")
 
+    def scores(self, logits: "torch.Tensor") -> list[Any]:
+        """Batched tasks whose ``outputs`` are a function of the logits alone: that function (variants served
+        from one shared pass get their logits there)."""
+        raise NotImplementedError(f"{self.name} has no outputs computed from logits alone")
+
     def format(self, output: Any, artifact: "Artifact", **options: Any) -> dict[str, Any]:
         """Batched tasks: one input's prediction from its ``outputs`` entry and the request's options."""
         raise NotImplementedError(f"{self.name} predicts in one call (batched = False)")

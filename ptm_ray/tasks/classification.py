@@ -118,7 +118,9 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def outputs(self, artifact: "Artifact", inputs: list[Any]) -> list[list[float]]:
         """Class probabilities per input."""
-        logits = artifact.family.logits(artifact.model, artifact.batch(inputs))
+        return self.scores(artifact.family.logits(artifact.model, artifact.batch(inputs)))
+
+    def scores(self, logits: torch.Tensor) -> list[list[float]]:
         return torch.softmax(logits.float(), dim=-1).tolist()
 
     def format(self, output, artifact, top_k: int = 3):

@@ -215,7 +215,9 @@ class MultiLabelTask(Task):
     @torch.no_grad()
     def outputs(self, artifact: "Artifact", inputs: list[Any]) -> list[list[float]]:
         """Per input, the score of every label."""
-        logits = artifact.family.logits(artifact.model, artifact.batch(inputs))
+        return self.scores(artifact.family.logits(artifact.model, artifact.batch(inputs)))
+
+    def scores(self, logits: torch.Tensor) -> list[list[float]]:
         return torch.sigmoid(logits.float()).tolist()
 
     def format(self, output, artifact, threshold: float | None = None):
