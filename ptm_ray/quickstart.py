@@ -66,10 +66,11 @@ def _stage_configs(out: Path, c: QuickstartConfigs, port: int) -> dict[str, Any]
                                                               "storage.name": f"digits-{shots}-{init}"})))
     search = load_config(c.search, [f"storage.path={out}", "search.name=search", f"search.registry={out / 'registry'}",
                                     mlruns, *c.overrides.get("search", [])])
-    # the shipped serve.yaml keeps two replicas of everything (one may die); the one-machine demo needs one
+    # the shipped serve.yaml keeps two replicas of everything and two hops (one process may die without a lost
+    # request); the one-machine demo needs one replica, and one hop serves it fastest
     serve = load_config(c.serve, [f"serve.registry={out / 'registry'}", f"serve.port={port}",
                                   f"serve.models=[{{name: {search.search.registry_name or 'search'}}}]",
-                                  "serve.min_replicas=1", "serve.ingress_replicas=1",
+                                  "serve.min_replicas=1", "serve.ingress_replicas=1", "serve.one_hop=true",
                                   f"serve.config_out={out / 'serve_config.yaml'}", *c.overrides.get("serve", [])])
     scratch = with_overrides(text, {"model.weights": "none", "model.freeze_depth": 0, "storage.name": "text-scratch"})
     return {"text": text, "scratch": scratch, "vision": vision, "search": search, "serve": serve}

@@ -749,22 +749,30 @@ _SURGE = 100
 
 
 def _placements(args: dict[str, Any]) -> dict[str, str]:
-    """Where each version ("name:version") runs: ``shared`` (a variant, on its base's ``VariantServer``),
-    ``local`` (inside the ingress replica: the only version taking traffic, a full model, ``serve.one_hop`` on)
-    or ``own`` (a ``ModelServer`` deployment named ``<name>-v<version>``)."""
-    from ptm_ray.variants import read_variant_info
+    """Where each version ("name:version") runs: ``shared`` (a variant, on the ``VariantServer`` of its base,
+    when two or more variants of that base are deployed), ``local`` (inside the ingress replica: the only
+    version taking traffic, ``serve.one_hop`` on) or ``own`` (a ``ModelServer`` deployment ``<name>-v<version>``)."""
+    from ptm_ray.variants import base_key, read_variant_info
 
     settings = args["settings"]
     versions = [(model["name"], v) for model in args["models"] for v in model["versions"]]
+    bases = {}
+    if settings["max_variants_per_replica"] > 0:
+        for name, v in versions:
+            info = read_variant_info(v["path"])
+            if info is not None:
+                bases[f"{name}:{v['version']}"] = base_key(_meta(v["path"]), info)
+    sharing = [key for key, base in bases.items() if list(bases.values()).count(base) > 1]
     taking_traffic = [(name, v) for name, v in versions if v["weight"] > 0]
     places = {}
     for name, v in versions:
-        if settings["max_variants_per_replica"] > 0 and read_variant_info(v["path"]) is not None:
-            places[f"{name}:{v['version']}"] = "shared"
+        key = f"{name}:{v['version']}"
+        if key in sharing:
+            places[key] = "shared"
         elif settings["one_hop"] and taking_traffic == [(name, v)]:
-            places[f"{name}:{v['version']}"] = "local"
+            places[key] = "local"
         else:
-            places[f"{name}:{v['version']}"] = "own"
+            places[key] = "own"
     return places
 
 

@@ -186,3 +186,39 @@ def check_classification_predictions(artifact, inputs: list, predictions: list[d
         assert p["label"] == artifact.labels[ranked[0]] and abs(p["probability"] - row.max().item()) < 1e-5
         assert [t["label"] for t in p["top_k"]] == [artifact.labels[i] for i in ranked]
         assert [t["probability"] for t in p["top_k"]] == sorted((t["probability"] for t in p["top_k"]), reverse=True)
+
+
+class SteadyLoad:
+    """One client posting ``{"inputs": ["refund"]}`` to ``url`` every 50 ms while the ``with`` block runs: the
+    answers' bodies, and every failure (a status other than 200, or the exception's text)."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url, self.answers, self.failures = url, [], []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> "SteadyLoad":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        import time
+
+        import requests
+
+        while not self.done.is_set():
+            try:
+                r = requests.post(self.url, json={"inputs": ["refund"]}, timeout=60)
+                if r.status_code == 200:
+                    self.answers.append(r.json())
+                else:
+                    self.failures.append(r.status_code)
+            except requests.RequestException as e:
+                self.failures.append(str(e))
+            time.sleep(0.05)

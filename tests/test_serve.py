@@ -7,7 +7,6 @@ import io
 import re
 import shutil
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from ptm_ray.model_store import ModelStore
 from ptm_ray.models import resolve_model
 from ptm_ray.serve import app_args, build_app, deploy
 
-from conftest import free_port, png_header
+from conftest import SteadyLoad, free_port, png_header
 
 INTENTS = ["billing", "cancel_order", "refund"]
 
@@ -359,39 +358,18 @@ def test_rolling_out_a_new_version_fails_no_request(api, registry, tmp_path):
     from ray import serve
 
     url, _, cfg = api
-    failures, successes, versions = [], 0, set()
-    done = threading.Event()
-
-    def steady():
-        nonlocal successes
-        while not done.is_set():
-            try:
-                r = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=60)
-                if r.status_code == 200:
-                    successes += 1
-                    versions.add(r.json()["version"])
-                else:
-                    failures.append(r.status_code)
-            except requests.RequestException as e:
-                failures.append(str(e))
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=steady)
-    thread.start()
-    time.sleep(2)
     only_v2 = "[{name: intents, versions: [{version: 2, weight: 100}]}, {name: digits}, {name: commands}]"
     try:
-        deploy(load_config(None, _serve_overrides(registry, cfg.serve.port, only_v2,
-                                                  serve__config_out=str(tmp_path / "serve_config.yaml"))))
-        time.sleep(3)
-        done.set()
-        thread.join()
-        assert not failures, failures[:5]
-        assert successes > 10
+        with SteadyLoad(f"{url}/v1/models/intents/predict") as load:
+            time.sleep(2)
+            deploy(load_config(None, _serve_overrides(registry, cfg.serve.port, only_v2,
+                                                      serve__config_out=str(tmp_path / "serve_config.yaml"))))
+            time.sleep(3)
+        assert not load.failures, load.failures[:5]
+        assert len(load.answers) > 10
         last = requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=30).json()
         assert last["version"] == 2
         assert {d for d in serve.status().applications[cfg.serve.app_name].deployments} >= {"intents-v2"}
         assert "intents-v1" not in serve.status().applications[cfg.serve.app_name].deployments  # retired
     finally:
-        done.set()
         deploy(cfg)  # the module's other tests expect the 50/50 canary, whatever order they run in

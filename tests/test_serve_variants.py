@@ -23,7 +23,7 @@ from ptm_ray.serve import _Batcher, _length_buckets, app_args, build_app, deploy
 from ptm_ray.tiny import make_lora_variant
 from ptm_ray.variants import SharedBase, read_variant_info
 
-from conftest import free_port
+from conftest import SteadyLoad, free_port
 
 TEXTS = ["where is my order", "i want a refund please", "cancel it", "my card was charged twice for one order"]
 
@@ -207,6 +207,22 @@ def _same(served: list[dict], offline: list[dict]) -> None:
         assert [t["label"] for t in s["top_k"]] == [t["label"] for t in o["top_k"]]
 
 
+def test_where_each_version_runs(registry):
+    from ptm_ray.serve import _placements
+
+    def places(models: str, **extra: object) -> dict[str, str]:
+        return _placements(app_args(load_config(None, _overrides(registry, 8000, models, **extra))))
+
+    assert places("[{name: lora-all}]") == {"lora-all:1": "local"}  # a lone variant: nothing to share a base with
+    assert places("[{name: lora-all}]", serve__one_hop=False) == {"lora-all:1": "own"}
+    assert places("[{name: lora-all}, {name: head}, {name: full}]") == {
+        "lora-all:1": "shared", "head:1": "shared", "full:1": "own"}
+    assert places("[{name: lora-all}, {name: head}]", serve__max_variants_per_replica=0) == {
+        "lora-all:1": "own", "head:1": "own"}
+    canary = "[{name: full, versions: [{version: 1, weight: 90}, {version: 1, weight: 10}]}]"
+    assert set(places(canary).values()) == {"own"}
+
+
 def test_variants_share_one_deployment_and_answer_as_offline_through_eviction(serve_port, registry):
     from ray import serve
 
@@ -258,36 +274,16 @@ def test_one_model_is_one_hop_and_changing_hops_under_load_fails_no_request(serv
         assert bad.status_code == 422 and "inputs" in bad.json()["error"]
         assert requests.get(f"{url}/readyz", timeout=30).json()["models"] == ["full:1"]
 
-        failures, answered = [], 0
-        done = threading.Event()
-
-        def steady() -> None:
-            nonlocal answered
-            while not done.is_set():
-                try:
-                    r = requests.post(f"{url}/v1/models/full/predict", json={"inputs": ["refund"]}, timeout=60)
-                    answered += r.status_code == 200
-                    if r.status_code != 200:
-                        failures.append(r.status_code)
-                except requests.RequestException as e:
-                    failures.append(str(e))
-                time.sleep(0.05)
-
-        thread = threading.Thread(target=steady)
-        thread.start()
-        try:
+        with SteadyLoad(f"{url}/v1/models/full/predict") as load:
             time.sleep(1)
             deploy(config(False))  # one hop -> two: the old ingress serves its requests itself while it drains
             assert set(serve.status().applications["onehop"].deployments) == {"Ingress", "full-v1"}
-            before = answered
+            before = len(load.answers)
             deploy(config(True))  # two hops -> one: full-v1 stays until the old ingress drained, then goes
             assert set(serve.status().applications["onehop"].deployments) == {"Ingress"}
             time.sleep(2)
-        finally:
-            done.set()
-            thread.join()
-        assert not failures, failures[:5]
-        assert before > 5 and answered > before + 5
+        assert not load.failures, load.failures[:5]
+        assert before > 5 and len(load.answers) > before + 5
     finally:
         serve.delete("onehop")
 
