@@ -132,8 +132,13 @@ class _Batcher:
             while self.pending and (not taken or size + len(self.pending[0][1]) <= self.max_batch_size):
                 taken.append(self.pending.popleft())
                 size += len(taken[-1][1])
-            for key in dict.fromkeys(entry[0] for entry in taken):
-                await self._run_key(key, [entry for entry in taken if entry[0] is key])
+            try:
+                for key in dict.fromkeys(entry[0] for entry in taken):
+                    await self._run_key(key, [entry for entry in taken if entry[0] == key])
+            except Exception as e:  # never leave a request waiting for a future nobody will resolve
+                for _, _, done in taken:
+                    if not done.done():
+                        done.set_exception(e)
 
     async def _run_key(self, key: Any, entries: list[tuple[Any, list[Any], Any]]) -> None:
         import asyncio
