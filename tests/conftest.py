@@ -222,3 +222,11 @@ class SteadyLoad:
             except requests.RequestException as e:
                 self.failures.append(str(e))
             time.sleep(0.05)
+
+
+def same_predictions(served: list[dict], offline: list[dict]) -> None:
+    """Served classification predictions equal offline ones: labels, probabilities (1e-5) and top-k order."""
+    assert [p["label"] for p in served] == [p["label"] for p in offline]
+    for s, o in zip(served, offline):
+        assert s["probability"] == pytest.approx(o["probability"], abs=1e-5)
+        assert [t["label"] for t in s["top_k"]] == [t["label"] for t in o["top_k"]]

@@ -24,7 +24,7 @@ from ptm_ray.model_store import ModelStore
 from ptm_ray.models import resolve_model
 from ptm_ray.serve import app_args, build_app, deploy
 
-from conftest import SteadyLoad, free_port, png_header
+from conftest import SteadyLoad, free_port, png_header, same_predictions
 
 INTENTS = ["billing", "cancel_order", "refund"]
 
@@ -99,13 +99,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _same(served: list[dict], offline: list[dict]) -> None:
-    assert [p["label"] for p in served] == [p["label"] for p in offline]
-    for s, o in zip(served, offline):
-        assert s["probability"] == pytest.approx(o["probability"], abs=1e-5)
-        assert [t["label"] for t in s["top_k"]] == [t["label"] for t in o["top_k"]]
-
-
 def test_listing_health_and_openapi(api):
     url, config_path, _ = api
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
@@ -177,22 +170,22 @@ def test_served_predictions_equal_offline(api, registry, digits_dir, speech_dir)
     texts = ["refund my blender please", "cancel order #12345", "why was I charged twice"]
     served = requests.post(f"{url}/v1/models/intents/versions/2/predict", json={"inputs": texts, "top_k": 2}, timeout=30)
     assert served.status_code == 200 and served.json()["version"] == 2
-    _same(served.json()["predictions"], predict(load_artifact(registry.get("intents", 2).path), texts, top_k=2))
+    same_predictions(served.json()["predictions"], predict(load_artifact(registry.get("intents", 2).path), texts, top_k=2))
 
     images = [next(Path(digits_dir, d).glob("*.png")).read_bytes() for d in ("3", "8")]
     offline = predict(load_artifact(registry.get("digits").path), images, top_k=3)
     as_json = requests.post(f"{url}/v1/models/digits/predict", json={"inputs": [_b64(b) for b in images]}, timeout=30)
     assert as_json.status_code == 200
-    _same(as_json.json()["predictions"], offline)
+    same_predictions(as_json.json()["predictions"], offline)
     multipart = requests.post(f"{url}/v1/models/digits/predict", files=[("files", ("a.png", images[0])),
                                                                          ("files", ("b.png", images[1]))], timeout=30)
     assert multipart.status_code == 200
-    _same(multipart.json()["predictions"], offline)
+    same_predictions(multipart.json()["predictions"], offline)
 
     clips = [next(Path(speech_dir, w).glob("*.wav")).read_bytes() for w in ("go", "stop")]
     served = requests.post(f"{url}/v1/models/commands/predict", json={"inputs": [_b64(c) for c in clips]}, timeout=30)
     assert served.status_code == 200
-    _same(served.json()["predictions"], predict(load_artifact(registry.get("commands").path), clips, top_k=3))
+    same_predictions(served.json()["predictions"], predict(load_artifact(registry.get("commands").path), clips, top_k=3))
 
 
 @pytest.mark.parametrize("path, kwargs, status, message", [

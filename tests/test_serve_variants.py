@@ -23,7 +23,7 @@ from ptm_ray.serve import _Batcher, _length_buckets, app_args, build_app, deploy
 from ptm_ray.tiny import make_lora_variant
 from ptm_ray.variants import SharedBase, read_variant_info
 
-from conftest import SteadyLoad, free_port
+from conftest import SteadyLoad, free_port, same_predictions
 
 TEXTS = ["where is my order", "i want a refund please", "cancel it", "my card was charged twice for one order"]
 
@@ -203,13 +203,6 @@ def _offline(reg: ModelStore, name: str) -> list[dict]:
     return predict(load_artifact(reg.get(name).path), TEXTS, top_k=2)
 
 
-def _same(served: list[dict], offline: list[dict]) -> None:
-    assert [p["label"] for p in served] == [p["label"] for p in offline]
-    for s, o in zip(served, offline):
-        assert s["probability"] == pytest.approx(o["probability"], abs=1e-5)
-        assert [t["label"] for t in s["top_k"]] == [t["label"] for t in o["top_k"]]
-
-
 def test_where_each_version_runs(registry):
     from ptm_ray.serve import _placements
 
@@ -243,7 +236,7 @@ def test_variants_share_one_deployment_and_answer_as_offline_through_eviction(se
         for name in ["lora-all", "lora-top", "head"] * 2 + ["full"]:
             r = requests.post(f"{base}/{name}/predict", json={"inputs": TEXTS, "top_k": 2}, timeout=60)
             assert r.status_code == 200, r.text
-            _same(r.json()["predictions"], offline[name])
+            same_predictions(r.json()["predictions"], offline[name])
         versioned = requests.post(f"{base}/lora-top/versions/1/predict", json={"inputs": TEXTS[:1]}, timeout=60)
         assert versioned.json()["predictions"][0]["label"] == offline["lora-top"][0]["label"]
         # concurrent requests to all three at once: each still gets its own adapter and head
@@ -255,7 +248,7 @@ def test_variants_share_one_deployment_and_answer_as_offline_through_eviction(se
 
         with ThreadPoolExecutor(6) as pool:
             for name, served in pool.map(ask, ["lora-all", "lora-top", "head"] * 4):
-                _same(served, offline[name])
+                same_predictions(served, offline[name])
     finally:
         serve.delete("variants")
 
@@ -272,7 +265,7 @@ def test_one_model_is_one_hop_and_changing_hops_under_load_fails_no_request(serv
     try:
         assert set(serve.status().applications["onehop"].deployments) == {"Ingress"}  # no model deployment behind
         r = requests.post(f"{url}/v1/models/full/predict", json={"inputs": TEXTS, "top_k": 2}, timeout=60)
-        _same(r.json()["predictions"], _offline(registry, "full"))
+        same_predictions(r.json()["predictions"], _offline(registry, "full"))
         bad = requests.post(f"{url}/v1/models/full/predict", json={"inputs": []}, timeout=30)
         assert bad.status_code == 422 and "inputs" in bad.json()["error"]
         assert requests.get(f"{url}/readyz", timeout=30).json()["models"] == ["full:1"]
