@@ -13,6 +13,7 @@ runs the same loop inside the Tune trial itself (``fit_in_trial``) instead of st
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -122,6 +123,10 @@ def plan_run(cfg: Config, data: DataSummary | None = None) -> RunPlan:
 def storage_path(cfg: Config) -> str:
     """``storage.path`` as Ray Train wants it: a URI as given, a local folder made absolute."""
     return cfg.storage.path if "://" in cfg.storage.path else str(Path(cfg.storage.path).expanduser().resolve())
+
+
+HEALTH_CHECK_INTERVAL_S = "0.5"
+"""How often each run's Ray Train controller polls its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``)."""
 
 
 def _run_name(cfg: Config) -> str:
@@ -285,6 +290,11 @@ def _trainer(cfg: Config, name: str, loop_config: dict[str, Any], datasets: dict
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's controller looks at its workers every 2 s by default: each report (an epoch line, a
+    # checkpoint) and the run's end wait for that look. 0.5 s took 3-4 s off a short run here (16 s instead of
+    # 20 for two epochs of a tiny BERT). Ray hands this variable from the driver to the controller; a value the
+    # user set wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     resources = dict(cfg.scaling.resources_per_worker)
     if streamed:
         resources = leave_cpus_for_data(resources, cfg.scaling.num_workers)

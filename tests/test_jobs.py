@@ -25,7 +25,7 @@ def test_bad_config_exits_2_naming_the_key_without_starting_ray():
 
 def test_ray_job_submit_runs_the_finetune_job(ray_cluster, tiny_text, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token")  # the cluster was started with token auth on
-    overrides = tiny_overrides(tiny_text["bert"], tmp_path, "submitted", train__epochs=2)
+    overrides = tiny_overrides(tiny_text["bert"], tmp_path, "submitted", train__epochs=2, scaling__num_workers=1)
     proc = subprocess.run(
         [RAY, "job", "submit", "--address", ray_cluster, "--working-dir", str(ROOT), "--",
          "python", "jobs/finetune.py", "--config", "jobs/configs/text_quickstart.yaml", *overrides],

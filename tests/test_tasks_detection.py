@@ -192,8 +192,9 @@ def test_faster_rcnn_trains_data_parallel_with_rising_map_and_resumes(frcnn_run,
     assert {"val_map_50", "val_loss", "train_loss"} <= set(history[-1])
     assert history[-1]["frozen_blocks"] == 5 and history[-1]["trainable_params"] < history[-1]["total_params"]
     assert result.best_metrics["val_map"] == max(maps)
-    # the same storage.name with one more epoch continues after the last checkpoint
-    longer = fit(load_config(None, _overrides(shapes, storage, "lite0", train__epochs=4)))
+    # the same storage.name with one more epoch continues after the last checkpoint, here on one worker (a
+    # resumed run may change its worker count)
+    longer = fit(load_config(None, _overrides(shapes, storage, "lite0", train__epochs=4, scaling__num_workers=1)))
     assert [h["epoch"] for h in longer.history] == [1, 2, 3, 4]
     assert longer.history[-1]["resumed_from_epoch"] == 3
     assert read_meta(result.best_checkpoint)["task"] == "detection"

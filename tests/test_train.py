@@ -64,7 +64,7 @@ def test_early_stopping_ends_the_run(ray_cluster, tiny_text, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "early", optim__lr=1e-9, optim__head_lr=1e-9,
                                            train__early_stopping_patience=2, train__early_stopping_min_delta=1e-3,
                                            train__metric="val_loss",
-                                           train__mode="min", train__epochs=10))
+                                           train__mode="min", train__epochs=10, scaling__num_workers=1))
     result = fit(cfg)
     # with lr ~ 0 val_loss moves by far less than min_delta: epochs 2 and 3 do not improve, so the run stops after
     # epoch 3 (bug guarded: a patience counted off by one, or min_delta ignored so a tiny gain resets the count)
@@ -74,10 +74,10 @@ def test_early_stopping_ends_the_run(ray_cluster, tiny_text, tmp_path):
 
 def test_relaunch_with_same_name_resumes_at_the_saved_epoch(ray_cluster, tiny_text, tmp_path):
     first = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=2,
-                                                 train__keep_checkpoints=4)))
+                                                 train__keep_checkpoints=4, scaling__num_workers=1)))
     assert [h["epoch"] for h in first.history] == [1, 2]
     second = fit(load_config(None, tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=4,
-                                                  train__keep_checkpoints=4)))
+                                                  train__keep_checkpoints=4, scaling__num_workers=1)))
     assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
     assert second.history[:2] == first.history  # the first two epochs were not trained again
     assert [h["resumed_from_epoch"] for h in second.history[2:]] == [2, 2]
@@ -94,7 +94,7 @@ def test_relaunch_with_same_name_resumes_at_the_saved_epoch(ray_cluster, tiny_te
     assert per_epoch > 0 and all(step == (epoch * per_epoch, epoch * per_epoch) for epoch, step in steps.items()), steps
     # the saved optimizer state would silently keep the old learning rate: a changed one is refused, by name
     changed = tiny_overrides(tiny_text["roberta"], tmp_path, "resume", train__epochs=6, optim__lr=0.5, model__max_length=16,
-                             train__keep_checkpoints=4)
+                             train__keep_checkpoints=4, scaling__num_workers=1)
     with pytest.raises(ValueError, match=r"storage.name='resume' already holds a run .* model.max_length: 32 -> 16; "
                                          r"optim.lr: 0.001 -> 0.5\. .*use a new storage.name"):
         fit(load_config(None, changed))
