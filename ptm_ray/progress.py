@@ -4,20 +4,23 @@ Ray Train calls ``UserCallback.after_report`` on its controller actor, whose out
 only in verbose mode (``ptm_ray.console``). ``EpochStream`` gives that callback a queue (a zero-CPU Ray
 actor) and drains it on a driver thread while ``trainer.fit()`` blocks, handing rank 0's metrics of each
 epoch, and the checkpoint saved with them, to the driver's listeners: the epoch line and the trackers.
+Rank 0 also puts its steps through each epoch on that queue (``ptm_ray.worker.StepProgress``): on a
+terminal ``StepBar`` draws them as a progress bar that the epoch's line replaces; in a log, nothing.
 ``SearchProgress`` is the search's counterpart, a Ray Tune callback on the search's driver.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import ray
 from ray.train import UserCallback
 from ray.tune import Callback
 from ray.util.queue import Empty, Queue
 
-__all__ = ["EpochListener", "EpochStream", "SearchProgress"]
+__all__ = ["EpochListener", "EpochStream", "SearchProgress", "StepBar"]
 
 EpochListener = Callable[[dict[str, Any], "str | None"], None]
 """Called on the driver with rank 0's metrics of an epoch and the path of its checkpoint (or None)."""
@@ -31,14 +34,44 @@ class _ForwardReports(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics:
-            self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
+            self.queue.put(("epoch", dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
+
+
+class StepBar:
+    """A progress bar of rank 0's steps through the current epoch, drawn only on a terminal (a log file or
+    a pipe keeps its one line per epoch). The bar clears itself before the epoch's line is printed."""
+
+    def __init__(self, epochs: int, stream: TextIO | None = None) -> None:
+        self.epochs, self.stream = epochs, stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar: Any = None
+        self.epoch = 0
+
+    def update(self, epoch: int, done: int, total: int) -> None:
+        """``done`` of ``total`` steps of ``epoch`` (1-based) are finished."""
+        if not self.enabled:
+            return
+        if self.bar is None or epoch != self.epoch:
+            from tqdm import tqdm
+
+            self.close()
+            # every update drawn (the workers send at most two a second); leave=False: the epoch's line replaces it
+            self.bar = tqdm(total=total, initial=done, desc=f"[ptm_ray] epoch {epoch}/{self.epochs}", unit="step",
+                            leave=False, file=self.stream, dynamic_ncols=True, mininterval=0, miniters=1)
+            self.epoch = epoch
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class EpochStream:
     """``with EpochStream(listeners) as stream: trainer.fit()`` with ``stream.callback`` in the RunConfig."""
 
-    def __init__(self, listeners: list[EpochListener]) -> None:
-        self.listeners = listeners
+    def __init__(self, listeners: list[EpochListener], bar: StepBar | None = None) -> None:
+        self.listeners, self.bar = listeners, bar
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.callback = _ForwardReports(self.queue)
         self._stop = threading.Event()
@@ -52,6 +85,8 @@ class EpochStream:
         self._stop.set()
         self._thread.join(timeout=30)
         self._deliver_pending()
+        if self.bar is not None:
+            self.bar.close()
         ray.kill(self.queue.actor, no_restart=True)
 
     def _drain(self) -> None:
@@ -70,8 +105,14 @@ class EpochStream:
                 return
             self._deliver(item)
 
-    def _deliver(self, item: tuple[dict[str, Any], str | None]) -> None:
-        metrics, checkpoint = item
+    def _deliver(self, item: tuple) -> None:
+        if item[0] == "steps":  # ("steps", epoch, done, total) from rank 0's loop
+            if self.bar is not None:
+                self.bar.update(*item[1:])
+            return
+        _, metrics, checkpoint = item
+        if self.bar is not None:
+            self.bar.close()  # the epoch's line takes the bar's place
         for listener in list(self.listeners):
             try:
                 listener(metrics, checkpoint)

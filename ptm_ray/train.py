@@ -146,7 +146,7 @@ def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedDat
         run_config_callbacks: extra Ray Train callbacks (the search uses Tune's report callback).
         data: ``cfg.data`` already checked and read (``prepare_data``); read here when None.
     """
-    from ptm_ray.progress import EpochStream
+    from ptm_ray.progress import EpochStream, StepBar
     from ptm_ray.runtime import init_ray
     from ptm_ray.tracking import RunTracker
 
@@ -158,7 +158,8 @@ def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedDat
     loop_config = _loop_config(cfg, plan, datasets)
     name = _run_name(cfg)
     tracker = RunTracker(cfg, name, f"{storage_path(cfg)}/{name}")
-    stream = EpochStream([_epoch_printer(cfg), tracker.log_epoch])
+    stream = EpochStream([_epoch_printer(cfg), tracker.log_epoch], StepBar(cfg.train.epochs))
+    loop_config["progress"] = stream.queue  # rank 0's steps, for the bar
     streamed = not materialize_decision(plan.data, cfg.data)[0]
     trainer = _trainer(cfg, name, loop_config, datasets, [stream.callback, *(run_config_callbacks or [])], streamed)
     best_path = None

@@ -180,6 +180,26 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
 
 
+class StepProgress:
+    """Rank 0's steps through each epoch, for the driver's progress bar (``ptm_ray.progress.StepBar``).
+
+    Sent on the run's report queue at most every ``every_s`` seconds and after the last step, without
+    waiting for the queue: a step never waits on the driver. Other ranks, and runs with no queue (a Tune
+    trial training in its own process), send nothing.
+    """
+
+    def __init__(self, queue: Any = None, rank: int = 0, every_s: float = 0.5) -> None:
+        self.queue = queue if rank == 0 else None
+        self.every_s, self.sent_at = every_s, float("-inf")
+
+    def __call__(self, epoch: int, done: int, total: int) -> None:
+        """``done`` of ``total`` steps of ``epoch`` (0-based) are finished."""
+        now = time.monotonic()
+        if self.queue is not None and (done >= total or now - self.sent_at >= self.every_s):
+            self.sent_at = now
+            self.queue.actor.put_nowait.remote(("steps", epoch + 1, done, total))
+
+
 @dataclass
 class Worker:
     """Everything one training worker holds between steps."""
@@ -209,6 +229,7 @@ class Worker:
     gauges: dict[str, Any] = field(default_factory=dict)
     lora: Any = None
     """The ``peft.LoraModel`` wrapping ``model`` when ``model.lora.r > 0`` (checkpoints save it merged), else None."""
+    progress: StepProgress = field(default_factory=StepProgress)
 
     def epochs(self) -> range:
         return range(self.first_epoch, self.cfg.train.epochs)
@@ -264,6 +285,7 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
                             "feature_cache_build_s": loop_config.get("feature_cache_build_s", 0.0), "num_blocks": len(blocks),
                             "resumed_from_epoch": worker.first_epoch, "world_size": session.world_size}
     worker.gauges = _gauges(cfg)
+    worker.progress = StepProgress(loop_config.get("progress"), session.rank)
     _announce(worker)
     return worker
 
@@ -407,6 +429,7 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, float]:
             _update(worker)
         sums += stats
         examples += len(next(iter(batch.values())))
+        worker.progress(epoch, step + 1, worker.steps_per_epoch)
     seconds = time.perf_counter() - started
     all_reduce(sums)
     if not torch.isfinite(sums).all():  # every worker sees the same sums, so every worker stops here

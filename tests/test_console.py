@@ -5,13 +5,16 @@ in tests/test_quickstart.py."""
 
 from __future__ import annotations
 
+import io
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TRAIN_CSV
+from conftest import TRAIN_CSV, tiny_overrides
 from ptm_ray.config import load_config
 from ptm_ray.console import VERBOSE_ENV, epoch_line, ray_init_options, verbose
 
@@ -28,6 +31,43 @@ def test_epoch_line_shows_train_and_validation_metrics_gap_and_throughput_once()
         "val_macro_f1=0.7000 gap_loss=+0.0977 412.3 samples/s")
     assert epoch_line(METRICS | {"gap_loss": -0.5}, 3, early_stop=True).endswith(
         "gap_loss=-0.5000 412.3 samples/s (early stop)")
+
+
+class _Terminal(io.StringIO):
+    """Text written to a terminal, as tqdm sees one."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_step_bar_draws_on_a_terminal_and_nothing_in_a_log():
+    from ptm_ray.progress import StepBar
+
+    terminal, log = _Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        bar = StepBar(2, stream)
+        for epoch, done in ((1, 3), (1, 10), (2, 4)):
+            bar.update(epoch, done, 10)
+        bar.close()
+        assert bar.bar is None
+    assert log.getvalue() == ""
+    drawn = terminal.getvalue()
+    assert re.search(r"\[ptm_ray\] epoch 1/2: +30%.* 3/10", drawn) and re.search(r"epoch 1/2: 100%.* 10/10", drawn)
+    assert re.search(r"\[ptm_ray\] epoch 2/2: +40%.* 4/10", drawn), drawn
+
+
+def test_a_fit_on_a_terminal_shows_rank_0s_steps_through_each_epoch(ray_cluster, tiny_text, tmp_path, monkeypatch):
+    from ptm_ray.train import fit, plan_run
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "bar", train__epochs=2, scaling__num_workers=1))
+    fit(cfg)
+    steps = math.ceil(plan_run(cfg).data.num_train_rows / cfg.train.batch_size)
+    drawn = terminal.getvalue()
+    # the workers' steps reached the driver's bar, each epoch to its last step
+    for epoch in (1, 2):
+        assert re.search(rf"\[ptm_ray\] epoch {epoch}/2: 100%.* {steps}/{steps}", drawn), re.findall(r"\[ptm_ray\] epoch [^\r\n]*", drawn)
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("YES", True), ("0", False), ("", False),
