@@ -45,9 +45,12 @@ def test_two_workers_learn_and_write_self_describing_checkpoints(ray_cluster, ti
     held_out = task_for("classification").inspect(cfg, "text").num_val_rows
     assert [h["validation_rows"] for h in result.history] == [held_out] * 8
 
-    # best k by the metric are kept, plus nothing else
-    kept = [p for p in Path(result.run_path).glob("checkpoint_*") if p.is_dir()]
-    assert 1 <= len(kept) <= 3  # best 2 by val_accuracy, and the latest (kept for resuming)
+    # the best 2 by val_accuracy are kept, and the latest (for resuming), nothing else (bugs guarded: every
+    # checkpoint kept, the last ones kept instead of the best, the latest dropped)
+    kept = {read_meta(p)["metrics"]["epoch"] for p in Path(result.run_path).glob("checkpoint_*") if p.is_dir()}
+    dropped = set(range(1, 9)) - kept
+    assert 8 in kept and len(kept - {8}) in (1, 2) and len(kept) <= 3, kept
+    assert all(accuracies[k - 1] >= accuracies[d - 1] for k in kept - {8} for d in dropped), (kept, accuracies)
 
     # the checkpoint alone is enough to predict: weights, config, labels and tokenizer beside each other
     best = Path(result.best_checkpoint)
