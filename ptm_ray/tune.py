@@ -26,7 +26,7 @@ from ptm_ray.data import materialize_decision
 from ptm_ray.model_store import ModelStore, ModelVersion
 from ptm_ray.train import PreparedData, fit, fit_in_trial, leave_cpus_for_data, plan_run, prepare_data, storage_path
 
-__all__ = ["LeaderboardRow", "SearchResult", "build_param_space", "leaderboard", "promote", "run_search", "validate_search"]
+__all__ = ["LeaderboardRow", "SearchResult", "best_epoch", "build_param_space", "leaderboard", "promote", "run_search", "validate_search"]
 
 _DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys whose value changes what the datasets hold: a search over one of them reads the data in every trial.
@@ -296,6 +296,13 @@ def _stop_reason(result, history: list[dict], epochs: int) -> str:
     return "completed" if len(history) >= epochs else "stopped_by_asha"
 
 
+def best_epoch(history: list[dict[str, Any]], metric: str, sign: int) -> dict[str, Any]:
+    """The epoch with the best ``metric`` (``sign`` 1: highest), the latest of equal ones: Ray keeps the latest
+    checkpoint among equal scores and deletes earlier ones beyond ``keep_checkpoints``, so the first of equal
+    epochs may have no checkpoint left. ``{}`` for an empty history."""
+    return max(history, key=lambda h: (sign * h[metric], h.get("epoch", 0))) if history else {}
+
+
 def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
     """Rank the trials of a ``ResultGrid`` by each trial's best ``train.metric`` (not its last)."""
     metric, sign = cfg.train.metric, (1 if cfg.train.mode == "max" else -1)
@@ -304,7 +311,7 @@ def leaderboard(grid, cfg: Config) -> list[LeaderboardRow]:
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None and metric in frame else []
         scored = [h for h in history if h.get(metric) is not None and not math.isnan(h[metric])]
-        best = max(scored, key=lambda h: sign * h[metric]) if scored else {}
+        best = best_epoch(scored, metric, sign)
         overrides = dict(result.config or {})
         trial_cfg = with_overrides(cfg, overrides)
         rows.append(LeaderboardRow(

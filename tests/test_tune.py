@@ -19,7 +19,7 @@ from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
 from ptm_ray.model_store import ModelStore
-from ptm_ray.tune import LeaderboardRow, apply_budget, format_leaderboard, run_search, validate_search
+from ptm_ray.tune import LeaderboardRow, apply_budget, best_epoch, format_leaderboard, run_search, validate_search
 
 from conftest import TRAIN_CSV, check_classification_predictions, tiny_overrides
 
@@ -51,6 +51,16 @@ def test_bad_search_space_is_refused_before_any_trial(tiny_text, tmp_path, space
     with pytest.raises(ValueError) as e:
         validate_search(cfg)
     assert message in str(e.value)
+
+
+def test_a_trials_best_epoch_is_the_latest_of_equal_scores():
+    # Ray keeps the latest checkpoint of equal scores and deletes earlier ones: a trial that never left 0.125
+    # was ranked by its epoch 1, whose checkpoint was gone, and the search died loading it (bench_search)
+    flat = [{"epoch": e, "val_accuracy": 0.125} for e in (1, 2, 3)]
+    assert best_epoch(flat, "val_accuracy", 1)["epoch"] == 3
+    rising = [{"epoch": 1, "val_loss": 0.9}, {"epoch": 2, "val_loss": 0.5}, {"epoch": 3, "val_loss": 0.7}]
+    assert best_epoch(rising, "val_loss", -1)["epoch"] == 2 and best_epoch(rising, "val_loss", 1)["epoch"] == 1
+    assert best_epoch([], "val_loss", -1) == {}
 
 
 @pytest.mark.parametrize("algorithm, space, message", [
