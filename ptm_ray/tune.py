@@ -26,7 +26,8 @@ from ptm_ray.data import materialize_decision
 from ptm_ray.model_store import ModelStore, ModelVersion
 from ptm_ray.train import PreparedData, fit, fit_in_trial, leave_cpus_for_data, plan_run, prepare_data, storage_path
 
-__all__ = ["LeaderboardRow", "SearchResult", "best_epoch", "build_param_space", "leaderboard", "promote", "run_search", "validate_search"]
+__all__ = ["LeaderboardRow", "SearchResult", "best_epoch", "build_param_space", "leaderboard", "promote", "run_search",
+           "validate_search"]
 
 _DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys whose value changes what the datasets hold: a search over one of them reads the data in every trial.
