@@ -61,6 +61,8 @@ def evaluate(artifact: Artifact, data: str, data_overrides: dict[str, Any] | Non
         ValueError: naming ``key`` and the file, with the row and column where there is one; a label the
             checkpoint does not know.
     """
+    import torch
+
     from ptm_ray.runtime import init_ray
     from ptm_ray.worker import scores_of_raw_inputs
 
@@ -80,6 +82,7 @@ def evaluate(artifact: Artifact, data: str, data_overrides: dict[str, Any] | Non
     device = next(artifact.model.parameters()).device
     ctx = WorkerContext(artifact.family, artifact.preprocessor, artifact.labels, cfg, device,
                         scores_of_raw_inputs(artifact.family, artifact.preprocessor, device))
-    metrics = task.evaluate(ctx, artifact.model.eval(), batches, contextlib.nullcontext)
+    with torch.no_grad():
+        metrics = task.evaluate(ctx, artifact.model.eval(), batches, contextlib.nullcontext)
     return Evaluation({k.removeprefix("val_"): v for k, v in metrics.items()}, summary.num_val_rows,
                       artifact.labels, task.details())

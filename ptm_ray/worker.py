@@ -484,7 +484,8 @@ def validate(worker: Worker) -> dict[str, float]:
             rows[0] += len(next(iter(batch.values())))
             yield batch
 
-    val = worker.task.evaluate(worker.context, net, counted(worker.batches("validation")), worker.autocast)
+    with torch.no_grad():
+        val = worker.task.evaluate(worker.context, net, counted(worker.batches("validation")), worker.autocast)
     val["validation_rows"] = int(all_reduce(torch.tensor(rows[0], device=worker.session.device)).item())
     metric = worker.cfg.train.metric
     if metric not in val:

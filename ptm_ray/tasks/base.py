@@ -113,7 +113,7 @@ class Task(ABC):
     def evaluate(self, ctx: WorkerContext, model: torch.nn.Module, batches: Iterable[dict[str, Any]],
                  autocast: Callable[[], Any]) -> dict[str, float]:
         """Validation metrics (``val_loss`` and the task's own) over this worker's batches, combined across
-        workers so that every worker returns the same numbers."""
+        workers so that every worker returns the same numbers. Callers run it under ``torch.no_grad()``."""
 
     def state(self) -> dict[str, Any]:
         """What the latest ``evaluate`` learned that prediction needs (saved with the checkpoint)."""

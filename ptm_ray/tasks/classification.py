@@ -94,7 +94,6 @@ class ClassificationTask(Task):
         loss_sum, examples, correct = stats.tolist()
         return {"train_loss": loss_sum / max(examples, 1), "train_accuracy": correct / max(examples, 1)}
 
-    @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
         n = len(ctx.labels)
         confusion = torch.zeros(n, n, dtype=torch.long, device=ctx.device)

@@ -143,7 +143,6 @@ class DetectionTask(Task):
         loss = ctx.family.loss(net, _to(inputs, ctx.device))
         return loss, loss_stats(loss, len(targets), ctx.device)
 
-    @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
         from ptm_ray.detection_metrics import MeanAP
 

@@ -130,7 +130,6 @@ class Text2TextTask(_LanguageModelTask):
         loss = net(**inputs, labels=labels).loss.float()  # mean over the target tokens
         return loss, int((labels != -100).sum())
 
-    @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
         from ptm_ray.seq_metrics import chrf_from_stats, chrf_stats, exact_match
 
@@ -192,7 +191,6 @@ class TextGenerationTask(_LanguageModelTask):
         loss = net(**inputs, labels=labels).loss.float()  # mean over the predicted (shifted) tokens
         return loss, int((labels[:, 1:] != -100).sum())
 
-    @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         for batch in batches:

@@ -181,7 +181,6 @@ class MultiLabelTask(Task):
         loss = F.binary_cross_entropy_with_logits(logits, self._targets(ctx, batch))
         return loss, loss_stats(loss, len(logits), ctx.device)
 
-    @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
         n = len(ctx.labels)
         positive = torch.zeros(n, BINS, dtype=torch.long, device=ctx.device)  # score histograms per label

@@ -95,7 +95,6 @@ class SpeechRecognitionTask(Task):
         loss, _, _ = self._loss_and_log_probs(ctx, net, batch, train=True)
         return loss, loss_stats(loss, len(batch["target"]), ctx.device)
 
-    @torch.no_grad()
     def evaluate(self, ctx, model, batches, autocast):
         errors = ErrorRate()
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
