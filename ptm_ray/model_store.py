@@ -4,19 +4,26 @@ artifacts. Not to be confused with ``ptm_ray.models.registry``, which maps model
 Layout (local folder by default, any URI pyarrow understands on a cluster)::
 
     <registry>/<name>/v1/            a full self-describing checkpoint (model/, preprocessor/, config.yaml, ...)
-    <registry>/<name>/v1/lineage.json  experiment, trial, source checkpoint, overrides, metrics, time
+    <registry>/<name>/v1/lineage.json  experiment, trial, source checkpoint, overrides, metrics, time, and the
+                                       manifest: every file's size and sha256
 
 Versions are numbered from 1 and never overwritten: a new promotion always takes the next free number.
 ``lineage.json`` is written last and commits the version: a folder without it (a copy cut short, or one still
-being written) is never listed, served or returned as latest, and its number is not reused. On a local
-folder the number is claimed atomically (``mkdir``); object stores have no atomic create, so two promotions
-to one name on a URI at the same moment could pick the same number: promote from one process (a search's
-driver does).
+being written) is never listed, served or returned as latest, and its number is not reused. ``verify`` checks a
+version's files against its manifest (Serve does before deploying one), so a version damaged after its
+promotion is refused instead of loaded.
+
+Each promotion claims its number with an exclusive create, so concurrent promotions to one name get distinct
+versions: ``mkdir`` on a local folder, a conditional write (``If-None-Match: *``, through boto3 and the standard
+AWS variables) on ``s3://``. Other object stores have no exclusive create that pyarrow exposes: on those,
+promote from one process (a search's driver does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -79,23 +86,65 @@ class ModelStore:
         for existing in self.versions(name):
             if existing.lineage.get("source_checkpoint") == checkpoint:
                 return existing
+        files = _manifest(source_fs, source)
         while True:  # claim the next free version; a folder that exists already is never written into
             version = (self._versions(name, committed=False) or [0])[-1] + 1
             target = f"{self._base}/{name}/v{version}"
-            if "://" in self.root:  # no atomic create on object stores (see the module's docstring)
-                self._fs.create_dir(target, recursive=True)
+            if self._claim(target):
                 break
-            try:
-                Path(target).mkdir(parents=True, exist_ok=False)
-                break
-            except FileExistsError:
-                continue
         pyarrow.fs.copy_files(source, target, source_filesystem=source_fs, destination_filesystem=self._fs)
         record = {**lineage, "name": name, "version": version, "source_checkpoint": checkpoint,
-                  "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with self._fs.open_output_stream(f"{target}/lineage.json") as f:
-            f.write(json.dumps(record, indent=2, default=str).encode())
+                  "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+        self._commit(target, json.dumps(record, indent=2, default=str).encode())
         return ModelVersion(name, version, self._uri(target), record)
+
+    def _claim(self, target: str) -> bool:
+        """Create ``target`` (a version's folder) if nobody has: False when another promotion holds it."""
+        if "://" not in self.root:
+            try:
+                Path(target).mkdir(parents=True, exist_ok=False)
+                return True
+            except FileExistsError:
+                return False
+        if self.root.startswith("s3://"):
+            return _create_if_absent_s3(f"{target}/.claim")
+        self._fs.create_dir(target, recursive=True)  # no exclusive create here (see the module's docstring)
+        return True
+
+    def _commit(self, target: str, lineage: bytes) -> None:
+        """Write ``lineage.json``, which makes the version visible, in one step: readers never see half of it."""
+        if "://" in self.root:  # an object is written whole or not at all
+            with self._fs.open_output_stream(f"{target}/lineage.json") as f:
+                f.write(lineage)
+            return
+        partial = Path(target) / ".lineage.json.partial"
+        partial.write_bytes(lineage)
+        os.replace(partial, Path(target) / "lineage.json")
+
+    def verify(self, found: ModelVersion) -> None:
+        """Check a version's files against the manifest written when it was promoted.
+
+        Raises:
+            ValueError: naming the version and each file that is missing, has another size or another sha256.
+        """
+        import pyarrow.fs
+
+        files = found.lineage.get("files")
+        if files is None:  # promoted before versions had a manifest: nothing to check against
+            return
+        folder = f"{self._base}/{found.name}/v{found.version}"
+        problems = []
+        for (relative, expected), info in zip(files.items(), self._fs.get_file_info([f"{folder}/{f}" for f in files])):
+            if info.type != pyarrow.fs.FileType.File:
+                problems.append(f"{relative} is missing")
+            elif info.size != expected["size"]:
+                problems.append(f"{relative} has {info.size} bytes, the manifest says {expected['size']}")
+            elif _sha256(self._fs, info.path) != expected["sha256"]:
+                problems.append(f"{relative} does not match its sha256 in the manifest")
+        if problems:
+            raise ValueError(f"model {found.name!r} version {found.version} in the registry {self.root} is incomplete "
+                             f"or corrupt: {'; '.join(problems)}. Promote the checkpoint again (a new version) or "
+                             "deploy another version")
 
     def _uri(self, inner: str) -> str:
         return self.root + inner[len(self._base):] if "://" in self.root else inner
@@ -123,3 +172,36 @@ class ModelStore:
     def versions(self, name: str) -> list[ModelVersion]:
         """Every version of ``name``, oldest first."""
         return [self.get(name, v) for v in self._versions(name)]
+
+
+def _sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(fs: Any, root: str) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` of every file under ``root``, sorted by path."""
+    import pyarrow.fs
+
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    files = {info.path[len(root):].lstrip("/"): info for info in found if info.type == pyarrow.fs.FileType.File}
+    return {relative: {"size": info.size, "sha256": _sha256(fs, info.path)} for relative, info in sorted(files.items())}
+
+
+def _create_if_absent_s3(path: str) -> bool:
+    """Write the empty object ``bucket/key`` unless it exists (S3's conditional write): False when it did."""
+    import boto3
+
+    bucket, _, key = path.partition("/")
+    client = boto3.client("s3")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        return True
+    except client.exceptions.ClientError as e:
+        # 412: the object exists; 409: another conditional write to it is in flight (try the next number)
+        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise

@@ -723,6 +723,7 @@ def app_args(cfg: Config) -> dict[str, Any]:
             if not isinstance(v, dict) or set(v) - {"version", "weight"} or v.get("weight", 100) < 0:
                 raise ValueError(f"serve.models[{i}].versions[{j}] must be {{version: N, weight: W >= 0}}, got {v!r}")
             found = registry.get(spec["name"], v.get("version", "latest"))
+            registry.verify(found)  # a damaged version is refused here, before anything deployed changes
             versions.append({"version": found.version, "weight": float(v.get("weight", 100)), "path": found.path})
         if sum(v["weight"] for v in versions) <= 0:
             raise ValueError(f"serve.models[{i}]: the version weights add up to 0")
@@ -740,6 +741,7 @@ def _meta(path: str) -> dict[str, Any]:
     meta = json.loads(read_bytes(f"{path}/ptm_ray.json"))
     try:
         lineage = json.loads(read_bytes(f"{path}/lineage.json"))
+        lineage.pop("files", None)  # the manifest of file hashes is for the registry's checks, not for clients
     except (OSError, FileNotFoundError):
         lineage = {}
     return {"task": meta["task"], "labels": meta["labels"], "family": meta["family"], "metrics": meta["metrics"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,53 @@ def test_a_version_without_lineage_is_not_listed_and_its_number_not_reused(tmp_p
     third = store.promote(_checkpoint(tmp_path, "b"), "intents", {})
     assert third.version == 3 and store.get("intents").version == 3  # v2's folder is never written into
     assert not (half / "lineage.json").exists()
+
+
+def test_each_version_carries_a_manifest_that_finds_damage(tmp_path):
+    store = ModelStore(str(tmp_path / "registry"))
+    source = _checkpoint(tmp_path, "a")
+    found = store.promote(source, "intents", {})
+    files = found.lineage["files"]
+    assert files == {name: {"size": (Path(source) / name).stat().st_size,
+                            "sha256": hashlib.sha256((Path(source) / name).read_bytes()).hexdigest()}
+                     for name in ("ptm_ray.json", "weights.bin")}
+    assert store.get("intents").lineage["files"] == files  # what readers check against
+    store.verify(store.get("intents"))  # intact: no error
+    weights = Path(found.path) / "weights.bin"
+    weights.write_bytes(b"A")  # same size, other bytes: a flipped bit
+    (Path(found.path) / "ptm_ray.json").unlink()
+    with pytest.raises(ValueError) as e:
+        store.verify(store.get("intents"))
+    assert str(e.value).startswith(f"model 'intents' version 1 in the registry {store.root} is incomplete or corrupt: "
+                                   "ptm_ray.json is missing; weights.bin does not match its sha256 in the manifest.")
+    weights.write_bytes(b"abc")
+    with pytest.raises(ValueError, match="weights.bin has 3 bytes, the manifest says 1"):
+        store.verify(store.get("intents"))
+    assert not list(Path(found.path).glob(".*partial"))  # lineage.json was written under another name, then renamed
+
+
+def _promote_in_parallel(store: ModelStore, sources: list[str]) -> list[int]:
+    with ThreadPoolExecutor(len(sources)) as pool:
+        return list(pool.map(lambda source: store.promote(source, "intents", {}).version, sources))
+
+
+def test_parallel_promotions_get_distinct_versions_on_a_local_folder(tmp_path):
+    store = ModelStore(str(tmp_path / "registry"))
+    sources = [_checkpoint(tmp_path, f"c{i}") for i in range(8)]
+    versions = _promote_in_parallel(store, sources)
+    assert sorted(versions) == list(range(1, 9))
+    for source, version in zip(sources, versions):  # bug guarded: two copies written into one folder
+        assert (Path(store.get("intents", version).path) / "weights.bin").read_bytes() == Path(source, "weights.bin").read_bytes()
+
+
+def test_parallel_promotions_get_distinct_versions_on_s3(tmp_path, s3_server, monkeypatch):
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    store = ModelStore("s3://ptm-ray/registry-parallel")
+    sources = [_checkpoint(tmp_path, f"s{i}") for i in range(6)]
+    versions = _promote_in_parallel(store, sources)
+    assert sorted(versions) == list(range(1, 7))  # without the conditional write two of them took one number
+    for source, version in zip(sources, versions):
+        found = store.get("intents", version)
+        store.verify(found)
+        assert found.lineage["source_checkpoint"] == source

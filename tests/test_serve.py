@@ -109,6 +109,8 @@ def test_listing_health_and_openapi(api):
     assert models["digits"]["versions"][0]["modality"] == "image"
     detail = requests.get(f"{url}/v1/models/intents", timeout=10).json()
     assert detail["versions"][1]["metrics"]["val_accuracy"] == pytest.approx(0.52)
+    assert detail["versions"][1]["lineage"]["note"] == "seed 2"
+    assert "files" not in detail["versions"][1]["lineage"]  # the registry's manifest of hashes stays internal
     paths = requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
     assert "/v1/models/{name}/predict" in paths and "/v1/models/{name}/versions/{version}/predict" in paths
     text = Path(config_path).read_text()
@@ -244,6 +246,23 @@ def test_readiness_names_every_model_and_a_second_bind_is_refused(api, registry)
                                          rf"serve.host/serve.port ask for 127.0.0.1:{elsewhere.serve.port}"):
         deploy(elsewhere)
     assert requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["hi"]}, timeout=30).status_code == 200
+
+
+def test_a_damaged_version_is_refused_and_the_deployed_ones_keep_serving(api, tiny_text, tmp_path):
+    url, _, cfg = api
+    damaged = ModelStore(str(tmp_path / "registry"))
+    text = [f"model.name=hf:{tiny_text['bert']}", "model.max_length=16"]
+    found = damaged.promote(_artifact(tmp_path, "intents", text, INTENTS, 3), "intents", {})
+    weights = next(Path(found.path, "model").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights: the file still loads, with a wrong number in it
+    weights.write_bytes(bytes(data))
+    ready = requests.get(f"{url}/readyz", timeout=30).json()
+    with pytest.raises(ValueError, match=rf"model 'intents' version 1 in the registry {re.escape(damaged.root)} is "
+                                         rf"incomplete or corrupt: model/{weights.name} does not match its sha256"):
+        deploy(load_config(None, _serve_overrides(damaged, cfg.serve.port, "[{name: intents}]")))
+    assert requests.get(f"{url}/readyz", timeout=30).json() == ready  # nothing deployed changed
+    assert requests.post(f"{url}/v1/models/intents/predict", json={"inputs": ["refund"]}, timeout=30).status_code == 200
 
 
 def test_huge_text_is_cut_by_characters_before_tokenizing(api):
