@@ -128,3 +128,15 @@ def test_parallel_promotions_get_distinct_versions_on_s3(tmp_path, s3_server, mo
         found = store.get("intents", version)
         store.verify(found)
         assert found.lineage["source_checkpoint"] == source
+
+
+def test_the_cli_refuses_a_damaged_registry_version_by_name(tmp_path):
+    from ptm_ray.cli_checkpoints import resolve_target
+
+    store = ModelStore(str(tmp_path / "registry"))
+    found = store.promote(_checkpoint(tmp_path, "a"), "intents", {})
+    assert resolve_target("intents", store.root) == (found.path, f"intents v1 ({found.path})")
+    (Path(found.path) / "weights.bin").unlink()
+    with pytest.raises(ValueError, match=r"^model 'intents' version 1 in the registry .* is incomplete or corrupt: "
+                                         r"weights.bin is missing\."):
+        resolve_target("intents:1", store.root)
