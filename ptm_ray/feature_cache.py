@@ -400,6 +400,8 @@ def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, 
     import ray.data
     from numpy.lib.format import open_memmap
 
+    from ptm_ray.progress import CountBar
+
     splits = list(datasets.values())
     total = sum(ds.count() for ds in splits)
     everything = splits[0].union(*splits[1:]) if len(splits) > 1 else splits[0]
@@ -417,14 +419,16 @@ def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, 
     )
     arrays: dict[str, np.memmap] = {}
     row = 0
-    for batch in features.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-        n = len(batch["row_key"])
-        for name, values in batch.items():
-            if name not in arrays:
-                arrays[name] = open_memmap(folder / f"{name}.npy", mode="w+", dtype=values.dtype,
-                                           shape=(total, *values.shape[1:]))
-            arrays[name][row:row + n] = values
-        row += n
+    with CountBar(total, f"[ptm_ray] feature cache: {depth} frozen block(s)", "row") as bar:
+        for batch in features.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            n = len(batch["row_key"])
+            for name, values in batch.items():
+                if name not in arrays:
+                    arrays[name] = open_memmap(folder / f"{name}.npy", mode="w+", dtype=values.dtype,
+                                               shape=(total, *values.shape[1:]))
+                arrays[name][row:row + n] = values
+            row += n
+            bar.update(n)
     for array in arrays.values():
         array.flush()
     if row != total:

@@ -6,6 +6,7 @@ actor) and drains it on a driver thread while ``trainer.fit()`` blocks, handing 
 epoch, and the checkpoint saved with them, to the driver's listeners: the epoch line and the trackers.
 Rank 0 also puts its steps through each epoch on that queue (``ptm_ray.worker.StepProgress``): on a
 terminal ``StepBar`` draws them as a progress bar that the epoch's line replaces; in a log, nothing.
+``CountBar`` is the same kind of bar for work the driver itself counts (a feature-cache build's rows).
 ``SearchProgress`` is the search's counterpart, a Ray Tune callback on the search's driver.
 """
 
@@ -20,7 +21,7 @@ from ray.train import UserCallback
 from ray.tune import Callback
 from ray.util.queue import Empty, Queue
 
-__all__ = ["EpochListener", "EpochStream", "SearchProgress", "StepBar"]
+__all__ = ["CountBar", "EpochListener", "EpochStream", "SearchProgress", "StepBar"]
 
 EpochListener = Callable[[dict[str, Any], "str | None"], None]
 """Called on the driver with rank 0's metrics of an epoch and the path of its checkpoint (or None)."""
@@ -65,6 +66,31 @@ class StepBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class CountBar:
+    """``with CountBar(total, desc, unit) as bar: bar.update(n)``: a bar of items done, drawn only on a terminal
+    and cleared when done (the line that reports the finished work takes its place)."""
+
+    def __init__(self, total: int, desc: str, unit: str, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.bar: Any = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=self.stream, dynamic_ncols=True,
+                            mininterval=0, miniters=1)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __enter__(self) -> "CountBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class EpochStream:

@@ -56,6 +56,19 @@ def test_the_step_bar_draws_on_a_terminal_and_nothing_in_a_log():
     assert re.search(r"\[ptm_ray\] epoch 2/2: +40%.* 4/10", drawn), drawn
 
 
+def test_the_count_bar_draws_on_a_terminal_and_nothing_in_a_log():
+    from ptm_ray.progress import CountBar
+
+    terminal, log = _Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        with CountBar(70, "[ptm_ray] feature cache", "row", stream) as bar:
+            for n in (32, 32, 6):
+                bar.update(n)
+    assert log.getvalue() == ""
+    assert re.search(r"\[ptm_ray\] feature cache: +46%.* 32/70", terminal.getvalue())
+    assert re.search(r"feature cache: 100%.* 70/70", terminal.getvalue())
+
+
 def test_a_fit_on_a_terminal_shows_rank_0s_steps_through_each_epoch(ray_cluster, tiny_text, tmp_path, monkeypatch):
     from ptm_ray.train import fit, plan_run
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,11 @@ from conftest import TRAIN_CSV, tiny_overrides
 
 # One worker: Ray Data hands it the whole (materialized) training set in a fixed order, so the same seed
 # gives the same batches with and without the cache and any metric difference would be the cache's.
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 ONE_WORKER = {"scaling__num_workers": 1, "scaling__resources_per_worker": "{CPU: 1}", "train__epochs": 2}
 MEDIA = ["data.validation=null", "data.val_fraction=0.2", "optim.scheduler=constant", "optim.warmup_ratio=0.0",
          "scaling.num_workers=1", "scaling.resources_per_worker={CPU: 1}", "train.epochs=2"]
@@ -76,7 +84,7 @@ def test_speech_cached_run_matches_uncached(ray_cluster, speech_dir, tiny_audio,
     _assert_same_metrics(*_pair(make))
 
 
-def test_second_run_with_same_key_reuses_the_cache(ray_cluster, tiny_text, tmp_path):
+def test_second_run_with_same_key_reuses_the_cache(ray_cluster, tiny_text, tmp_path, monkeypatch):
     # Judged from each run's own record (the build seconds it reports, the cache folders on disk), not from the
     # console: a capsys check of the "feature cache built/reused" line failed once in a full random-order run and
     # never alone.
@@ -88,8 +96,15 @@ def test_second_run_with_same_key_reuses_the_cache(ray_cluster, tiny_text, tmp_p
         return result.history[-1]["feature_cache_build_s"]
 
     cache_root = tmp_path / "runs" / "feature_cache"
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # the build's progress bar is drawn on a terminal only
     first = fit(make("first"))
+    monkeypatch.undo()
     assert build_s(first) > 0
+    bar = re.compile(r"\[ptm_ray\] feature cache: 3 frozen block\(s\): +(\d+)%\|.*\| (\d+)/(\d+) ")
+    drawn = [m.groups() for line in re.split(r"[\r\n]", terminal.getvalue()) if (m := bar.search(line))]
+    assert drawn and drawn[-1][0] == "100" and drawn[-1][1] == drawn[-1][2]  # every row, training and validation
+    assert int(drawn[-1][2]) > first.history[-1]["validation_rows"]
     [cache] = [p for p in cache_root.iterdir() if not p.name.startswith(".")]
     meta_mtime = (cache / "meta.json").stat().st_mtime_ns
     second = fit(make("second", optim__lr=1e-2))  # a different learning rate: same prefix, same cache
