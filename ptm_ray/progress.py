@@ -7,7 +7,8 @@ epoch, and the checkpoint saved with them, to the driver's listeners: the epoch 
 Rank 0 also puts its steps through each epoch on that queue (``ptm_ray.worker.StepProgress``): on a
 terminal ``StepBar`` draws them as a progress bar that the epoch's line replaces; in a log, nothing.
 ``CountBar`` is the same kind of bar for work the driver itself counts (a feature-cache build's rows).
-``SearchProgress`` is the search's counterpart, a Ray Tune callback on the search's driver.
+``SearchProgress`` is the search's counterpart, a Ray Tune callback on the search's driver (lines, and on a
+terminal a bar of the trials finished).
 """
 
 from __future__ import annotations
@@ -150,28 +151,57 @@ class EpochStream:
 
 class SearchProgress(Callback):
     """Ray Tune callback on the search's driver: a line per trial epoch and per finished trial, with how many
-    trials are done, running and pending and the best score so far (Tune's own tables only in verbose mode)."""
+    trials are done, running and pending and the best score so far (Tune's own tables only in verbose mode).
+    On a terminal, a bar of the trials finished out of ``total`` stays under those lines."""
 
-    def __init__(self, metric: str, mode: str, epochs: int) -> None:
+    def __init__(self, metric: str, mode: str, epochs: int, total: int | None = None,
+                 stream: TextIO | None = None) -> None:
         self.metric, self.sign, self.epochs = metric, (1 if mode == "max" else -1), epochs
         self.best: tuple[float, str] | None = None
+        self.total, self.stream = total, stream
+        self.bar: Any = None  # made at the first event: Tune may copy or pickle its callbacks before the run
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"bar": None, "stream": None}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         score = result.get(self.metric)
         if isinstance(score, (int, float)) and (self.best is None or self.sign * score > self.sign * self.best[0]):
             self.best = (float(score), trial.trial_id)
         shown = f"{self.metric}={score:.4f}" if isinstance(score, (int, float)) else f"{self.metric}=-"
-        print(f"[ptm_ray] search: trial {trial.trial_id} epoch {result.get('epoch', '?')}/{self.epochs} {shown} | "
-              f"{self._counts(trials)} | {self._best()}", flush=True)
+        self._line(f"[ptm_ray] search: trial {trial.trial_id} epoch {result.get('epoch', '?')}/{self.epochs} {shown} | "
+                   f"{self._counts(trials)} | {self._best()}", trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = (trial.last_result or {}).get("epoch", 0)
         how = "ran every epoch" if epochs >= self.epochs else f"stopped after epoch {epochs}"
-        print(f"[ptm_ray] search: trial {trial.trial_id} finished ({how}) | {self._counts(trials, trial)}", flush=True)
+        self._line(f"[ptm_ray] search: trial {trial.trial_id} finished ({how}) | {self._counts(trials, trial)}",
+                   trials, trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"[ptm_ray] search: trial {trial.trial_id} failed; its error is in {trial.local_path} | "
-              f"{self._counts(trials, trial)}", flush=True)
+        self._line(f"[ptm_ray] search: trial {trial.trial_id} failed; its error is in {trial.local_path} | "
+                   f"{self._counts(trials, trial)}", trials, trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _line(self, line: str, trials: list, ending: Any = None) -> None:
+        """Print ``line``; on a terminal above the bar, which then shows the trials done and the best so far."""
+        stream = self.stream or sys.stderr
+        if self.bar is None and self.total and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="[ptm_ray] search", unit="trial", file=stream, dynamic_ncols=True,
+                            mininterval=0, miniters=1)
+        if self.bar is None:
+            print(line, flush=True)
+            return
+        self.bar.write(line, file=sys.stdout)
+        states = ["TERMINATED" if t is ending else t.status for t in trials]
+        self.bar.update(sum(s in ("TERMINATED", "ERROR") for s in states) - self.bar.n)
+        self.bar.set_postfix_str(f"{states.count('RUNNING')} running | {self._best()}")
 
     def _counts(self, trials: list, ending: Any = None) -> str:
         """Trials done, running, pending; ``ending``, the trial whose end Tune reports, counts as done (Tune

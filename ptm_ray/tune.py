@@ -150,6 +150,12 @@ def build_param_space(space: dict[str, Any]) -> dict[str, Any]:
     return {key: make[kind](values) for key, (kind, values) in ((k, _spec(k, s)) for k, s in space.items())}
 
 
+def num_trials(space: dict[str, Any], num_samples: int) -> int:
+    """How many trials Tune runs: ``num_samples`` of every combination of the grids (as ``tune.grid_search``)."""
+    return num_samples * math.prod(len(values) for kind, values in (_spec(k, s) for k, s in space.items())
+                                   if kind == "grid")
+
+
 def _in_trial(cfg: Config) -> bool:
     """Whether this trial trains inside the Tune trial process (a single worker) rather than a worker group."""
     return cfg.search.in_trial and cfg.scaling.num_workers == 1
@@ -263,7 +269,9 @@ def run_search(cfg: Config) -> SearchResult:
                                         search_alg=_search_algorithm(cfg), scheduler=scheduler,
                                         max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
             run_config=_run_config(cfg, name, root, verbose=None if verbose() else 0,
-                                   callbacks=[SearchProgress(metric, mode, cfg.train.epochs), *tracker.callbacks()]),
+                                   callbacks=[SearchProgress(metric, mode, cfg.train.epochs,
+                                                              num_trials(cfg.search.space, cfg.search.num_samples)),
+                                               *tracker.callbacks()]),
         )
     with quiet_tune():
         grid = tuner.fit()

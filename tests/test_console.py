@@ -69,6 +69,39 @@ def test_the_count_bar_draws_on_a_terminal_and_nothing_in_a_log():
     assert re.search(r"feature cache: 100%.* 70/70", terminal.getvalue())
 
 
+def test_a_search_on_a_terminal_keeps_its_lines_and_a_bar_of_trials_finished(capsys):
+    import pickle
+    from types import SimpleNamespace
+
+    from ptm_ray.progress import SearchProgress
+    from ptm_ray.tune import num_trials
+
+    assert num_trials({"a": {"grid": [1, 2]}, "b": {"grid": [1, 2, 3]}, "c": {"loguniform": [1e-4, 1e-2]}}, 2) == 12
+    assert num_trials({"c": {"loguniform": [1e-4, 1e-2]}}, 5) == 5
+    trials = [SimpleNamespace(trial_id=f"t{i}", status="RUNNING" if i < 2 else "PENDING", last_result={"epoch": 2},
+                              local_path=f"/runs/t{i}") for i in range(4)]
+    lines = {}
+    for name, stream in (("terminal", _Terminal()), ("log", io.StringIO())):
+        progress = SearchProgress("val_accuracy", "max", 2, total=4, stream=stream)
+        progress.on_trial_result(0, trials, trials[0], {"epoch": 1, "val_accuracy": 0.5})
+        progress.on_trial_result(0, trials, trials[1], {"epoch": 1, "val_accuracy": 0.25})
+        progress.on_trial_complete(0, trials, trials[0])
+        pickle.dumps(progress)  # Tune may pickle its callbacks: the bar is not part of that
+        progress.on_experiment_end(trials)
+        lines[name] = capsys.readouterr().out.splitlines()
+        drawn = stream.getvalue()
+        if name == "log":
+            assert drawn == ""
+        else:
+            assert re.search(r"\[ptm_ray\] search: +25%.* 1/4 .*1 running \| best val_accuracy=0.5000 \(t0\)", drawn), drawn
+    assert lines["terminal"] == lines["log"] == [  # the same lines either way
+        "[ptm_ray] search: trial t0 epoch 1/2 val_accuracy=0.5000 | 0 done, 2 running, 2 pending | "
+        "best val_accuracy=0.5000 (t0)",
+        "[ptm_ray] search: trial t1 epoch 1/2 val_accuracy=0.2500 | 0 done, 2 running, 2 pending | "
+        "best val_accuracy=0.5000 (t0)",
+        "[ptm_ray] search: trial t0 finished (ran every epoch) | 1 done, 1 running, 2 pending"]
+
+
 def test_a_fit_on_a_terminal_shows_rank_0s_steps_through_each_epoch(ray_cluster, tiny_text, tmp_path, monkeypatch):
     from ptm_ray.train import fit, plan_run
 
