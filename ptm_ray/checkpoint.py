@@ -162,14 +162,35 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
 
     local = tempfile.mkdtemp(prefix="ptm_ray_ckpt_")
     try:
-        artifact = _load_folder(Path(Checkpoint(str(path)).to_directory(local)), device)
+        artifact = _load_folder(Path(Checkpoint(str(path)).to_directory(local)), device, shown=str(path))
     finally:
         shutil.rmtree(local, ignore_errors=True)
     artifact.path = str(path)
     return artifact
 
 
-def _load_folder(path: Path, device: str | torch.device) -> Artifact:
+def _check_manifest(path: Path, shown: str) -> None:
+    """A registry version (its ``lineage.json`` has a manifest) must hold exactly the bytes it was promoted with.
+
+    Raises:
+        ValueError: naming ``shown`` (the path or URI asked for) and each file that differs.
+    """
+    lineage = path / "lineage.json"
+    files = json.loads(lineage.read_text()).get("files") if lineage.is_file() else None
+    if not files:
+        return
+    import pyarrow.fs
+
+    from ptm_ray.model_store import manifest_problems
+
+    problems = manifest_problems(pyarrow.fs.LocalFileSystem(), str(path.resolve()), files)
+    if problems:
+        raise ValueError(f"{shown} is incomplete or corrupt (its files differ from the manifest written when it was "
+                         f"promoted): {'; '.join(problems)}")
+
+
+def _load_folder(path: Path, device: str | torch.device, shown: str | None = None) -> Artifact:
+    _check_manifest(path, shown or str(path))
     meta = read_meta(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")

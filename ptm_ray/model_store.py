@@ -10,8 +10,9 @@ Layout (local folder by default, any URI pyarrow understands on a cluster)::
 Versions are numbered from 1 and never overwritten: a new promotion always takes the next free number.
 ``lineage.json`` is written last and commits the version: a folder without it (a copy cut short, or one still
 being written) is never listed, served or returned as latest, and its number is not reused. ``verify`` checks a
-version's files against its manifest (Serve does before deploying one), so a version damaged after its
-promotion is refused instead of loaded.
+version's files against its manifest (Serve does before deploying one: sizes and hashes on a folder, sizes on
+object storage), and loading a version checks the hashes of the copy it loads, so a version damaged after its
+promotion is refused instead of served.
 
 Each promotion claims its number with an exclusive create, so concurrent promotions to one name get distinct
 versions: ``mkdir`` on a local folder, a conditional write (``If-None-Match: *``, through boto3 and the standard
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelStore", "ModelVersion"]
+__all__ = ["ModelStore", "ModelVersion", "manifest_problems"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -121,26 +122,18 @@ class ModelStore:
         partial.write_bytes(lineage)
         os.replace(partial, Path(target) / "lineage.json")
 
-    def verify(self, found: ModelVersion) -> None:
-        """Check a version's files against the manifest written when it was promoted.
+    def verify(self, found: ModelVersion, hashes: bool = True) -> None:
+        """Check a version's files against the manifest written when it was promoted: present, of their size,
+        and (``hashes``) of their sha256. Sizes alone cost no download on object storage; the Serve replica that
+        copies a version from there checks the hashes of its copy (``ptm_ray.checkpoint.load_artifact``).
 
         Raises:
             ValueError: naming the version and each file that is missing, has another size or another sha256.
         """
-        import pyarrow.fs
-
         files = found.lineage.get("files")
         if files is None:  # promoted before versions had a manifest: nothing to check against
             return
-        folder = f"{self._base}/{found.name}/v{found.version}"
-        problems = []
-        for (relative, expected), info in zip(files.items(), self._fs.get_file_info([f"{folder}/{f}" for f in files])):
-            if info.type != pyarrow.fs.FileType.File:
-                problems.append(f"{relative} is missing")
-            elif info.size != expected["size"]:
-                problems.append(f"{relative} has {info.size} bytes, the manifest says {expected['size']}")
-            elif _sha256(self._fs, info.path) != expected["sha256"]:
-                problems.append(f"{relative} does not match its sha256 in the manifest")
+        problems = manifest_problems(self._fs, f"{self._base}/{found.name}/v{found.version}", files, hashes)
         if problems:
             raise ValueError(f"model {found.name!r} version {found.version} in the registry {self.root} is incomplete "
                              f"or corrupt: {'; '.join(problems)}. Promote the checkpoint again (a new version) or "
@@ -182,12 +175,30 @@ def _sha256(fs: Any, path: str) -> str:
     return digest.hexdigest()
 
 
+def manifest_problems(fs: Any, folder: str, files: dict[str, dict[str, Any]], hashes: bool = True) -> list[str]:
+    """What differs between the files under ``folder`` and a version's manifest (``lineage.json``'s ``files``):
+    each missing file, other size or (``hashes``) other sha256, as a phrase naming it. Empty when they match."""
+    import pyarrow.fs
+
+    problems = []
+    for (relative, expected), info in zip(files.items(), fs.get_file_info([f"{folder}/{f}" for f in files])):
+        if info.type != pyarrow.fs.FileType.File:
+            problems.append(f"{relative} is missing")
+        elif info.size != expected["size"]:
+            problems.append(f"{relative} has {info.size} bytes, the manifest says {expected['size']}")
+        elif hashes and _sha256(fs, info.path) != expected["sha256"]:
+            problems.append(f"{relative} does not match its sha256 in the manifest")
+    return problems
+
+
 def _manifest(fs: Any, root: str) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size": bytes, "sha256": hex}}`` of every file under ``root``, sorted by path."""
     import pyarrow.fs
 
     found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
     files = {info.path[len(root):].lstrip("/"): info for info in found if info.type == pyarrow.fs.FileType.File}
+    for own in ("lineage.json", ".claim"):  # a registry version's own records (promoting a version again)
+        files.pop(own, None)
     return {relative: {"size": info.size, "sha256": _sha256(fs, info.path)} for relative, info in sorted(files.items())}
 
 

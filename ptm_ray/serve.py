@@ -723,7 +723,9 @@ def app_args(cfg: Config) -> dict[str, Any]:
             if not isinstance(v, dict) or set(v) - {"version", "weight"} or v.get("weight", 100) < 0:
                 raise ValueError(f"serve.models[{i}].versions[{j}] must be {{version: N, weight: W >= 0}}, got {v!r}")
             found = registry.get(spec["name"], v.get("version", "latest"))
-            registry.verify(found)  # a damaged version is refused here, before anything deployed changes
+            # a damaged version is refused here, before anything deployed changes (on object storage by its files'
+            # sizes: each replica checks the hashes of the copy it loads)
+            registry.verify(found, hashes="://" not in registry.root)
             versions.append({"version": found.version, "weight": float(v.get("weight", 100)), "path": found.path})
         if sum(v["weight"] for v in versions) <= 0:
             raise ValueError(f"serve.models[{i}]: the version weights add up to 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,3 +141,37 @@ def test_the_cli_refuses_a_damaged_registry_version_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"^model 'intents' version 1 in the registry .* is incomplete or corrupt: "
                                          r"weights.bin is missing\."):
         resolve_target("intents:1", store.root)
+
+
+def test_loading_a_version_checks_the_hashes_of_what_it_loads(tmp_path, s3_server, monkeypatch):
+    """Serve checks an object-storage version by its files' sizes (no download); the replica that copies it checks
+    the hashes of its copy, so a same-size change is still refused, naming the URI."""
+    from ptm_ray.checkpoint import load_artifact
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    local, remote = ModelStore(str(tmp_path / "registry")), ModelStore("s3://ptm-ray/registry-load")
+    for store in (local, remote):
+        store.promote(_checkpoint(tmp_path, f"x-{len(store.root)}"), "intents", {})
+    with open(Path(local.get("intents").path) / "weights.bin", "r+b") as f:
+        f.write(b"?")  # same size, other bytes
+    import boto3
+
+    key = "registry-load/intents/v1/weights.bin"
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket="ptm-ray", Key=key, Body=b"?" * len(s3.get_object(Bucket="ptm-ray", Key=key)["Body"].read()))
+    for store in (local, remote):
+        found = store.get("intents")
+        store.verify(found, hashes=False)  # the sizes match
+        with pytest.raises(ValueError, match=r"^" + re.escape(found.path) + r" is incomplete or corrupt \(its files "
+                                             r"differ from the manifest written when it was promoted\): weights.bin "
+                                             r"does not match its sha256 in the manifest$"):
+            load_artifact(found.path)
+
+
+def test_a_version_promoted_under_another_name_verifies(tmp_path):
+    store = ModelStore(str(tmp_path / "registry"))
+    first = store.promote(_checkpoint(tmp_path, "a"), "intents", {})
+    again = store.promote(first.path, "intents-copy", {"from": "intents v1"})  # its lineage.json is not copied over
+    assert sorted(again.lineage["files"]) == ["ptm_ray.json", "weights.bin"]
+    store.verify(store.get("intents-copy"))
