@@ -4,7 +4,7 @@ against values computed another way (by hand, scikit-learn, per-example runs), w
 A task sees the model only through its ``WorkerContext``: ``logits(net, inputs, train)`` and the family's
 capability methods (``ptm_ray.models.base``). Here those are small stand-ins that return chosen scores, so
 each expected number is known; the generation tasks run a real tiny T5 and GPT-2. ``bench/mutation.py``
-runs these tests against deliberately broken copies of ``ptm_ray/tasks/*`` (see README, "Benchmarks").
+runs these tests against deliberately broken copies of ``ptm_ray/tasks/*`` (README, "Tests and benchmarks").
 """
 
 from __future__ import annotations
