@@ -10,12 +10,16 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["AUDIO_FAMILIES", "TEXT_FAMILIES", "TINY_DEEPSPEECH", "make_lora_variant", "make_tiny_audio_model",
-           "make_tiny_deepspeech", "make_tiny_text_model"]
+__all__ = ["AUDIO_FAMILIES", "DETECTOR_TYPES", "TEXT_FAMILIES", "TINY_DEEPSPEECH", "make_lora_variant",
+           "make_tiny_audio_model", "make_tiny_deepspeech", "make_tiny_detector", "make_tiny_text_model",
+           "tiny_detector_config"]
 
 TEXT_FAMILIES = ("bert", "roberta", "gpt2", "t5")
 AUDIO_FAMILIES = ("wav2vec2", "hubert")
 TINY_DEEPSPEECH = {"n_mels": 20, "n_hidden": 32}
+DETECTOR_TYPES = ("detr", "conditional_detr", "deformable_detr", "dab-detr", "table-transformer", "rt_detr",
+                  "rt_detr_v2", "yolos")
+"""Hugging Face detector types ``tiny_detector_config`` shrinks (the ones ``tests/test_model_coverage.py`` covers)."""
 
 
 def _words(texts: list[str]) -> list[str]:
@@ -119,6 +123,59 @@ def make_tiny_deepspeech(path: str | Path, num_labels: int = 10, seed: int = 0) 
     with _seeded(seed):
         model = DeepSpeechClassifier(num_labels, **TINY_DEEPSPEECH)
     save_file(model.state_dict(), path)
+    return path
+
+
+def tiny_detector_config(model_type: str, image_size: int = 64):
+    """The config class of a Hugging Face detector type with tiny sizes: a 2+2-layer transformer of width 32 with
+    10 queries on a 4-stage ResNet backbone of 16-40 channels (Hugging Face's, so nothing is fetched: released DETR
+    configs name a timm ResNet-50 with ImageNet weights)."""
+    from transformers import CONFIG_MAPPING, ResNetConfig
+
+    cls = CONFIG_MAPPING[model_type]
+    values = cls().to_dict()
+    for key in ("transformers_version", "architectures", "_name_or_path", "model_type"):
+        values.pop(key, None)
+    sizes = {"d_model": 32, "hidden_size": 32, "encoder_hidden_dim": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+             "encoder_layers": 2, "decoder_layers": 2, "num_hidden_layers": 2, "encoder_attention_heads": 2,
+             "decoder_attention_heads": 2, "num_attention_heads": 2, "intermediate_size": 64, "num_queries": 10,
+             "dim_feedforward": 64, "num_denoising": 10}
+    values.update({k: v for k, v in sizes.items() if k in values})
+    if values.get("backbone_config") is not None:
+        out = list(values["backbone_config"].get("out_indices") or [1, 2, 3, 4])
+        backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 24, 32, 40], depths=[1, 1, 1, 1],
+                                layer_type="basic", out_indices=out)
+        values.update(backbone_config=backbone.to_dict(), use_timm_backbone=False)
+        if "encoder_in_channels" in values:  # RT-DETR's neck takes the last stages' channels
+            channels = [backbone.hidden_sizes[i - 1] for i in out]
+            values["encoder_in_channels"] = channels[-len(values["encoder_in_channels"]):]
+        if "decoder_in_channels" in values:
+            values["decoder_in_channels"] = [32] * len(values["decoder_in_channels"])
+    if "image_size" in values:  # YOLOS: position embeddings for this many patches
+        values.update(image_size=[image_size, image_size], patch_size=16)
+    return cls.from_dict(values)
+
+
+def make_tiny_detector(model_type: str, path: str | Path, labels: list[str], image_size: int = 64,
+                       seed: int = 0) -> Path:
+    """Write a tiny randomly initialised Hugging Face detector (``AutoModelForObjectDetection``) for ``labels``
+    and its type's image processor to ``path``, as a hub snapshot has them."""
+    from transformers import AutoModelForObjectDetection
+    from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    config = tiny_detector_config(model_type, image_size)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    with _seeded(seed):
+        model = AutoModelForObjectDetection.from_config(config)
+    path = Path(path)
+    model.save_pretrained(path)
+    # DAB-DETR's and RT-DETR v2's hub checkpoints name DETR's and RT-DETR's processors (transformers maps none)
+    names = IMAGE_PROCESSOR_MAPPING_NAMES[{"dab-detr": "detr", "rt_detr_v2": "rt_detr"}.get(model_type, model_type)]
+    processor = get_image_processor_class_from_name(names["torchvision"])
+    processor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
 

@@ -14,7 +14,7 @@ from ptm_ray.config import ModelConfig
 from ptm_ray.freeze import Block, block_of_parameters, freeze
 from ptm_ray.models import family_for, resolve_model
 from ptm_ray.models.hf_types import UNCOVERED, family_of_type, head_unsupported
-from ptm_ray.models.layout import LayoutError, discover_blocks
+from ptm_ray.models.layout import LayoutError, discover_blocks, discover_detector_blocks
 
 TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
@@ -157,6 +157,53 @@ def test_vision_models_patch_embeddings_then_layers_or_stages():
         Block("encoder.stages.1", ("convnext.encoder.stages.1", "convnext.layernorm"))]
 
 
+def _detector(model_type: str, **changes) -> nn.Module:
+    from ptm_ray.tiny import tiny_detector_config
+
+    config = tiny_detector_config(model_type)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.num_labels = 3
+    return transformers.AutoModelForObjectDetection.from_config(config)
+
+
+def test_detr_stem_backbone_stages_then_encoder_and_decoder_layers_with_the_predictors_as_head():
+    model = _detector("detr")
+    blocks = discover_detector_blocks(model)
+    assert [b.name for b in blocks] == ["stem"] + [f"backbone.model.encoder.stages.{i}" for i in range(4)] + [
+        "encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]
+    owner = block_of_parameters(model, blocks)
+    assert {n.split(".")[0] for n, i in owner.items() if i < 0} == {"class_labels_classifier", "bbox_predictor"}
+    # the input projection and the object queries run before the first encoder layer; the decoder's norm after
+    # its last layer
+    assert owner["model.input_projection.weight"] == owner["model.query_position_embeddings.weight"] == 5
+    assert owner["model.decoder.layernorm.weight"] == len(blocks) - 1
+    assert all(owner[n] == 0 for n in owner if n.startswith("model.backbone.model.embedder."))
+
+
+def test_rt_detr_class_heads_inside_its_decoder_are_the_head_and_its_neck_rides_with_the_first_decoder_layer():
+    model = _detector("rt_detr")
+    blocks = discover_detector_blocks(model)
+    names = [b.name for b in blocks]
+    assert names[5:] == ["encoder.aifi.0.layers.0", "encoder.aifi.0.layers.1", "decoder.layers.0", "decoder.layers.1"]
+    owner = block_of_parameters(model, blocks)
+    head = {n for n, i in owner.items() if i < 0}
+    # every tensor whose shape follows the labels is in the head, so a checkpoint's head of another size is replaced
+    assert {"model.decoder.class_embed.0.weight", "model.enc_score_head.weight", "model.denoising_class_embed.weight"} <= head
+    assert owner["model.encoder.fpn_blocks.0.conv1.conv.weight"] == names.index("decoder.layers.0")
+
+
+def test_a_timm_backbone_is_split_at_its_stages_and_yolos_is_an_encoder():
+    # released DETR checkpoints use timm's ResNet-50 (features_only): conv1/bn1 are the stem, layer1..4 the stages
+    timm_resnet = transformers.TimmBackboneConfig(backbone="resnet18", out_indices=[1, 2, 3, 4],
+                                                  use_pretrained_backbone=False)
+    model = _detector("detr", backbone_config=timm_resnet)
+    names = [b.name for b in discover_detector_blocks(model)]
+    assert names[:5] == ["stem"] + [f"backbone.model.layer{i}" for i in range(1, 5)], names
+    assert [b.name for b in discover_detector_blocks(_detector("yolos"))] == ["embeddings", "encoder.layer.0",
+                                                                             "encoder.layer.1"]
+
+
 def test_a_model_without_a_layer_stack_is_refused_naming_it():
     with pytest.raises(LayoutError, match="Sequential holds no nn.ModuleList of layers"):
         discover_blocks(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
@@ -165,7 +212,8 @@ def test_a_model_without_a_layer_stack_is_refused_naming_it():
 @pytest.mark.parametrize("model_type, family", [
     ("bert", "hf-text"), ("distilbert", "hf-text"), ("llama", "hf-text"), ("bart", "hf-text"), ("marian", "hf-text"),
     ("wavlm", "hf-audio"), ("data2vec-audio", "hf-audio"), ("whisper", "hf-audio"), ("vit", "hf-vision"),
-    ("swin", "hf-vision"), ("sam", None), ("detr", None),
+    ("swin", "hf-vision"), ("sam", None), ("detr", "hf-detection"), ("rt_detr", "hf-detection"),
+    ("yolos", "hf-detection"),
 ])
 def test_model_types_are_routed_by_the_auto_mappings(model_type, family):
     assert family_of_type(model_type) == family

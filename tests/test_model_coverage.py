@@ -5,8 +5,8 @@ counted on the meta device before anything is allocated), the head built through
 the type to, blocks discovered, the lower half frozen, one optimizer step (only unfrozen weights move),
 saved and loaded back through the family, and the same logits predicted. A type that fails must be listed in
 ``ptm_ray.models.hf_types.UNCOVERED`` with the reason, and one listed there must fail: the list is what
-this test finds. By default the ``CORE`` types run (37 pairs, under a minute on 2 quiet cores); with
-``PTM_RAY_COVERAGE=all`` every type of every mapping (430 cases, about 40 min of one core). Each type has
+this test finds. By default the ``CORE`` types run (42 pairs, about a minute on 2 quiet cores); with
+``PTM_RAY_COVERAGE=all`` every type of every mapping (449 cases, about 40 min of one core). Each type has
 ``PTM_RAY_COVERAGE_SECONDS`` (120) to finish. ``python tests/test_model_coverage.py [MAPPING[:first:last] ...]``
 prints the N-of-M table README shows.
 """
@@ -81,10 +81,14 @@ def _shrink(values: dict) -> dict:
     return out
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, task: str = ""):
     """The config class of ``model_type`` with tiny sizes."""
     from transformers import CONFIG_MAPPING
 
+    if task == "MODEL_FOR_OBJECT_DETECTION":  # detectors: a tiny backbone of Hugging Face's own, never timm's
+        from ptm_ray.tiny import tiny_detector_config
+
+        return tiny_detector_config(model_type)
     cls = CONFIG_MAPPING[model_type]
     values = _shrink(cls().to_dict())
     for key in ("transformers_version", "architectures", "_name_or_path", "model_type", "out_features", "out_indices",
@@ -130,6 +134,11 @@ def _unlisted(key: tuple[str, str]):
 def _inputs(family: str, head: str, config, batch: int = 2) -> tuple[dict, torch.Tensor]:
     """Model inputs as the family's preprocessor makes them, and targets for the head."""
     g = torch.Generator().manual_seed(0)
+    if family == "hf-detection":  # boxes as the family's preprocessor makes them: class index, normalised cx, cy, w, h
+        boxes = [torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]]), torch.tensor([[0.5, 0.5, 0.4, 0.4]])]
+        targets = [{"class_labels": torch.tensor([0, 1]), "boxes": boxes[0]},
+                   {"class_labels": torch.tensor([2]), "boxes": boxes[1]}][:batch]
+        return {"pixel_values": torch.randn(batch, 3, 64, 64, generator=g)}, targets
     if family == "hf-vision":
         size = getattr(config, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
@@ -157,7 +166,7 @@ def _loss_and_logits(model, family: str, head: str, inputs: dict, targets: torch
     if head in ("seq2seq", "causal_lm"):
         out = model(**inputs, labels=targets)
         return out.loss, out.logits
-    if head == "ctc":
+    if head in ("ctc", "detector"):
         out = model(**inputs, labels=targets)
         return out.loss, out.logits
     logits = model(**inputs).logits
@@ -172,16 +181,16 @@ def cover(model_type: str, task: str, tmp: Path) -> str | None:
         return f"routed to {routed} (listed by an earlier mapping)"
     try:
         with _deadline(SECONDS_PER_TYPE):
-            return _cover(model_type, family_name, head, tmp)
+            return _cover(model_type, task, family_name, head, tmp)
     except Exception as e:  # noqa: BLE001 - the reason is the result
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
-def _cover(model_type: str, family_name: str, head: str, tmp: Path) -> str | None:
+def _cover(model_type: str, task: str, family_name: str, head: str, tmp: Path) -> str | None:
     import transformers
 
     family = family_for(family_name)
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, task)
     labels = [c for c in "_abcdefgh"][: min(9, getattr(config, "vocab_size", 9) or 9)] if head == "ctc" else LABELS
     try:
         with _unlisted((model_type, head)):  # run a listed type too: the list must not outlive its reason
@@ -198,7 +207,7 @@ def _cover(model_type: str, family_name: str, head: str, tmp: Path) -> str | Non
     model = auto.from_config(config)
     blocks = family.blocks(model)
     owner = block_of_parameters(model, blocks)
-    if head in ("classifier", "ctc") and not any(i == -1 for i in owner.values()):
+    if head in ("classifier", "ctc", "detector") and not any(i == -1 for i in owner.values()):
         return "no head parameters outside the blocks"  # (an LM head tied to the embeddings has none of its own)
     k = max(1, len(blocks) // 2)
     freeze(model, blocks, k)
@@ -239,6 +248,7 @@ CORE = {
     "MODEL_FOR_AUDIO_CLASSIFICATION": ["data2vec-audio", "hubert", "unispeech", "wav2vec2", "wavlm"],
     "MODEL_FOR_CTC": ["data2vec-audio", "hubert", "unispeech-sat", "wav2vec2", "wavlm"],
     "MODEL_FOR_IMAGE_CLASSIFICATION": ["beit", "convnext", "deit", "resnet", "swin", "vit"],
+    "MODEL_FOR_OBJECT_DETECTION": ["conditional_detr", "deformable_detr", "detr", "rt_detr", "yolos"],
 }
 
 

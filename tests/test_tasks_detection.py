@@ -263,3 +263,36 @@ def test_served_boxes_equal_offline(ray_cluster, registry, shapes, frcnn_run):
             assert bad.status_code == 422 and message in bad.json()["error"], (body, bad.text)
     finally:
         serve.shutdown()
+
+
+def test_hf_detector_trains_and_its_checkpoint_detects_alike_in_a_transformers_pipeline(ray_cluster, shapes, tmp_path):
+    """A Hugging Face DETR (tiny config, saved like a hub snapshot with its image processor and a 2-class head) is
+    fine-tuned on the 3 shapes with its lowest block frozen; ``pipeline("object-detection")`` loads the checkpoint's
+    ``model/`` folder and finds the boxes ptm_ray finds."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from ptm_ray.tiny import make_tiny_detector
+
+    source = make_tiny_detector("detr", tmp_path / "detr", ["cat", "dog"], image_size=96)
+    cfg = load_config(None, _overrides(shapes, tmp_path, "detr", model__name=f"hf:{source}", model__freeze_depth=1,
+                                       data__image_size=96, scaling__num_workers=1, train__epochs=3,
+                                       data__validation=str(shapes["val_small"])))
+    result = fit(cfg)
+    history = result.history
+    assert [h["frozen_blocks"] for h in history] == [1, 1, 1]
+    assert history[-1]["train_loss"] < history[0]["train_loss"], [h["train_loss"] for h in history]
+    assert all(0.0 <= h["val_map"] <= 1.0 and h["val_loss"] > 0 for h in history)
+    artifact = load_artifact(result.best_checkpoint)
+    assert artifact.family.name == "hf-detection" and artifact.labels == ["circle", "square", "triangle"]
+    images = sorted((Path(shapes["root"]) / "images" / "val").glob("*.png"))[:2]
+    ours = predict(artifact, [p.read_bytes() for p in images], score_threshold=0.0, max_boxes=5)
+    detector = pipeline("object-detection", model=str(Path(result.best_checkpoint) / "model"))
+    theirs = detector([Image.open(p).convert("RGB") for p in images], threshold=0.0)
+    for want, got in zip(ours, theirs):
+        got = sorted(got, key=lambda d: -d["score"])[:5]
+        assert [d["label"] for d in got] == want["labels"]
+        assert [d["score"] for d in got] == pytest.approx(want["scores"], abs=1e-3)
+        boxes = [[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in got]
+        for box, expected in zip(boxes, want["boxes"]):
+            assert box == pytest.approx(expected, abs=1.0)  # the pipeline rounds to whole pixels

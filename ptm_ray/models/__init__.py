@@ -1,8 +1,9 @@
 """Model families wired into the registry: ``resolve_model(cfg.model)`` returns the family for a name.
 
 Families: ``hf-text`` (sequence classifiers, seq2seq and causal LMs), ``hf-audio`` (speech classifiers and
-CTC models), ``hf-vision`` (image classifiers): an ``hf:`` model goes to one by the transformers auto-mappings
-that list its model type (``ptm_ray.models.hf_types``); ``timm`` (any timm classifier), ``torchvision``
+CTC models), ``hf-vision`` (image classifiers), ``hf-detection`` (DETR, RT-DETR, YOLOS, ... detectors): an
+``hf:`` model goes to one by the transformers auto-mappings that list its model type
+(``ptm_ray.models.hf_types``); ``timm`` (any timm classifier), ``torchvision``
 (torchvision's classifiers), ``torchaudio`` (DeepSpeech), ``torchvision-detection`` (Faster R-CNN) and ``yolo``
 (detectors, imported only when used). Sources: ``hf:``, ``timm:``, ``torchaudio:``, ``torchvision:`` (a
 classifier name goes to ``torchvision``, anything else to the detectors), ``yolo:``. Short
@@ -68,6 +69,12 @@ def _faster_rcnn() -> Family:
     return FasterRCNNFamily()
 
 
+def _hf_detection() -> Family:
+    from ptm_ray.models.hf_detection import HFDetectionFamily
+
+    return HFDetectionFamily()
+
+
 def _yolo() -> Family:
     from ptm_ray.models.detection import YOLOFamily
 
@@ -77,6 +84,7 @@ def _yolo() -> Family:
 register_family("hf-text", HFTextFamily)
 register_family("hf-audio", HFAudioFamily)
 register_family("hf-vision", HFVisionFamily)
+register_family("hf-detection", _hf_detection)
 register_family("timm", TimmFamily)
 register_family("torchaudio", DeepSpeechFamily)
 register_family("torchvision", TorchvisionFamily)

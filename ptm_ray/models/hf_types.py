@@ -2,16 +2,17 @@
 
 A model type (``config.model_type``) goes to the family of the first mapping that lists it:
 
-============================================== ============= =====================================
-transformers mapping                           family        head
-============================================== ============= =====================================
-``MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING``     ``hf-audio``  ``classifier``
-``MODEL_FOR_CTC_MAPPING``                      ``hf-audio``  ``ctc``
-``MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING``  ``hf-text``   ``classifier``
-``MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING``     ``hf-text``   ``seq2seq``
-``MODEL_FOR_CAUSAL_LM_MAPPING``                ``hf-text``   ``causal_lm``
-``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING``     ``hf-vision`` ``classifier``
-============================================== ============= =====================================
+============================================== ================ =============
+transformers mapping                           family           head
+============================================== ================ =============
+``MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING``     ``hf-audio``     ``classifier``
+``MODEL_FOR_CTC_MAPPING``                      ``hf-audio``     ``ctc``
+``MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING``  ``hf-text``      ``classifier``
+``MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING``     ``hf-text``      ``seq2seq``
+``MODEL_FOR_CAUSAL_LM_MAPPING``                ``hf-text``      ``causal_lm``
+``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING``     ``hf-vision``    ``classifier``
+``MODEL_FOR_OBJECT_DETECTION_MAPPING``         ``hf-detection`` ``detector``
+============================================== ================ =============
 
 A family can make a head for a type only where that head's mapping lists it, and only where
 ``tests/test_model_coverage.py`` found it working end to end (``UNCOVERED`` lists the rest with the reason).
@@ -32,6 +33,7 @@ FAMILY_HEADS: dict[str, dict[str, str]] = {
     "hf-text": {"classifier": "MODEL_FOR_SEQUENCE_CLASSIFICATION", "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM",
                 "causal_lm": "MODEL_FOR_CAUSAL_LM"},
     "hf-vision": {"classifier": "MODEL_FOR_IMAGE_CLASSIFICATION"},
+    "hf-detection": {"detector": "MODEL_FOR_OBJECT_DETECTION"},
 }
 
 # (model type, head) -> why ptm_ray does not take it: what tests/test_model_coverage.py found with transformers 5.24
@@ -334,6 +336,24 @@ UNCOVERED: dict[tuple[str, str], str] = {
     ('zaya', 'causal_lm'):
         'failed in the coverage test with a tiny config: StrictDataclassClassValidationError: Class '
         "validation error for validator 'validate_architecture':",
+    # object detectors (MODEL_FOR_OBJECT_DETECTION)
+    ('d_fine', 'detector'):
+        'failed in the coverage test with a tiny config: StrictDataclassClassValidationError: embedded dimension 32 '
+        'must be divisible by decoder_attention_heads 2 (its validator): unchecked',
+    ('deimv2', 'detector'):
+        'failed in the coverage test with a tiny config: StrictDataclassClassValidationError: embedded dimension 32 '
+        'must be divisible by decoder_attention_heads 2 (its validator): unchecked',
+    ('lw_detr', 'detector'): "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone (a ViT whose out_indices [2, 4, 5, 9] need 10 layers): unchecked",
+    ('rf_detr', 'detector'): "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone (a DINOv2 whose out_indices [2, 5, 8, 11] need 12 layers): unchecked",
+    ('pp_doclayout_v2', 'detector'): 'the coverage test could not shrink its config (still 21.0 M parameters): unchecked',
+    ('pp_doclayout_v3', 'detector'):
+        "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone: RuntimeError: Given groups=1, weight of size [64, 128, 3, 3], expected input[2, 16, 16, 16] to "
+        "have 128 channels: unchecked",
+    ('pp_doclayout_v4', 'detector'): "transformers' PPDocLayoutV4ForObjectDetection does not support training",
+    ('pp_ocrv5_mobile_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
+    ('pp_ocrv5_server_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
+    ('pp_ocrv6_medium_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
+    ('pp_ocrv6_small_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
 }
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from ptm_ray.freeze import Block
 
-__all__ = ["LayoutError", "discover_blocks", "find_stacks"]
+__all__ = ["DETECTION_HEADS", "LayoutError", "discover_blocks", "discover_detector_blocks", "find_stacks"]
 
 _FEATURE_ENCODER = "feature_extractor"
 
@@ -206,3 +206,93 @@ def _blocks(base: nn.Module, base_path: str, places: _Places) -> list[Block]:
             extra = (places.before[s] if i == 0 and s > 0 else []) + (places.after[s] if i == n - 1 else [])
             blocks.append(Block(f"{stack}.{i}", (full(f"{stack}.{i}"),) + tuple(full(p) for p in extra)))
     return blocks
+
+
+# --- detectors ------------------------------------------------------------------------------------------------
+
+DETECTION_HEADS = ("class_labels_classifier", "bbox_predictor", "class_embed", "bbox_embed", "enc_score_head",
+                   "enc_bbox_head", "denoising_class_embed")
+"""Module names of Hugging Face detectors' prediction heads (class scores and box regression, per decoder layer in
+Deformable DETR and RT-DETR, and the two-stage proposal heads), wherever the model registers them: RT-DETR keeps
+its class heads inside the decoder, and the class heads' sizes follow the labels."""
+
+
+def discover_detector_blocks(model: nn.Module) -> list[Block]:
+    """The blocks of a Hugging Face object detector (``AutoModelForObjectDetection``), input to output.
+
+    A detector with a convolutional ``backbone`` (DETR, Conditional/Deformable/DAB-DETR, Table Transformer,
+    RT-DETR): ``stem`` (what the backbone runs before its stages), one block per backbone stage, then one
+    block per transformer layer outside the backbone (the modules of a ``ModuleList`` that hold an attention
+    module: the encoder's and the decoder's layers). Everything else in the backbone model (input
+    projections, query embeddings, RT-DETR's multi-scale neck, final norms) rides with the transformer layer
+    registered after it, or the last one; a name containing ``embed`` rides with the first. The prediction
+    heads (``DETECTION_HEADS``) are the head, wherever they are registered. A detector without a ``backbone``
+    (YOLOS, a ViT) is laid out as an encoder (``discover_blocks``).
+
+    Raises:
+        LayoutError: if the backbone has no stages or the model no transformer layer.
+    """
+    base, base_path = _backbone(model)
+    backbone = getattr(base, "backbone", None)
+    if backbone is None:
+        return discover_blocks(model)
+    full = (lambda p: f"{base_path}.{p}") if base_path else (lambda p: p)
+    names = [full(n) for n in _relative(_parameter_names(model), base_path)]
+    head = [n for n in _parameter_names(model) if n not in names or set(n.split(".")) & set(DETECTION_HEADS)]
+    names = [n for n in names if n not in head]
+    units = [full(f"backbone.{p}") for p in _backbone_stages(backbone)] + [full(p) for p in _attention_layers(base)]
+    first_layer = len(units) - len(_attention_layers(base))
+    if first_layer == len(units):
+        raise LayoutError(f"{type(model).__name__} has no transformer layer outside its backbone")
+    under = lambda name, unit: name.startswith(unit + ".")  # noqa: E731
+    start = {u: next(i for i, n in enumerate(names) if under(n, u)) for u in units}
+    riders: dict[str, list[str]] = {u: [] for u in units}
+    stem: list[str] = []
+    for i, name in enumerate(names):
+        if any(under(name, u) for u in units):
+            continue
+        if i < start[units[0]]:
+            stem.append(name)
+        elif "embed" in name.lower() and i > start[units[0]] and not name.startswith(full("backbone.")):
+            riders[units[first_layer]].append(name)
+        else:
+            riders[next((u for u in units if start[u] > i), units[-1])].append(name)
+    blocks = [Block("stem", tuple(stem))] if stem else []
+    for u in units:
+        short = u[len(base_path) + 1:] if base_path else u
+        blocks.append(Block(short, (u, *riders[u])))
+    return blocks
+
+
+def _backbone_stages(backbone: nn.Module) -> list[str]:
+    """Paths (below ``backbone``) of its stages: the largest stack of layers (Hugging Face backbones), else the
+    first children that are containers of parameter-holding modules, below any single wrapper (a timm
+    ``features_only`` ResNet: ``layer1``..``layer4``, with ``conv1``/``bn1`` the stem; an EfficientNet: the
+    members of its one ``blocks`` container)."""
+    candidates = _candidates(backbone, minimum=2)
+    if candidates:
+        stack = max(candidates, key=lambda p: _numel(backbone.get_submodule(p)))
+        return [f"{stack}.{i}" for i in range(len(backbone.get_submodule(stack)))]
+    path, module = "", backbone
+    while True:
+        holders = [(n, m) for n, m in module.named_children() if _numel(m)]
+        containers = [(n, m) for n, m in holders if any(_numel(c) for c in m.children())]
+        if len(containers) != 1:
+            break
+        path, module = _join(path, containers[0][0]), containers[0][1]
+    if len(containers) < 2:
+        raise LayoutError(f"backbone {type(backbone).__name__} has no stages to freeze one by one")
+    return [_join(path, n) for n, _ in containers]
+
+
+def _attention_layers(base: nn.Module) -> list[str]:
+    """Paths (below ``base``, outside its backbone and heads) of the transformer layers: the members of each
+    ``ModuleList`` whose layers hold an attention module and no such list of their own."""
+    def attends(m: nn.Module) -> bool:
+        return any("attention" in type(s).__name__.lower() or "attn" in type(s).__name__.lower() for s in m.modules())
+
+    lists = [p for p, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+             and not p.startswith("backbone") and not set(p.split(".")) & set(DETECTION_HEADS)
+             and all(_is_layer(x) and attends(x) for x in m)]
+    innermost = [p for p in lists if not any(q.startswith(p + ".") for q in lists)]
+    return [f"{p}.{i}" for p in innermost for i in range(len(base.get_submodule(p)))]

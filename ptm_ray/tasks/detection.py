@@ -190,12 +190,7 @@ class DetectionTask(Task):
 
 
 def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Images and targets on ``device`` (the frames stay plain numbers)."""
-    if device.type == "cpu":
-        return inputs
-    moved = dict(inputs)
-    images = inputs["images"]
-    moved["images"] = images.to(device) if torch.is_tensor(images) else [i.to(device) for i in images]
-    if "targets" in inputs:
-        moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in inputs["targets"]]
-    return moved
+    """Every tensor of a batch (images, masks, targets) on ``device``; frames, sizes and functions stay as they are."""
+    from ptm_ray.checkpoint import to_device
+
+    return inputs if device.type == "cpu" else to_device(inputs, device)
