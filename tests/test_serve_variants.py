@@ -284,6 +284,34 @@ def test_one_model_is_one_hop_and_changing_hops_under_load_fails_no_request(serv
         serve.delete("onehop")
 
 
+def test_retiring_a_variant_under_load_answers_it_until_the_new_ingress_takes_over(serve_port, registry, tmp_path):
+    """A variant dropped from a shared deployment during a roll-out: requests for it are answered until the new
+    ingress takes over and are a 404 naming it after; the variants kept, and the shared deployment they stay on,
+    fail no request meanwhile."""
+    from ray import serve
+
+    app = ["serve.app_name=retire", "serve.route_prefix=/retire", f"serve.config_out={tmp_path / 'serve.yaml'}"]
+
+    def config(models: str):
+        return load_config(None, _overrides(registry, serve_port, models) + app)
+
+    url, _ = deploy(config("[{name: lora-all}, {name: lora-top}, {name: head}]"))
+    try:
+        with SteadyLoad(f"{url}/v1/models/lora-top/predict") as retired, \
+                SteadyLoad(f"{url}/v1/models/lora-all/predict") as kept:
+            time.sleep(1)
+            deploy(config("[{name: lora-all}, {name: head}]"))
+            time.sleep(2)
+        assert not kept.failures, kept.failures[:5]
+        assert retired.answers and set(retired.failures) <= {404}, (len(retired.answers), retired.failures[:5])
+        gone = requests.post(f"{url}/v1/models/lora-top/predict", json={"inputs": TEXTS}, timeout=30)
+        assert gone.status_code == 404 and "lora-top" in gone.json()["error"]
+        r = requests.post(f"{url}/v1/models/lora-all/predict", json={"inputs": TEXTS, "top_k": 2}, timeout=60)
+        same_predictions(r.json()["predictions"], _offline(registry, "lora-all"))
+    finally:
+        serve.delete("retire")
+
+
 def test_the_removed_batch_wait_key_says_why():
     with pytest.raises(ValueError, match=r"serve.batch_wait_timeout_s was removed: batching no longer waits"):
         load_config(None, ["data.train=unused", "serve.batch_wait_timeout_s=0.01"])
