@@ -442,15 +442,30 @@ class Ingress:
 
     def __init__(self, models: dict[str, dict[str, Any]], handles: dict[str, Any], settings: dict[str, Any],
                  variant_ids: dict[str, str] | None = None, local: dict[str, str] | None = None,
-                 draining: dict[str, Any] | None = None) -> None:
+                 draining: dict[str, Any] | None = None, built_from: dict[str, Any] | None = None) -> None:
         # models: name -> {"versions": {version: {"weight", "meta"}}}; handles: "name:version" -> the handle of
         # its deployment; variant_ids: "name:version" -> its multiplexed model id on a VariantServer; local:
         # "name:version" -> registry path of a version this replica holds itself (one hop); draining: deployments
-        # kept for the previous ingress's last requests, never called from here
+        # kept for the previous ingress's last requests, never called from here; built_from: the ``app_args`` this
+        # application was built from (a failed deploy restores them, see ``deploy``)
         self.models, self.handles, self.settings = models, handles, settings
+        self.built_from = built_from
         self.variant_ids = variant_ids or {}
         self.local = {key: _Predictor(path, settings["max_batch_size"]) for key, path in (local or {}).items()}
+        # take traffic only once every deployment this ingress routes to has a replica up: a version whose replicas
+        # cannot start (a damaged copy on object storage) fails this replica too, and Serve keeps the previous
+        # ingress serving instead of routing to nothing (``deploy`` then restores the previous application)
+        unique = list({id(h): h for h in handles.values()}.values())
+        if unique:  # from worker threads: Serve refuses a blocking handle call on the replica's event loop
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(unique)) as pool:
+                list(pool.map(lambda handle: handle.ready.remote().result(), unique))
         self.api_key = _api_key(settings)
+
+    def app_args(self) -> dict[str, Any] | None:
+        """The ``app_args`` this application was built from (called through a handle, not over HTTP)."""
+        return self.built_from
 
     def _error(self, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": exc.message, **exc.detail}, status_code=exc.status, headers=exc.headers)
@@ -834,7 +849,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_surge_percent=_SURGE,
                                   num_replicas=settings["ingress_replicas"], max_ongoing_requests=256,
                                   max_queued_requests=settings["max_queued_requests"])
-    return ingress.bind(models, handles, settings, variant_ids, local, draining)
+    built_from = {k: v for k, v in args.items() if k != "draining"}
+    return ingress.bind(models, handles, settings, variant_ids, local, draining, built_from)
 
 
 def write_serve_config(args: dict[str, Any], sv: ServeConfig) -> Path:
@@ -861,6 +877,46 @@ def _deployed_versions(app_name: str) -> dict[str, set[int]]:
         if match:
             found.setdefault(match.group(1), set()).add(int(match.group(2)))
     return found
+
+
+def _running_app_args(app_name: str) -> dict[str, Any] | None:
+    """The ``app_args`` the running application was built from, or None (no such application, or one deployed
+    by an older ptm_ray whose ingress cannot say)."""
+    if app_name not in serve.status().applications:
+        return None
+    try:
+        return serve.get_app_handle(app_name).app_args.remote().result(timeout_s=60)
+    except Exception:  # noqa: BLE001 - a missing or unreachable ingress: nothing to restore
+        return None
+
+
+def _startup_failure(app_name: str) -> str | None:
+    """Why the application's deployments failed to start: per failed deployment, the last error line Serve kept
+    from its replicas' constructor (e.g. the ``ValueError`` of a registry version whose files are damaged)."""
+    import re
+
+    status = serve.status().applications.get(app_name)
+    reasons = []
+    failed = [(name, d) for name, d in (status.deployments.items() if status else [])
+              if str(d.status).endswith("DEPLOY_FAILED")]
+    if any(name != "Ingress" for name, _ in failed):  # the ingress failed because a version did: name the version
+        failed = [(name, d) for name, d in failed if name != "Ingress"]
+    for name, deployment in failed:
+        errors = [line for line in (deployment.message or "").splitlines()
+                  if re.match(r"[\w.]+(Error|Exception): ", line) and not line.endswith("(most recent call last):")]
+        reasons.append(f"deployment {name}: {errors[-1] if errors else (deployment.message or 'failed').splitlines()[0]}")
+    return "; ".join(reasons) or None
+
+
+def _roll_back(sv: ServeConfig, previous: dict[str, Any] | None, reason: str) -> None:
+    """Restore the application a failed deploy replaced (Serve keeps old replicas only where the new ones failed: a
+    new ingress would route to versions that never started), then raise naming why the deploy failed."""
+    if previous is None:
+        raise ValueError(f"serve.models: the application did not start: {reason}") from None
+    serve.run(build_app(previous), name=sv.app_name, route_prefix=sv.route_prefix)
+    served = ", ".join(f"{m['name']}:{v['version']}" for m in previous["models"] for v in m["versions"])
+    raise ValueError(f"serve.models: the new application did not start: {reason}. The application serves what it "
+                     f"served before the deploy ({served}).") from None
 
 
 def _wait_until_settled(app_name: str, timeout_s: float = 120.0) -> None:
@@ -913,10 +969,14 @@ def deploy(cfg: Config) -> tuple[str, Path]:
     draining = [{"name": name, "version": version, "path": registry.get(name, version).path}
                 for name, versions in _deployed_versions(sv.app_name).items() for version in sorted(versions)
                 if f"{name}-v{version}" not in kept]
-    if draining:  # first the new ingress beside the old deployments, then (old ingress drained) without them
-        serve.run(build_app(dict(args, draining=draining)), name=sv.app_name, route_prefix=sv.route_prefix)
-        _wait_until_settled(sv.app_name)
-    serve.run(build_app(args), name=sv.app_name, route_prefix=sv.route_prefix)
+    previous = _running_app_args(sv.app_name)
+    try:
+        if draining:  # first the new ingress beside the old deployments, then (old ingress drained) without them
+            serve.run(build_app(dict(args, draining=draining)), name=sv.app_name, route_prefix=sv.route_prefix)
+            _wait_until_settled(sv.app_name)
+        serve.run(build_app(args), name=sv.app_name, route_prefix=sv.route_prefix)
+    except RuntimeError as e:  # Serve: "Deploying application ... failed" (replicas that could not start)
+        _roll_back(sv, previous, _startup_failure(sv.app_name) or str(e).splitlines()[0])
     config_path = write_serve_config(args, sv)
     prefix = sv.route_prefix.rstrip("/")
     return f"http://{sv.host}:{sv.port}{prefix}", config_path

@@ -312,6 +312,45 @@ def test_retiring_a_variant_under_load_answers_it_until_the_new_ingress_takes_ov
         serve.delete("retire")
 
 
+def test_a_version_whose_replicas_cannot_start_fails_the_deploy_and_the_previous_one_keeps_serving(
+        serve_port, registry, tmp_path):
+    """A registry version that passes the deploy's checks but cannot load in a replica (here its weights were cut
+    short before it was promoted, so its manifest agrees; on object storage, any same-size change): the deploy
+    fails naming the version and the loader's error, no request fails meanwhile, and the application serves what
+    it served before. Two hops: the new ingress would otherwise route to a model deployment that never started
+    (before this, every request answered 503 until the next deploy); one hop, Serve keeps the old ingress itself."""
+    import shutil
+
+    from ray import serve
+
+    store = ModelStore(str(tmp_path / "registry"))
+    store.promote(registry.get("full").path, "m", {})
+    broken = Path(shutil.copytree(registry.get("full").path, tmp_path / "broken"))
+    weights = next((broken / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (broken / "lineage.json").unlink()
+    store.promote(str(broken), "m", {})
+    app = ["serve.app_name=rollback", "serve.route_prefix=/rollback", f"serve.config_out={tmp_path / 'serve.yaml'}"]
+
+    def config(models: str):
+        return load_config(None, _overrides(store, serve_port, models, serve__one_hop=False) + app)
+
+    url, _ = deploy(config("[{name: m, versions: [{version: 1}]}]"))
+    try:
+        with SteadyLoad(f"{url}/v1/models/m/predict") as load:
+            time.sleep(1)
+            with pytest.raises(ValueError, match=r"the new application did not start: deployment m-v2: "
+                                                 r"[\w.]+Error: (?!Traceback).*The application serves what it served before the "
+                                                 r"deploy \(m:1\)"):
+                deploy(config("[{name: m}]"))
+        assert not load.failures, load.failures[:5]
+        assert len(load.answers) > 5 and {a["version"] for a in load.answers} == {1}
+        assert serve.status().applications["rollback"].status == "RUNNING"
+        assert requests.get(f"{url}/readyz", timeout=30).json()["models"] == ["m:1"]
+    finally:
+        serve.delete("rollback")
+
+
 def test_the_removed_batch_wait_key_says_why():
     with pytest.raises(ValueError, match=r"serve.batch_wait_timeout_s was removed: batching no longer waits"):
         load_config(None, ["data.train=unused", "serve.batch_wait_timeout_s=0.01"])
