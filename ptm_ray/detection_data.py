@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["augment", "check_records", "letterbox", "read_coco", "read_yolo", "unletterbox"]
+__all__ = ["SeededAugmentation", "augment", "check_records", "letterbox", "read_coco", "read_yolo", "unletterbox"]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _TOLERANCE = 1.0  # px a box may reach outside the image before it counts as wrong (it is clipped)
@@ -237,6 +237,23 @@ def _box_problem(box: list[float], label: str, known: set[str], width: int, heig
 
 
 # --- augmentation and resizing ----------------------------------------------------------------------------
+
+
+class SeededAugmentation:
+    """For preprocessors with a ``seed``: the augmentation draws, seeded by ``train.seed`` and the worker's rank, so
+    each data-parallel worker draws its own flips and scales and a rerun draws the same ones. The generator is made
+    at the first augmented batch, in the worker process that draws from it."""
+
+    seed: int = 0
+    _rng: np.random.Generator | None = None
+
+    def _augment_rng(self) -> np.random.Generator:
+        if self._rng is None:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._rng = np.random.default_rng([self.seed, rank])
+        return self._rng
 
 
 def augment(image, boxes: Tensor, labels: Tensor, rng: np.random.Generator, hflip: float = 0.5,

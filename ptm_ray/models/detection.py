@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
+from ptm_ray.detection_data import SeededAugmentation
 from ptm_ray.freeze import Block
 from ptm_ray.models.base import Family, ModelRef, Preprocessor
 
@@ -59,7 +60,7 @@ _FRCNN_DEFAULTS: dict[str, Any] = {
 # --- preprocessing (shared by both families) --------------------------------------------------------------
 
 
-class DetectionPreprocessor(Preprocessor):
+class DetectionPreprocessor(SeededAugmentation, Preprocessor):
     """Encoded images (+ boxes at train time) -> model inputs, and what maps boxes back to the original.
 
     ``kind`` ``letterbox`` (YOLO): a square ``image_size`` canvas, longer side scaled to it, grey padding.
@@ -72,17 +73,6 @@ class DetectionPreprocessor(Preprocessor):
         if kind not in ("letterbox", "resize"):
             raise ValueError(f"kind={kind!r}: expected letterbox or resize")
         self.kind, self.image_size, self.augment, self.hflip, self.seed = kind, image_size, augment, hflip, seed
-        self._rng: np.random.Generator | None = None  # made at the first augmented batch, per worker
-
-    def _augment_rng(self) -> np.random.Generator:
-        """The augmentation draws, seeded by ``train.seed`` and the worker's rank: each data-parallel worker
-        draws its own flips and scales, and a rerun draws the same ones."""
-        if self._rng is None:
-            import torch.distributed as dist
-
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._rng = np.random.default_rng([self.seed, rank])
-        return self._rng
 
     def __call__(self, images: list[bytes], targets: list[dict[str, torch.Tensor]] | None = None,
                  train: bool = False) -> dict[str, Any]:

@@ -8,9 +8,9 @@ class head of another size is replaced, as for every ``hf:`` model).
 
 Preprocessing is the checkpoint's own image processor (rescale, normalisation, and its post-processing of
 the raw queries into boxes), resizing every image to one square side: ``data.image_size``, else the
-processor's own (RT-DETR 640, DETR its shortest edge, 800). A square keeps a batch free of padding, so a box normalised to its
-image means the same in training, in batches of any size and in ``transformers.pipeline("object-detection")``,
-which loads the processor saved beside the weights. DETR-family checkpoints were pretrained on images whose
+processor's own (RT-DETR 640, DETR its shortest edge, 800). A square keeps a batch free of padding, so a box
+normalised to its image means the same in training, in batches of any size and in
+``transformers.pipeline("object-detection")``, which loads the processor saved beside the weights. DETR-family checkpoints were pretrained on images whose
 aspect ratio was kept; the square changes it (as RT-DETR's own processor does).
 """
 
@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ptm_ray.config import Config, ModelConfig
+from ptm_ray.detection_data import SeededAugmentation
 from ptm_ray.freeze import Block
 from ptm_ray.models.base import ModelRef, Preprocessor
 from ptm_ray.models.hf import HFFamily, set_label_maps
@@ -60,7 +60,7 @@ def _native_side(size: Any) -> int:
     return int(side)
 
 
-class HFDetectionPreprocessor(Preprocessor):
+class HFDetectionPreprocessor(SeededAugmentation, Preprocessor):
     """Encoded images (+ boxes at train time) -> the detector's ``pixel_values`` (and ``pixel_mask``), targets
     as Hugging Face detectors take them (``class_labels``, ``boxes`` as normalised centre x, y, width, height),
     and each image's size for post-processing. ``augment=light`` flips, scales and shifts (seeded by
@@ -70,15 +70,6 @@ class HFDetectionPreprocessor(Preprocessor):
                  seed: int = 0) -> None:
         self.processor, self.image_size = processor, image_size
         self.augment, self.hflip, self.seed = augment, hflip, seed
-        self._rng: np.random.Generator | None = None
-
-    def _augment_rng(self) -> np.random.Generator:
-        if self._rng is None:
-            import torch.distributed as dist
-
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._rng = np.random.default_rng([self.seed, rank])
-        return self._rng
 
     def __call__(self, images: list[bytes], targets: list[dict[str, torch.Tensor]] | None = None,
                  train: bool = False) -> dict[str, Any]:

@@ -343,17 +343,20 @@ UNCOVERED: dict[tuple[str, str], str] = {
     ('deimv2', 'detector'):
         'failed in the coverage test with a tiny config: StrictDataclassClassValidationError: embedded dimension 32 '
         'must be divisible by decoder_attention_heads 2 (its validator): unchecked',
-    ('lw_detr', 'detector'): "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone (a ViT whose out_indices [2, 4, 5, 9] need 10 layers): unchecked",
-    ('rf_detr', 'detector'): "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone (a DINOv2 whose out_indices [2, 5, 8, 11] need 12 layers): unchecked",
+    ('lw_detr', 'detector'):
+        "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone (a ViT "
+        "whose out_indices [2, 4, 5, 9] need 10 layers): unchecked",
+    ('rf_detr', 'detector'):
+        "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone (a DINOv2 "
+        "whose out_indices [2, 5, 8, 11] need 12 layers): unchecked",
     ('pp_doclayout_v2', 'detector'): 'the coverage test could not shrink its config (still 21.0 M parameters): unchecked',
     ('pp_doclayout_v3', 'detector'):
-        "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone: RuntimeError: Given groups=1, weight of size [64, 128, 3, 3], expected input[2, 16, 16, 16] to "
-        "have 128 channels: unchecked",
+        "the coverage test's tiny config (a small Hugging Face ResNet backbone) does not fit its backbone: "
+        "RuntimeError: Given groups=1, weight of size [64, 128, 3, 3], expected input[2, 16, 16, 16] to have 128 "
+        "channels: unchecked",
     ('pp_doclayout_v4', 'detector'): "transformers' PPDocLayoutV4ForObjectDetection does not support training",
-    ('pp_ocrv5_mobile_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
-    ('pp_ocrv5_server_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
-    ('pp_ocrv6_medium_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
-    ('pp_ocrv6_small_det', 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes",
+    **{(ocr, 'detector'): "a text-line detector: it outputs a map of text regions for OCR, not boxes with classes"
+       for ocr in ('pp_ocrv5_mobile_det', 'pp_ocrv5_server_det', 'pp_ocrv6_medium_det', 'pp_ocrv6_small_det')},
 }
 
 
