@@ -131,3 +131,23 @@ def test_ray_data_where_a_run_cannot_is_refused_naming_why(tiny_text, tmp_path):
     with pytest.raises(ValueError, match="the feature cache looks its rows up by their raw input"):
         _splits(text, feature_cache=True)
     assert _splits(text)[0] == ["train", "validation"]  # asked for: no spare CPUs needed
+
+
+def test_multilabel_metrics_are_the_same_on_both_paths(ray_cluster, tiny_text, tmp_path):
+    from ptm_ray.datasets.support_multilabel import make_support_multilabel
+
+    train, val = make_support_multilabel(tmp_path / "data")
+
+    def run(preprocess):
+        return fit(load_config(None, [f"model.name=hf:{tiny_text['bert']}", "model.task=multilabel", "model.max_length=32",
+                                      f"data.train={train}", f"data.validation={val}", "data.label_column=labels",
+                                      "optim.lr=1e-3", "optim.scheduler=constant", "optim.warmup_ratio=0.0",
+                                      "train.batch_size=8", "train.epochs=2", "train.max_steps_per_epoch=8",
+                                      "scaling.num_workers=1", "scaling.resources_per_worker={CPU: 1}",
+                                      f"data.preprocess={preprocess}", f"storage.path={tmp_path / 'runs'}",
+                                      f"storage.name={preprocess}"]))
+
+    workers, ray_data = run("workers"), run("ray_data")
+    for a, b in zip(workers.history, ray_data.history, strict=True):
+        for key in ("val_micro_f1", "val_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (key, workers.history, ray_data.history)
