@@ -118,11 +118,11 @@ class DataConfig:
     or ``auto``: once when its files are small (up to 256 MB), else streamed. Streamed data keeps the driver's
     memory flat and the object store's bounded however large the dataset."""
     preprocess: str = "auto"
-    """Where classification inputs are tokenized or decoded, resized and normalised: in the training ``workers``
-    (inside each step), or in Ray Data tasks beside them (``ray_data``: the run's own preprocessor, saved with its
-    checkpoints; the workers only pad each batch). ``auto``: ``ray_data`` when the cluster has 2 or more CPUs the
-    workers do not hold, else ``workers``. Augmented training images, the feature cache, a search's trials and the
-    other tasks preprocess in the workers."""
+    """Where classification (and multilabel) inputs are tokenized or decoded, resized and normalised: in the
+    training ``workers`` (inside each step), or in Ray Data tasks beside them (``ray_data``: the run's own
+    preprocessor, saved with its checkpoints; the workers only pad each batch). ``auto``: ``ray_data`` when the
+    cluster has 2 or more CPUs the workers do not hold, else ``workers``. Augmented training images, the feature
+    cache, a search's trials and the other tasks preprocess in the workers."""
 
 
 @dataclass

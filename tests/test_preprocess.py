@@ -151,3 +151,12 @@ def test_multilabel_metrics_are_the_same_on_both_paths(ray_cluster, tiny_text, t
     for a, b in zip(workers.history, ray_data.history, strict=True):
         for key in ("val_micro_f1", "val_loss", "train_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (key, workers.history, ray_data.history)
+
+
+def test_a_search_refuses_ray_data_before_any_trial(tiny_text, tmp_path):
+    from ptm_ray.tune import validate_search
+
+    cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "unused", data__preprocess="ray_data")
+                      + ["search.space={optim.lr: {grid: [1.0e-3, 3.0e-4]}}"])
+    with pytest.raises(ValueError, match="data.preprocess=ray_data is not available in a search"):
+        validate_search(cfg)
