@@ -120,9 +120,10 @@ class DataConfig:
     preprocess: str = "auto"
     """Where classification (and multilabel) inputs are tokenized or decoded, resized and normalised: in the
     training ``workers`` (inside each step), or in Ray Data tasks beside them (``ray_data``: the run's own
-    preprocessor, saved with its checkpoints; the workers only pad each batch). ``auto``: ``ray_data`` when the
-    cluster has 2 or more CPUs the workers do not hold, else ``workers``. Augmented training images, the feature
-    cache, a search's trials and the other tasks preprocess in the workers."""
+    preprocessor, saved with its checkpoints; the workers only pad each batch). ``auto``: ``ray_data`` for text
+    when the cluster has 2 or more CPUs the workers do not hold, else ``workers`` (images too: decoded, they fill
+    the object store). Augmented training images, the feature cache, a search's trials and the other tasks
+    preprocess in the workers."""
 
 
 @dataclass

@@ -109,13 +109,16 @@ def _splits(cfg, spare=0.0, feature_cache=False, in_search=False):
     return splits, why
 
 
-def test_auto_preprocesses_in_ray_data_only_with_spare_cpus(tiny_text, tmp_path, digits_dir):
+def test_auto_preprocesses_text_in_ray_data_only_with_spare_cpus(tiny_text, tmp_path, digits_dir):
     text = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "unused"))
     assert _splits(text, spare=0.0) == ([], "data.preprocess=auto: 0 CPU(s) beside the workers, under 2: the Ray "
                                             "Data tasks would take turns with the workers on the same cores")
     assert _splits(text, spare=6.0) == (["train", "validation"], "data.preprocess=auto: 6 CPU(s) beside the workers")
     assert _splits(text, spare=6.0, feature_cache=True)[0] == []
     assert _splits(text, spare=6.0, in_search=True)[0] == []
+    images = _image_config(digits_dir, tmp_path, "unused", "auto")
+    assert _splits(images, spare=6.0) == ([], "data.preprocess=auto: decoded images would fill the object store "
+                                              "ahead of the workers; data.preprocess=ray_data moves them anyway")
     augmented = _image_config(digits_dir, tmp_path, "unused", "ray_data", "data.augment=light")
     splits, why = _splits(augmented)
     assert splits == ["validation"] and "training images stay in the workers (data.augment=light" in why
