@@ -78,7 +78,7 @@ def preprocess_splits(cfg: Config, task: Any, family: Any, make_preprocessor: Ca
     elif not family.preprocessor_class.prepares_rows:
         cannot = f"the {family.name} family's preprocessor does not split into rows"
     elif feature_cache:
-        cannot = "the feature cache looks its rows up by their raw input"
+        cannot = "the feature cache looks its rows up by their raw input (train.feature_cache=off turns it off)"
     elif in_search:
         cannot = "a search's trials share the CPUs the Ray Data tasks would need"
     if cannot and setting == "ray_data":
