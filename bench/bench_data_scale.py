@@ -9,9 +9,12 @@ steps, ``data.materialize=never`` (streamed):
 (c) training samples/s at each size, spread = (max - min) / mean;
 (b) real models (MiniLM-L6 for text, EfficientNet-Lite0 for images) at the smallest size: share of the
     training time the workers waited for their next batch (``data_wait_share``).
-Today's path (``data.materialize=always``) runs at the smallest size for comparison.
+Today's path (``data.materialize=always``) runs at the smallest size for comparison, and (b) runs once more with
+the preprocessing in Ray Data tasks (``data.preprocess=ray_data``) instead of the training workers.
+``--compare-preprocess`` runs only that: (b) streamed, ``data.preprocess=workers`` then ``ray_data``, side by side.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_data_scale.py [--steps 20] [--sizes small]
+        [--compare-preprocess]
 
 The last line: ``data-scale: rss_growth=<x> store_growth=<x> data_wait_text=<f> data_wait_images=<f>
 throughput_spread=<f>``.
@@ -118,16 +121,34 @@ def run(name: str, overrides: list[str], root: Path) -> dict[str, float]:
     return row
 
 
+def compare_preprocess(text: list[str], image: list[str], root: Path,
+                       modes: tuple[str, ...] = ("workers", "ray_data")) -> dict[str, dict[str, dict]]:
+    """(b)'s real models with the preprocessing in the training workers, then in Ray Data tasks; one line each,
+    then ``preprocess: ...`` with the data-wait shares side by side."""
+    rows: dict[str, dict[str, dict]] = {"text": {}, "images": {}}
+    for mode in modes:
+        rows["text"][mode] = run(f"text-minilm-{mode}", text + [f"data.preprocess={mode}"], root)
+        rows["images"][mode] = run(f"images-lite0-{mode}", image + [f"data.preprocess={mode}"], root)
+    print("preprocess: " + " ".join(f"data_wait_{kind}_{mode}={row['data_wait']:.3f} "
+                                    f"samples_per_s_{kind}_{mode}={row['samples_per_s']:.1f}"
+                                    for kind, by_mode in rows.items() for mode, row in by_mode.items()), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="training steps per worker, tiny models (a), (c)")
     parser.add_argument("--real-steps", type=int, default=60, help="training steps per worker, real models (b)")
     parser.add_argument("--sizes", choices=["full", "small"], default="full",
                         help="small: 1/10 of every size (a quick check of the bench itself)")
+    parser.add_argument("--compare-preprocess", action="store_true",
+                        help="only (b) at the smallest size: data.preprocess=workers vs ray_data, side by side")
     args = parser.parse_args()
     scale = 1 if args.sizes == "full" else 10
     text_sizes = [n // scale for n in TEXT_SIZES]
     image_sizes = [n // scale for n in IMAGE_SIZES]
+    if args.compare_preprocess:  # the smallest size only
+        text_sizes, image_sizes = text_sizes[:1], image_sizes[:1]
     init_ray()
     root = Path(tempfile.mkdtemp(prefix="bench_data_scale_"))
     from ptm_ray.tiny import make_tiny_text_model
@@ -149,6 +170,10 @@ def main() -> None:
     image = lambda n, model, mode, steps=tiny: [f"model.name={model}", f"data.train={images[n]}",  # noqa: E731
                                                 f"data.validation={val_images}", f"data.materialize={mode}", *steps]
     tiny_image = "timm:test_resnet"
+    if args.compare_preprocess:
+        compare_preprocess(text(text_sizes[0], "minilm-l6", "never", real),
+                           image(image_sizes[0], "efficientnet-lite0", "never", real) + ["data.image_size=96"], root)
+        return
     print("(a)+(c) tiny models, streamed (data.materialize=never):")
     text_rows = {n: run(f"text-tiny-{n}", text(n, f"hf:{tiny_bert}", "never"), root) for n in text_sizes}
     image_rows = {n: run(f"images-tiny-{n}", image(n, tiny_image, "never") + ["model.weights=none",
@@ -162,6 +187,10 @@ def main() -> None:
     minilm = [run(f"text-minilm-{text_sizes[0]}-{m}", text(text_sizes[0], "minilm-l6", m, real), root) for m in ("never", "always")]
     lite0 = [run(f"images-lite0-{image_sizes[0]}-{m}", image(image_sizes[0], "efficientnet-lite0", m, real)
                  + ["data.image_size=96"], root) for m in ("never", "always")]
+    print("    the same, streamed, preprocessing in Ray Data tasks (data.preprocess=ray_data):")
+    compare_preprocess(text(text_sizes[0], "minilm-l6", "never", real),
+                       image(image_sizes[0], "efficientnet-lite0", "never", real) + ["data.image_size=96"], root,
+                       modes=("ray_data",))
 
     def growth(rows: dict[int, dict], key: str) -> float:
         return rows[max(rows)][key] / max(rows[min(rows)][key], 1)

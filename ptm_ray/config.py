@@ -117,6 +117,13 @@ class DataConfig:
     """Read the data into Ray's object store once (``always``), stream it from storage every epoch (``never``),
     or ``auto``: once when its files are small (up to 256 MB), else streamed. Streamed data keeps the driver's
     memory flat and the object store's bounded however large the dataset."""
+    preprocess: str = "auto"
+    """Where classification (and multilabel) inputs are tokenized or decoded, resized and normalised: in the
+    training ``workers`` (inside each step), or in Ray Data tasks beside them (``ray_data``: the run's own
+    preprocessor, saved with its checkpoints; the workers only pad each batch). ``auto``: ``ray_data`` for text
+    when the cluster has 2 or more CPUs the workers do not hold, else ``workers`` (images too: decoded, they fill
+    the object store). Augmented training images, the feature cache, a search's trials and the other tasks
+    preprocess in the workers."""
 
 
 @dataclass
@@ -348,6 +355,7 @@ _CHOICES = {
     "data.format": ("auto", "csv", "jsonl", "parquet", "coco", "yolo"),
     "data.on_bad_file": ("fail", "skip"),
     "data.materialize": ("auto", "always", "never"),
+    "data.preprocess": ("auto", "workers", "ray_data"),
     "data.augment": ("none", "light"),
     "optim.scheduler": ("linear", "cosine", "constant"),
     "train.mode": ("max", "min"),

@@ -156,11 +156,14 @@ def fit(cfg: Config, run_config_callbacks: list | None = None, data: PreparedDat
     _warn_local_storage_on_many_nodes(cfg)
     datasets = data.datasets if data else task_for(cfg.model.task).datasets(plan.data, cfg)
     loop_config = _loop_config(cfg, plan, datasets)
+    datasets = _preprocess_in_ray_data(cfg, plan, datasets, loop_config,
+                                       in_search=data is not None or bool(run_config_callbacks))
     name = _run_name(cfg)
     tracker = RunTracker(cfg, name, f"{storage_path(cfg)}/{name}")
     stream = EpochStream([_epoch_printer(cfg), tracker.log_epoch], StepBar(cfg.train.epochs))
     loop_config["progress"] = stream.queue  # rank 0's steps, for the bar
-    streamed = not materialize_decision(plan.data, cfg.data)[0]
+    # preprocessing in Ray Data runs beside the workers every epoch, as streamed reads do
+    streamed = not materialize_decision(plan.data, cfg.data)[0] or bool(loop_config["prepared_splits"])
     trainer = _trainer(cfg, name, loop_config, datasets, [stream.callback, *(run_config_callbacks or [])], streamed)
     best_path = None
     try:
@@ -276,6 +279,35 @@ def _loop_config(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:
     loop_config = {"cfg": config_to_dict(cfg), "labels": plan.labels, "num_train_rows": plan.data.num_train_rows,
                    "num_val_rows": plan.data.num_val_rows}
     return loop_config | _feature_cache(cfg, plan, datasets)
+
+
+def _preprocess_in_ray_data(cfg: Config, plan: RunPlan, datasets: dict, loop_config: dict[str, Any],
+                            in_search: bool) -> dict:
+    """``datasets`` with the splits ``data.preprocess`` moves into Ray Data preprocessed there (said in one line),
+    and in ``loop_config`` which splits, and the run's preprocessor for the workers to save with checkpoints."""
+    import ray
+
+    from ptm_ray.preprocess import pack_preprocessor, preprocess_datasets, preprocess_splits
+
+    family, ref = resolve_model(cfg.model)
+    task = task_for(cfg.model.task)
+
+    def make_preprocessor() -> Any:
+        with torch.device("meta"):  # the preprocessor reads the model's pretrained config only, never its weights
+            skeleton = family.build(ref, plan.labels, cfg.model, task.head, pretrained=False)
+        return family.preprocessor(ref, skeleton, cfg)
+
+    workers_cpus = cfg.scaling.num_workers * cfg.scaling.resources_per_worker.get("CPU", 1.0)
+    spare = ray.cluster_resources().get("CPU", 0.0) - workers_cpus
+    splits, why, preprocessor = preprocess_splits(cfg, task, family, make_preprocessor,
+                                                  bool(loop_config.get("feature_cache")), spare, in_search)
+    loop_config["prepared_splits"] = splits
+    if not splits:
+        print(f"[ptm_ray] preprocessing in the training workers ({why})")
+        return datasets
+    print(f"[ptm_ray] preprocessing {' and '.join(splits)} data in Ray Data tasks beside the workers ({why})")
+    loop_config["preprocessor"] = packed = pack_preprocessor(preprocessor)
+    return preprocess_datasets(datasets, splits, family, packed)
 
 
 def _epoch_printer(cfg: Config) -> Any:

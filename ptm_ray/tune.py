@@ -103,6 +103,10 @@ def validate_search(cfg: Config) -> dict[str, list]:
     if not space:
         raise ValueError("search.space is empty: give at least one dotted key to search, e.g. "
                          "search.space={optim.lr: {loguniform: [1e-5, 1e-3]}}")
+    if cfg.data.preprocess == "ray_data" or "data.preprocess" in space:
+        # the trials hold the CPUs between them (each its own share): Ray Data tasks beside them could wait forever
+        raise ValueError("data.preprocess=ray_data is not available in a search: its trials share the CPUs the Ray "
+                         "Data tasks would need; set data.preprocess=auto or workers (and leave it out of search.space)")
     examples = {}
     for key, spec in space.items():
         if key.startswith("search."):

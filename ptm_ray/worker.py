@@ -34,6 +34,7 @@ from ptm_ray.feature_cache import FeatureStore
 from ptm_ray.freeze import Block, freeze, frozen_modules, param_groups, parameter_counts, set_train_mode
 from ptm_ray.lora import adapter_state, apply_lora, describe_lora, load_adapter_state, merged_copy
 from ptm_ray.models import Classifier, Family, PrefixCache, Preprocessor, resolve_model
+from ptm_ray.preprocess import PreparedInputs, load_packed, prepared_batch
 from ptm_ray.tasks import Task, WorkerContext, task_for
 from ptm_ray.tasks.base import all_reduce
 from ptm_ray.variants import variant_tensors, write_variant
@@ -230,6 +231,8 @@ class Worker:
     lora: Any = None
     """The ``peft.LoraModel`` wrapping ``model`` when ``model.lora.r > 0`` (checkpoints save it merged), else None."""
     progress: StepProgress = field(default_factory=StepProgress)
+    prepared_splits: tuple[str, ...] = ()
+    """Splits whose rows Ray Data preprocessed (``data.preprocess``): their batches are only collated here."""
 
     def epochs(self) -> range:
         return range(self.first_epoch, self.cfg.train.epochs)
@@ -244,7 +247,10 @@ class Worker:
         kwargs: dict[str, Any] = {"batch_size": self.cfg.train.batch_size, "batch_format": "numpy", "prefetch_batches": 4}
         if shuffle_seed is not None and self.cfg.train.shuffle_buffer > 0:
             kwargs |= {"local_shuffle_buffer_size": self.cfg.train.shuffle_buffer, "local_shuffle_seed": shuffle_seed}
-        return self.session.dataset(split).iter_batches(**kwargs)
+        batches = self.session.dataset(split).iter_batches(**kwargs)
+        if split in self.prepared_splits:
+            return (prepared_batch(self.preprocessor, batch) for batch in batches)
+        return batches
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -257,7 +263,8 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
     task = task_for(cfg.model.task)
     torch.manual_seed(cfg.train.seed)
     family, ref = resolve_model(cfg.model)
-    model, preprocessor, saved = _build_or_restore(cfg, family, ref, labels, task.head, session)
+    model, preprocessor, saved = _build_or_restore(cfg, family, ref, labels, task.head, session,
+                                                   loop_config.get("preprocessor"))
     blocks = family.blocks(model)
     depth = parse_freeze_depth(cfg.model.freeze_depth, len(blocks))
     frozen = freeze(model, blocks, depth)
@@ -273,7 +280,7 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
     stopper = EarlyStopping(cfg.train.mode, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
     worker = Worker(cfg, task, family, session, model, net, preprocessor, labels, blocks, depth, frozen, optimizer,
                     scheduler, WorkerContext(family, preprocessor, labels, cfg, session.device, logits), steps, stopper,
-                    lora=lora)
+                    lora=lora, prepared_splits=tuple(loop_config.get("prepared_splits", ())))
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -290,9 +297,12 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
     return worker
 
 
-def _build_or_restore(cfg: Config, family: Family, ref: Any, labels: list[str], head: str,
-                      session: Session) -> tuple[torch.nn.Module, Preprocessor, dict[str, Any] | None]:
+def _build_or_restore(cfg: Config, family: Family, ref: Any, labels: list[str], head: str, session: Session,
+                      packed: bytes | None = None) -> tuple[torch.nn.Module, Preprocessor, dict[str, Any] | None]:
     """(model, preprocessor, saved training state or None for a fresh run).
+
+    A fresh run whose driver made the preprocessor (``packed``: Ray Data preprocesses with it) saves that one with
+    its checkpoints; otherwise the worker makes it.
 
     A run resumes from its checkpoint's model, except a LoRA run: its ``model/`` is merged for serving, so it
     rebuilds the pretrained backbone, and ``setup_worker`` loads the saved adapters and head into it.
@@ -300,6 +310,8 @@ def _build_or_restore(cfg: Config, family: Family, ref: Any, labels: list[str], 
     with session.restored() as folder:
         if folder is None:
             model = family.build(ref, labels, cfg.model, head)
+            if packed is not None:
+                return model, load_packed(family.preprocessor_class, packed), None
             return model, family.preprocessor(ref, model, cfg), None
         saved = load_train_state(folder) | {"history": read_meta(folder)["history"]}
         model = family.build(ref, labels, cfg.model, head) if "lora_state" in saved else family.load(folder / "model")
@@ -326,13 +338,14 @@ def _forward_strategy(family: Family, model: torch.nn.Module, preprocessor: Prep
 
 
 def scores_of_raw_inputs(family: Family, preprocessor: Preprocessor, device: torch.device) -> Callable:
-    """``logits(net, raw_inputs, train)`` that preprocesses a batch and runs the whole model."""
+    """``logits(net, raw_inputs, train)`` that preprocesses a batch (unless Ray Data did) and runs the whole model."""
     if not isinstance(family, Classifier):
         return _no_logits
 
     def logits(net: torch.nn.Module, inputs: Any, train: bool) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in preprocessor(list(inputs), train=train).items()}
-        return family.logits(net, batch)
+        # Ray Data preprocessed the rows (data.preprocess), or the raw inputs are preprocessed here
+        prepared = inputs.tensors if isinstance(inputs, PreparedInputs) else preprocessor(list(inputs), train=train)
+        return family.logits(net, {k: v.to(device) for k, v in prepared.items()})
 
     return logits
 

@@ -72,6 +72,24 @@ class Preprocessor(ABC):
         """Per input, fields a prediction carries about how it was preprocessed (e.g. truncation)."""
         return [{} for _ in inputs]
 
+    # --- split in two, so that Ray Data can run the per-row part beside the trainers (``ptm_ray.preprocess``) --
+    prepares_rows: bool = False
+    """Whether ``rows`` and ``collate`` are implemented: ``collate(rows(inputs, train))`` equals ``self(inputs, train)``."""
+
+    def random_in_training(self) -> bool:
+        """Whether ``train=True`` draws random numbers (augmentation): then only the worker, whose random state
+        is seeded per run, may run it."""
+        return False
+
+    def rows(self, inputs: list[Any], train: bool = False) -> dict[str, Any]:
+        """Per-row model inputs as numpy arrays (a list of arrays per name where rows differ in length, e.g. token
+        ids without padding): the part of ``__call__`` that may run in Ray Data tasks."""
+        raise NotImplementedError(f"{type(self).__name__} does not split into rows and collate")
+
+    def collate(self, rows: dict[str, Any]) -> dict[str, Any]:
+        """A training batch of model inputs from the rows ``rows`` made (padding to the batch's longest row)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split into rows and collate")
+
 
 class Family(ABC):
     """The core every model family provides; freezing, training and checkpoints are shared."""

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -89,6 +90,30 @@ class TextPreprocessor(Preprocessor):
         return dict(
             self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         )
+
+    prepares_rows = True
+
+    def rows(self, texts: list[str], train: bool = False) -> dict[str, list[np.ndarray]]:
+        """Token ids (and masks) per text, truncated as ``__call__`` truncates, not padded."""
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return {name: [np.asarray(row, dtype=np.int64) for row in values] for name, values in encoded.items()}
+
+    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Rows of ``rows`` padded to the batch's longest on the tokenizer's padding side, with its pad values:
+        what ``__call__`` (``padding=True``) returns for the same texts."""
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "token_type_ids": self.tokenizer.pad_token_type_id}
+        left = self.tokenizer.padding_side == "left"
+        out = {}
+        for name, values in rows.items():
+            width = max(len(v) for v in values)
+            padded = np.full((len(values), width), pad_values.get(name, 0), dtype=np.int64)
+            for i, v in enumerate(values):
+                if left:
+                    padded[i, width - len(v):] = v
+                else:
+                    padded[i, :len(v)] = v
+            out[name] = torch.from_numpy(padded)
+        return out
 
     def notes(self, texts: list[str]) -> list[dict[str, Any]]:
         """Texts whose tokens exceed ``max_length`` are cut: say so."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -61,6 +62,18 @@ class ImagePreprocessor(Preprocessor):
     def __call__(self, images: list[bytes], train: bool = False) -> dict[str, torch.Tensor]:
         transform = self._train if train else self._eval
         return {"pixel_values": torch.stack([transform(decode_image(b)) for b in images])}
+
+    prepares_rows = True
+
+    def random_in_training(self) -> bool:
+        return self._train is not self._eval
+
+    def rows(self, images: list[bytes], train: bool = False) -> dict[str, np.ndarray]:
+        """Decoded, resized and normalised images, one float32 (channels, height, width) array per row."""
+        return {"pixel_values": self(images, train)["pixel_values"].numpy()}
+
+    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.as_tensor(np.stack(list(rows["pixel_values"])))}
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
