@@ -236,9 +236,9 @@ class ModelServer:
     def __init__(self, path: str, max_batch_size: int) -> None:
         self.predictor = _Predictor(path, max_batch_size)
 
-    def ready(self) -> bool:
-        """True: the artifact is loaded (a replica answers only after ``__init__`` finished)."""
-        return True
+    def ready(self) -> str:
+        """The device the model runs on (``cpu``, ``cuda:0``): a replica answers only once ``__init__`` loaded it."""
+        return str(self.predictor.artifact.device)
 
     async def predict(self, items: list[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
         return await self.predictor.predict(items, options)
@@ -274,8 +274,9 @@ class VariantServer:
 
         return await asyncio.to_thread(_load_variant, self.shared, path)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The device of the shared base (``cpu``, ``cuda:0``)."""
+        return str(self.shared.device)
 
     def _outputs(self, preprocessing: str, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, dict[str, Any]]]:
         """(output, notes) per (variant, input) pair: one pass for all of them where their heads allow it."""
@@ -511,19 +512,21 @@ class Ingress:
         except ApiError as e:
             return self._error(e)
 
-        async def answers(handle: Any) -> bool:
+        async def answers(handle: Any) -> str | None:
             try:
                 return await asyncio.wait_for(handle.ready.remote(), 5.0)
             except Exception:  # starting, dead, or too slow to answer: not ready, whatever the reason
-                return False
+                return None
 
         keys = sorted(self.handles)
         answered = await asyncio.gather(*(answers(self.handles[key]) for key in keys))
-        waiting = [key for key, ok in zip(keys, answered) if not ok]
+        waiting = [key for key, device in zip(keys, answered) if not device]
         if waiting:
             return self._error(ApiError(503, f"not ready: {', '.join(waiting)} did not answer", waiting=waiting,
                                         headers={"Retry-After": "5"}))
-        return {"status": "ready", "models": sorted([*keys, *self.local])}  # local ones: loaded before any request
+        # local ones: loaded in this replica before any request
+        devices = dict(zip(keys, answered)) | {key: str(p.artifact.device) for key, p in self.local.items()}
+        return {"status": "ready", "models": sorted(devices), "devices": dict(sorted(devices.items()))}
 
     @app.get("/v1/models", responses=_documented(401))
     def list_models(self, request: Request):

@@ -290,7 +290,8 @@ def setup_worker(loop_config: dict[str, Any], session: Session) -> Worker:
     worker.extra_metrics = {"trainable_params": trainable, "total_params": total, "frozen_blocks": depth,
                             "feature_cache_bytes": loop_config.get("feature_cache_bytes", 0),
                             "feature_cache_build_s": loop_config.get("feature_cache_build_s", 0.0), "num_blocks": len(blocks),
-                            "resumed_from_epoch": worker.first_epoch, "world_size": session.world_size}
+                            "resumed_from_epoch": worker.first_epoch, "world_size": session.world_size,
+                            "device": session.device.type}  # where the loop ran (cpu, cuda): a record, not a metric
     worker.gauges = _gauges(cfg)
     worker.progress = StepProgress(loop_config.get("progress"), session.rank)
     _announce(worker)

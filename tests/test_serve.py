@@ -240,7 +240,9 @@ def test_readiness_names_every_model_and_a_second_bind_is_refused(api, registry)
     url, _, cfg = api
     ready = requests.get(f"{url}/readyz", timeout=30)
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "models": ["commands:1", "digits:1", "intents:1", "intents:2"]}
+    models = ["commands:1", "digits:1", "intents:1", "intents:2"]
+    # each version says the device its replica runs it on (serve.num_gpus=0 here: the CPU)
+    assert ready.json() == {"status": "ready", "models": models, "devices": {key: "cpu" for key in models}}
     elsewhere = load_config(None, _serve_overrides(registry, free_port(), MODELS))
     with pytest.raises(ValueError, match=rf"already running with its HTTP proxy on 127.0.0.1:{cfg.serve.port}, but "
                                          rf"serve.host/serve.port ask for 127.0.0.1:{elsewhere.serve.port}"):
