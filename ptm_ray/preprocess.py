@@ -72,17 +72,17 @@ def preprocess_splits(cfg: Config, task: Any, family: Any, make_preprocessor: Ca
     setting = cfg.data.preprocess
     if setting == "workers":
         return [], "data.preprocess=workers", None
-    cannot = None
+    cannot, hint = None, ""  # the hint goes with a refusal of ray_data only, not with auto's line on every run
     if not (task.trains_on_logits and isinstance(family, Classifier)):
         cannot = f"model.task={cfg.model.task} preprocesses in its own steps"
     elif not family.preprocessor_class.prepares_rows:
         cannot = f"the {family.name} family's preprocessor does not split into rows"
     elif feature_cache:
-        cannot = "the feature cache looks its rows up by their raw input (train.feature_cache=off turns it off)"
+        cannot, hint = "the feature cache looks its rows up by their raw input", " (train.feature_cache=off turns it off)"
     elif in_search:
         cannot = "a search's trials share the CPUs the Ray Data tasks would need"
     if cannot and setting == "ray_data":
-        raise ValueError(f"data.preprocess=ray_data is not available for this run: {cannot}; "
+        raise ValueError(f"data.preprocess=ray_data is not available for this run: {cannot}{hint}; "
                          "set data.preprocess=auto or workers")
     if cannot:
         return [], f"data.preprocess=auto: {cannot}", None

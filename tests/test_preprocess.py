@@ -132,8 +132,12 @@ def test_ray_data_where_a_run_cannot_is_refused_naming_why(tiny_text, tmp_path):
                                          r"model.task=text2text preprocesses in its own steps"):
         _splits(generation, spare=6.0)
     text = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "unused", data__preprocess="ray_data"))
-    with pytest.raises(ValueError, match="the feature cache looks its rows up by their raw input"):
+    with pytest.raises(ValueError, match=r"the feature cache looks its rows up by their raw input "
+                                         r"\(train.feature_cache=off turns it off\)"):
         _splits(text, feature_cache=True)
+    auto = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "unused", data__preprocess="auto"))
+    assert _splits(auto, spare=6.0, feature_cache=True)[:2] == (  # auto says why, with no advice to change anything
+        [], "data.preprocess=auto: the feature cache looks its rows up by their raw input")
     assert _splits(text)[0] == ["train", "validation"]  # asked for: no spare CPUs needed
 
 
