@@ -29,6 +29,7 @@ from ptm_ray.freeze import Block
 from ptm_ray.models.base import ModelRef, Preprocessor
 from ptm_ray.models.hf import HFFamily, set_label_maps
 from ptm_ray.models.hf_types import refuse_head
+from ptm_ray.models.hf_vision import _field
 from ptm_ray.models.layout import discover_detector_blocks
 
 __all__ = ["HFDetectionFamily", "HFDetectionPreprocessor"]
@@ -50,8 +51,7 @@ def _load_processor(location: str | Path, image_size: int | None, name: str) -> 
 def _native_side(size: Any) -> int:
     """The square's side from a processor's own size: the larger of ``height``/``width`` (RT-DETR: 640), else
     its shortest edge (DETR: 800, of 800 shortest / 1333 longest), else its longest edge."""
-    values = {k: (size.get(k) if isinstance(size, dict) else getattr(size, k, None))
-              for k in ("height", "width", "shortest_edge", "longest_edge")}
+    values = {k: _field(size, k) for k in ("height", "width", "shortest_edge", "longest_edge")}
     if values["height"] and values["width"]:
         return int(max(values["height"], values["width"]))
     side = values["shortest_edge"] or values["longest_edge"]
@@ -149,7 +149,7 @@ class HFDetectionFamily(HFFamily):
 
     def preprocessor(self, ref: ModelRef, model: nn.Module, cfg: Config) -> HFDetectionPreprocessor:
         processor = _load_processor(ref.location, cfg.data.image_size, cfg.model.name)
-        side = int(processor.size["height"] if isinstance(processor.size, dict) else processor.size.height)
+        side = int(_field(processor.size, "height"))
         return HFDetectionPreprocessor(processor, side, cfg.data.augment, cfg.data.hflip, cfg.train.seed)
 
     def save_ecosystem_files(self, model: nn.Module, preprocessor: Preprocessor, labels: list[str],
