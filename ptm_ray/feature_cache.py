@@ -168,11 +168,12 @@ def row_digests(inputs: Any) -> list[bytes]:
 class _PrefixFn:
     """Ray Data actor: builds the model once (as a training worker does), then runs the frozen prefix per batch."""
 
-    def __init__(self, cfg: dict, labels: list[str], depth: int, threads: int, pad_to: int | None) -> None:
+    def __init__(self, cfg: dict, labels: list[str], depth: int, threads: int | None, pad_to: int | None) -> None:
         from ptm_ray.models import resolve_model
         from ptm_ray.tasks import task_for
 
-        torch.set_num_threads(max(1, threads))
+        if threads:  # an actor of its own; in the calling process (threads=None) its setting stays
+            torch.set_num_threads(max(1, threads))
         self.cfg = config_from_dict(cfg)
         self.family, ref = resolve_model(self.cfg.model)
         torch.manual_seed(self.cfg.train.seed)  # random-init weights come out as in the training workers
@@ -198,12 +199,16 @@ class _PrefixFn:
 
 
 def prepare_cache(cfg: Config, family: Any, ref: Any, labels: list[str], depth: int, num_blocks: int,
-                  summary: DataSummary, datasets: dict[str, "ray.data.Dataset"], root: str) -> CacheInfo:
+                  summary: DataSummary, datasets: dict[str, "ray.data.Dataset"], root: str,
+                  in_process: bool = False) -> CacheInfo:
     """Reuse the cache for this run's key under ``root`` (a folder or a URI), or build it from ``datasets``.
 
-    Building streams: Ray Data actors compute the prefix batch by batch and this process appends each
-    batch to memory-mapped arrays, so no process ever holds the whole dataset's activations. Another process
-    building the same key at the same time is waited for, not duplicated.
+    Building streams: Ray Data actors (``scaling.num_workers`` of them, on the workers' kind of device) compute
+    the prefix batch by batch and this process appends each batch to memory-mapped arrays, so no process ever
+    holds the whole dataset's activations. ``in_process``: this process computes the prefix itself, batch by
+    batch, on its own device (a Tune trial that is its run's only worker: it holds the worker's resources,
+    and an actor would only add a process start and a second import of torch). Another process building
+    the same key at the same time is waited for, not duplicated.
     """
     key = cache_key(cfg, family, ref, depth, num_blocks, summary)
     store = _Store(root)
@@ -212,17 +217,17 @@ def prepare_cache(cfg: Config, family: Any, ref: Any, labels: list[str], depth: 
         with _BuildClaim(key) as claim:
             meta = claim.wait_or_claim(lambda: store.meta(key))
             if meta is None:  # this process holds the claim and nobody has built the key
-                return _build(cfg, family, labels, depth, num_blocks, datasets, store, key)
+                return _build(cfg, family, labels, depth, num_blocks, datasets, store, key, in_process)
     return CacheInfo(store.path(key), key, meta["size_bytes"], False, 0.0)
 
 
 def _build(cfg: Config, family: Any, labels: list[str], depth: int, num_blocks: int, datasets: dict,
-           store: "_Store", key: str) -> CacheInfo:
+           store: "_Store", key: str, in_process: bool) -> CacheInfo:
     started = time.perf_counter()
     staging = store.staging(key)
     staging.mkdir(parents=True)
     try:
-        rows = _write_features(cfg, labels, depth, datasets, staging, family)
+        rows = _write_features(cfg, labels, depth, datasets, staging, family, in_process)
         size = sum(p.stat().st_size for p in staging.iterdir())
         meta = {"key": key, "rows": rows, "depth": depth, "num_blocks": num_blocks, "model": cfg.model.name,
                 "size_bytes": size, "build_s": time.perf_counter() - started}
@@ -396,8 +401,8 @@ class _BuildClaim:
             ray.get(self.actor.release.remote(self.key, self.holder))
 
 
-def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, folder: Path, family: Any) -> int:
-    import ray.data
+def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, folder: Path, family: Any,
+                    in_process: bool) -> int:
     from numpy.lib.format import open_memmap
 
     from ptm_ray.progress import CountBar
@@ -405,22 +410,29 @@ def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, 
     splits = list(datasets.values())
     total = sum(ds.count() for ds in splits)
     everything = splits[0].union(*splits[1:]) if len(splits) > 1 else splits[0]
-    threads = int(cfg.scaling.resources_per_worker.get("CPU", 1) or 1)
-    features = everything.map_batches(
-        _PrefixFn,
-        fn_constructor_kwargs={"cfg": config_to_dict(cfg), "labels": labels, "depth": depth, "threads": threads,
-                               "pad_to": cfg.model.max_length if family.modality == "text" else None},
-        batch_size=max(cfg.train.batch_size, 32),
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.scaling.num_workers),
-        # a fraction of a CPU, as for reads: a search's trial drivers may hold the whole CPUs of a small node
-        num_cpus=0.25,
-        num_gpus=1 if cfg.scaling.use_gpu else 0,
-    )
+    kwargs = {"cfg": config_to_dict(cfg), "labels": labels, "depth": depth,
+              "pad_to": cfg.model.max_length if family.modality == "text" else None}
+    batch_size = max(cfg.train.batch_size, 32)
+    if in_process:
+        prefix = _PrefixFn(**kwargs, threads=None)
+        features = map(prefix, everything.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    else:
+        import ray.data
+
+        features = everything.map_batches(
+            _PrefixFn,
+            fn_constructor_kwargs=kwargs | {"threads": int(cfg.scaling.resources_per_worker.get("CPU", 1) or 1)},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.scaling.num_workers),
+            # a fraction of a CPU, as for reads: a search's trial drivers may hold the whole CPUs of a small node
+            num_cpus=0.25,
+            num_gpus=1 if cfg.scaling.use_gpu else 0,
+        ).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
     arrays: dict[str, np.memmap] = {}
     row = 0
     with CountBar(total, f"[ptm_ray] feature cache: {depth} frozen block(s)", "row") as bar:
-        for batch in features.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        for batch in features:
             n = len(batch["row_key"])
             for name, values in batch.items():
                 if name not in arrays:

@@ -271,14 +271,15 @@ def fit_in_trial(cfg: Config, data: PreparedData | None = None) -> None:
     plan = plan_run(cfg, data.summary if data else None)
     datasets = data.datasets if data else task_for(cfg.model.task).datasets(plan.data, cfg)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    run_loop(_loop_config(cfg, plan, datasets), TuneSession(datasets, device))
+    run_loop(_loop_config(cfg, plan, datasets, in_process=True), TuneSession(datasets, device))
 
 
-def _loop_config(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:
-    """What every worker's loop is given: the config, the labels, the training rows, the feature cache."""
+def _loop_config(cfg: Config, plan: RunPlan, datasets: dict, in_process: bool = False) -> dict[str, Any]:
+    """What every worker's loop is given: the config, the labels, the training rows, the feature cache
+    (built by this process itself where it is the run's only worker, ``in_process``)."""
     loop_config = {"cfg": config_to_dict(cfg), "labels": plan.labels, "num_train_rows": plan.data.num_train_rows,
                    "num_val_rows": plan.data.num_val_rows}
-    return loop_config | _feature_cache(cfg, plan, datasets)
+    return loop_config | _feature_cache(cfg, plan, datasets, in_process)
 
 
 def _preprocess_in_ray_data(cfg: Config, plan: RunPlan, datasets: dict, loop_config: dict[str, Any],
@@ -412,7 +413,7 @@ def leave_cpus_for_data(resources: dict[str, float], num_workers: int, who: str 
     return resources | {"CPU": lowered}
 
 
-def _feature_cache(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]:
+def _feature_cache(cfg: Config, plan: RunPlan, datasets: dict, in_process: bool = False) -> dict[str, Any]:
     """Build or reuse the frozen-prefix cache when the plan allows it; what the loop needs to read it."""
     if not plan.feature_cache:
         if plan.freeze_blocks > 0:
@@ -420,7 +421,7 @@ def _feature_cache(cfg: Config, plan: RunPlan, datasets: dict) -> dict[str, Any]
         return {"feature_cache": None, "feature_cache_bytes": 0, "feature_cache_build_s": 0.0}
     family, ref = resolve_model(cfg.model)
     info = prepare_cache(cfg, family, ref, plan.labels, plan.freeze_blocks, plan.num_blocks, plan.data, datasets,
-                         f"{storage_path(cfg)}/feature_cache")
+                         f"{storage_path(cfg)}/feature_cache", in_process)
     how = f"built in {info.build_s:.1f} s" if info.built else "reused"
     print(f"[ptm_ray] feature cache {how}: {info.path} ({info.size_bytes / 1e6:.1f} MB), "
           f"{plan.freeze_blocks}/{plan.num_blocks} frozen blocks computed once")

@@ -116,8 +116,9 @@ def test_second_run_with_same_key_reuses_the_cache(ray_cluster, tiny_text, tmp_p
     assert len(caches) == 2 and not any(p.name.startswith(".building") for p in caches)
 
 
-def _prepare(cfg, root: str):
-    """``prepare_cache`` as ``fit`` calls it, for ``cfg``'s own plan and data."""
+def _prepare(cfg, root: str, in_process: bool = False):
+    """``prepare_cache`` as ``fit`` calls it (or a trial that trains itself: ``in_process``), for ``cfg``'s own
+    plan and data."""
     from ptm_ray.feature_cache import prepare_cache
     from ptm_ray.tasks import task_for
 
@@ -125,7 +126,29 @@ def _prepare(cfg, root: str):
     plan = plan_run(cfg)
     datasets = task_for(cfg.model.task).datasets(plan.data, cfg)
     return prepare_cache(cfg, model_family, ref, plan.labels, plan.freeze_blocks, plan.num_blocks, plan.data, datasets,
-                         root)
+                         root, in_process)
+
+
+def test_a_cache_built_in_the_trial_process_equals_the_one_ray_data_actors_build(ray_cluster, tiny_text, tmp_path):
+    """A search's single-worker trial computes the prefix itself (no actor to start): same rows, same features."""
+    import numpy as np
+
+    cfg = load_config(None, tiny_overrides(tiny_text["bert"], tmp_path, "inproc", model__freeze_depth=2,
+                                           **ONE_WORKER))
+    by_actors = _prepare(cfg, str(tmp_path / "actors"))
+    in_process = _prepare(cfg, str(tmp_path / "in_process"), in_process=True)
+    assert by_actors.built and in_process.built and by_actors.key == in_process.key
+    names = sorted(p.name for p in Path(by_actors.path).glob("*.npy"))
+    assert names == sorted(p.name for p in Path(in_process.path).glob("*.npy")) and "hidden.npy" in names
+    arrays = [{name: np.load(Path(cache.path) / name) for name in names} for cache in (by_actors, in_process)]
+    mask = arrays[0]["attention_mask.npy"].astype(bool)
+    assert np.array_equal(mask, arrays[1]["attention_mask.npy"])
+    for name in names:
+        a, b = arrays[0][name], arrays[1][name]
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name == "hidden.npy":  # at padding the states depend on the batch's padded length; the top masks them
+            a, b = a[mask], b[mask]
+        assert np.allclose(a, b, atol=1e-5), name  # the actor runs 1 torch thread, this process may run more
 
 
 def _race(cfg, root: str) -> list:
