@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import random
-import re
 import tempfile
 import threading
 import time
@@ -73,7 +72,7 @@ def make_images(folder: Path, files: int, seed: int) -> Path:
 
 
 class Peaks:
-    """The driver's peak RSS and the object store's peak use, sampled every 0.25 s while running."""
+    """The driver's peak RSS and the object store's peak use (bytes, all nodes), sampled every 0.1 s while running."""
 
     def __init__(self) -> None:
         self.rss = self.store = 0
@@ -81,18 +80,17 @@ class Peaks:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        from ray._private.internal_api import memory_summary
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        me = psutil.Process()
+        me, state = psutil.Process(), get_state_from_address(None)
         while not self._stop.is_set():
             self.rss = max(self.rss, me.memory_info().rss)
-            try:
-                used = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
-                if used:
-                    self.store = max(self.store, int(used.group(1)) * 2**20)
+            try:  # the raylet's own count, in bytes (``ray memory`` prints it rounded down to MiB)
+                used = get_memory_info_reply(state).store_stats.object_store_bytes_used
+                self.store = max(self.store, used)
             except Exception:  # noqa: BLE001 - a missed sample is not a failed run
                 pass
-            self._stop.wait(0.25)
+            self._stop.wait(0.1)
 
     def __enter__(self) -> "Peaks":
         self._thread.start()
@@ -115,7 +113,7 @@ def run(name: str, overrides: list[str], root: Path) -> dict[str, float]:
     row = {"rss": peaks.rss, "store": peaks.store, "samples_per_s": epoch["samples_per_s"],
            "data_wait": epoch["data_wait_share"], "validation_rows": epoch["validation_rows"],
            "wall": time.perf_counter() - started}
-    print(f"    {name:<28} driver peak RSS {row['rss'] / 2**20:7.0f} MiB  object store peak {row['store'] / 2**20:6.0f} MiB  "
+    print(f"    {name:<28} driver peak RSS {row['rss'] / 2**20:7.0f} MiB  object store peak {row['store'] / 2**20:6.2f} MiB  "
           f"{row['samples_per_s']:7.1f} samples/s  data wait {row['data_wait']:6.1%}  "
           f"({row['validation_rows']} validation rows, {row['wall']:.0f} s)", flush=True)
     return row

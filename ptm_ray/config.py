@@ -37,6 +37,7 @@ __all__ = [
     "format_overrides",
     "load_config",
     "parse_freeze_depth",
+    "storage_path",
     "with_overrides",
 ]
 
@@ -409,6 +410,11 @@ def _override_value(key: str, value: str) -> Any:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"override {key}={value}: the value is not valid YAML ({problem}); quote a string with "
                          f"YAML's own quotes inside the shell's, e.g. {key}='\"{value}\"'") from None
+
+
+def storage_path(cfg: Config) -> str:
+    """``storage.path`` as Ray Train wants it: a URI as given, a local folder made absolute."""
+    return cfg.storage.path if "://" in cfg.storage.path else str(Path(cfg.storage.path).expanduser().resolve())
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -7,11 +7,13 @@ Two steps, in this order:
    returns the label set. Every problem is a ``ValueError`` naming the file, the column and, where there
    is one, the row. Unreadable image/audio files fail the run, or with ``data.on_bad_file=skip`` are left
    out and counted.
-2. ``ray_datasets(summary, cfg.data)`` reads the same data with Ray Data for the training workers, who
+2. ``ray_datasets(summary, cfg)`` reads the same data with Ray Data for the training workers, who
    take their shard with ``ray.train.get_dataset_shard`` and preprocess on the fly. Every dataset has two
    columns: ``input`` (text, or the encoded file bytes) and ``label`` (a string). Small data is read into
    the object store once; large data streams from storage every epoch (``data.materialize``,
-   ``materialize_decision``), so neither the driver nor the object store holds the whole dataset.
+   ``materialize_decision``), so neither the driver nor the object store holds the whole dataset: streamed
+   image/audio files are listed in a Parquet manifest under ``<storage.path>/manifests`` that Ray Data reads
+   like any table, a window of rows at a time.
 
 Without a validation file, text rows are held out by a hash of their input text (``validation_mask``), the
 same function on the driver (counts) and in Ray Data tasks (rows): no global shuffle, no materialization.
@@ -20,22 +22,24 @@ same function on the driver (counts) and in Ray Data tasks (rows): no global shu
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ptm_ray.config import DataConfig
+from ptm_ray.config import Config, DataConfig, storage_path
 
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["AUTO_MATERIALIZE_BYTES", "DataSummary", "MEDIA_EXTENSIONS", "check_columns", "check_media_files", "finish_datasets",
-           "hash_split_counts", "inspect_data", "inspect_table", "list_media_files", "materialize_decision", "media_dataset",
+__all__ = ["AUTO_MATERIALIZE_BYTES", "DataSummary", "MEDIA_BLOCK_BYTES", "MEDIA_EXTENSIONS", "TABLE_BLOCK_BYTES", "check_columns", "check_media_files", "finish_datasets",
+           "hash_split_counts", "inspect_data", "iter_table", "inspect_table", "list_media_files", "materialize_decision", "media_dataset", "media_datasets",
            "media_decoder", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
            "split_counts", "table_datasets", "validation_mask"]
 
@@ -104,6 +108,21 @@ def read_table(path: str, fmt: str, key: str) -> pa.Table:
     Raises:
         ValueError: naming ``key`` and ``path`` when the file is missing, unreadable or empty.
     """
+    tables = [table for _, table in iter_table(path, fmt, key)]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+_PARQUET_BATCH_ROWS = 16_384  # a block of a Parquet file's rows (CSV and JSON blocks are about a MB: pyarrow's own)
+
+
+def iter_table(path: str, fmt: str, key: str) -> Iterator[tuple[int, pa.Table]]:
+    """A CSV, JSONL or Parquet file (local path or URI) read one block of rows at a time (about a MB, as Ray
+    Data's readers read it), each with the number of rows before it: checks that see every row and hold one
+    block.
+
+    Raises:
+        ValueError: naming ``key`` and ``path`` when the file is missing, unreadable or empty.
+    """
     import pyarrow.csv
     import pyarrow.fs
     import pyarrow.json
@@ -121,25 +140,29 @@ def read_table(path: str, fmt: str, key: str) -> pa.Table:
         raise ValueError(f"{key}: {path} is not a file")
     if info.size == 0:
         raise ValueError(f"{key}: file {path} is empty")
+    rows = 0
     try:
         with fs.open_input_file(inner) as f:
             if fmt == "csv":
-                table = pyarrow.csv.read_csv(f)
+                batches = pyarrow.csv.open_csv(f)
             elif fmt == "jsonl":
-                table = pyarrow.json.read_json(f)
+                batches = pyarrow.json.open_json(f)
             else:
-                table = pyarrow.parquet.read_table(f)
+                batches = pyarrow.parquet.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+            for batch in batches:
+                if batch.num_rows:
+                    yield rows, pa.Table.from_batches([batch])
+                    rows += batch.num_rows
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{key}: {path} is not readable as {fmt}: {e}") from None
-    if table.num_rows == 0:
+    if rows == 0:
         raise ValueError(f"{key}: file {path} has a header but no rows")
-    return table
 
 
 def check_columns(table: pa.Table, path: str, key: str, columns: dict[str, str], text_column: str | None,
-                  may_be_empty: tuple[str, ...] = ()) -> None:
+                  may_be_empty: tuple[str, ...] = (), first_row: int = 0) -> None:
     """Columns (name -> config key) exist, hold no null or empty value (but those in ``may_be_empty``),
-    and ``text_column`` holds strings.
+    and ``text_column`` holds strings. ``table`` may be a block of the file whose first row is ``first_row``.
 
     Raises:
         ValueError: naming ``key``, ``path``, the row and the column.
@@ -152,7 +175,7 @@ def check_columns(table: pa.Table, path: str, key: str, columns: dict[str, str],
         if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type) or pa.types.is_null(text.type)):
             first = next(i for i, v in enumerate(text.to_pylist()) if not isinstance(v, str))
             raise ValueError(
-                f"{key}: {path} row {first + 1}, column {text_column!r}: text must be a string, "
+                f"{key}: {path} row {first_row + first + 1}, column {text_column!r}: text must be a string, "
                 f"got {text[first].as_py()!r} (column type {text.type})"
             )
     for column in (c for c in columns if c not in may_be_empty):
@@ -162,25 +185,35 @@ def check_columns(table: pa.Table, path: str, key: str, columns: dict[str, str],
             missing = pc.or_kleene(missing, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
         if pc.any(missing).as_py():
             row = pc.index(missing, True).as_py()
-            raise ValueError(f"{key}: {path} row {row + 1}, column {column!r}: value is missing or empty")
+            raise ValueError(f"{key}: {path} row {first_row + row + 1}, column {column!r}: value is missing or empty")
 
 
 def _labels_of(table: pa.Table, column: str) -> list[str]:
     return [str(v) for v in table[column].to_pylist()]
 
 
-def _check_labels(train_labels: list[str], val_labels: list[str] | None, cfg: DataConfig) -> list[str]:
+def _check_labels(train_labels: Sequence[str], val_labels: Sequence[str] | None, cfg: DataConfig) -> list[str]:
+    labels = _label_set(train_labels, cfg)
+    _check_known(val_labels or [], set(labels), cfg)
+    return labels
+
+
+def _label_set(train_labels: Iterable[str], cfg: DataConfig) -> list[str]:
+    """The sorted set of training labels; at least two."""
     labels = sorted(set(train_labels))
     if len(labels) < 2:
         raise ValueError(f"data.train: {cfg.train} has a single class {labels}; classification needs at least two")
-    known = set(labels)
-    for row, label in enumerate(val_labels or []):
+    return labels
+
+
+def _check_known(val_labels: Sequence[str], known: set[str], cfg: DataConfig, first_row: int = 0) -> None:
+    """Every validation label (rows from ``first_row``) occurs in the training data."""
+    for row, label in enumerate(val_labels):
         if label not in known:
             raise ValueError(
-                f"data.validation: {cfg.validation} row {row + 1}, column {cfg.label_column!r}: label {label!r} "
-                f"does not occur in the training data (labels: {labels})"
+                f"data.validation: {cfg.validation} row {first_row + row + 1}, column {cfg.label_column!r}: label "
+                f"{label!r} does not occur in the training data (labels: {sorted(known)})"
             )
-    return labels
 
 
 def validation_mask(texts: Sequence, fraction: float) -> np.ndarray:
@@ -202,13 +235,16 @@ def hash_split_counts(texts: Sequence, cfg: DataConfig) -> tuple[int, int]:
     Raises:
         ValueError: when either side would be empty.
     """
-    num_val = int(validation_mask(texts, cfg.val_fraction).sum())
-    if num_val in (0, len(texts)):
+    return _hash_split(len(texts), int(validation_mask(texts, cfg.val_fraction).sum()), cfg)
+
+
+def _hash_split(num_rows: int, num_val: int, cfg: DataConfig) -> tuple[int, int]:
+    if num_val in (0, num_rows):
         side = "validation" if num_val == 0 else "training"
-        raise ValueError(f"data.train: {cfg.train} has {len(texts)} rows; holding out data.val_fraction="
+        raise ValueError(f"data.train: {cfg.train} has {num_rows} rows; holding out data.val_fraction="
                          f"{cfg.val_fraction} of them by text hash leaves no {side} rows: give data.validation "
                          "or change data.val_fraction")
-    return len(texts) - num_val, num_val
+    return num_rows - num_val, num_val
 
 
 def split_counts(num_rows: int, cfg: DataConfig) -> tuple[int, int]:
@@ -220,31 +256,46 @@ def split_counts(num_rows: int, cfg: DataConfig) -> tuple[int, int]:
 
 
 def _inspect_text(cfg: DataConfig) -> DataSummary:
+    """One streamed pass over each file (``iter_table``): the driver holds a block of rows and the label set."""
     columns = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}
-    train = read_table(cfg.train, cfg.format, "data.train")
-    check_columns(train, cfg.train, "data.train", columns, cfg.text_column)
+    seen: set[str] = set()
+    num_rows, held_out = _stream_checks(cfg.train, "data.train", columns, (cfg.text_column,), cfg,
+                                        lambda table, _: seen.update(_labels_of(table, cfg.label_column)))
+    labels = _label_set(seen, cfg)
     if cfg.validation is None:
-        labels = _check_labels(_labels_of(train, cfg.label_column), None, cfg)
-        return DataSummary(labels, *hash_split_counts(train[cfg.text_column].to_pylist(), cfg))
-    val = read_table(cfg.validation, cfg.format, "data.validation")
-    check_columns(val, cfg.validation, "data.validation", columns, cfg.text_column)
-    labels = _check_labels(_labels_of(train, cfg.label_column), _labels_of(val, cfg.label_column), cfg)
-    return DataSummary(labels, train.num_rows, val.num_rows)
+        return DataSummary(labels, *_hash_split(num_rows, held_out, cfg))
+    known = set(labels)
+    num_val, _ = _stream_checks(cfg.validation, "data.validation", columns, (cfg.text_column,), cfg,
+                                lambda table, first: _check_known(_labels_of(table, cfg.label_column), known, cfg, first))
+    return DataSummary(labels, num_rows, num_val)
 
 
 def inspect_table(cfg: DataConfig, columns: dict[str, str], text_columns: tuple[str, ...]) -> DataSummary:
     """Check the ``columns`` (name -> config key) of the training and validation files: they exist, no value
     is missing, and ``text_columns`` hold strings (the first is the input). For tasks whose target is text;
-    the summary has no labels."""
-    train = read_table(cfg.train, cfg.format, "data.train")
-    for text_column in text_columns:
-        check_columns(train, cfg.train, "data.train", columns, text_column)
+    the summary has no labels. One streamed pass over each file."""
+    num_rows, held_out = _stream_checks(cfg.train, "data.train", columns, text_columns, cfg)
     if cfg.validation is None:
-        return DataSummary([], *hash_split_counts(train[text_columns[0]].to_pylist(), cfg))
-    val = read_table(cfg.validation, cfg.format, "data.validation")
-    for text_column in text_columns:
-        check_columns(val, cfg.validation, "data.validation", columns, text_column)
-    return DataSummary([], train.num_rows, val.num_rows)
+        return DataSummary([], *_hash_split(num_rows, held_out, cfg))
+    num_val, _ = _stream_checks(cfg.validation, "data.validation", columns, text_columns, cfg)
+    return DataSummary([], num_rows, num_val)
+
+
+def _stream_checks(path: str, key: str, columns: dict[str, str], text_columns: tuple[str, ...], cfg: DataConfig,
+                   each: Callable[[pa.Table, int], None] | None = None) -> tuple[int, int]:
+    """``check_columns`` on every block of ``path``, then ``each(block, first_row)``; (rows, rows that
+    ``validation_mask`` holds out: counted for ``data.train`` without ``data.validation``, else 0)."""
+    held_out = key == "data.train" and cfg.validation is None
+    num_rows = num_val = 0
+    for first, table in iter_table(path, cfg.format, key):
+        for text_column in text_columns:
+            check_columns(table, path, key, columns, text_column, first_row=first)
+        if each is not None:
+            each(table, first)
+        num_rows += table.num_rows
+        if held_out:
+            num_val += int(validation_mask(table[text_columns[0]].to_pylist(), cfg.val_fraction).sum())
+    return num_rows, num_val
 
 
 def table_datasets(cfg: DataConfig, rename: dict[str, str], summary: DataSummary) -> dict[str, "ray.data.Dataset"]:
@@ -256,8 +307,10 @@ def table_datasets(cfg: DataConfig, rename: dict[str, str], summary: DataSummary
     def read(path: str, side: str) -> "ray.data.Dataset":
         # one task per block selects, renames and holds out: Ray Data's own select/rename would be operators
         # of their own asking a whole CPU, which Train workers may hold (see leave_cpus_for_data)
-        return _ray_read(path, cfg.format).map_batches(_columns, batch_format="numpy", **_READ_ARGS, fn_kwargs={
+        dataset = _ray_read(path, cfg.format).map_batches(_columns, batch_format="numpy", **_READ_ARGS, fn_kwargs={
             "rename": rename, "fraction": cfg.val_fraction if cfg.validation is None else None, "side": side})
+        dataset.context.target_max_block_size = TABLE_BLOCK_BYTES
+        return dataset
 
     if cfg.validation is not None:
         return finish_datasets({"train": read(cfg.train, "all"), "validation": read(cfg.validation, "all")}, summary, cfg)
@@ -303,11 +356,11 @@ def _source_bytes(summary: DataSummary, cfg: DataConfig) -> int:
     return total
 
 
-def finish_datasets(datasets: dict[str, "ray.data.Dataset"], summary: DataSummary,
-                    cfg: DataConfig) -> dict[str, "ray.data.Dataset"]:
+def finish_datasets(datasets: dict[str, "ray.data.Dataset"], summary: DataSummary, cfg: DataConfig,
+                    decision: tuple[bool, str] | None = None) -> dict[str, "ray.data.Dataset"]:
     """``datasets`` read into the object store now, or left lazy to stream (said on the console), as
-    ``materialize_decision`` says."""
-    materialize, why = materialize_decision(summary, cfg)
+    ``materialize_decision`` says (or has said: ``decision``)."""
+    materialize, why = decision or materialize_decision(summary, cfg)
     if materialize:
         return {name: ds.materialize() for name, ds in datasets.items()}
     print(f"[ptm_ray] data streamed from storage every epoch ({why})")
@@ -322,12 +375,16 @@ def quiet_ray_data() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Rows keep their order through the parallel file reads, so a seed fixes the batches a run sees.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    # Small blocks: a streamed file is read 1 MiB at a time (a CSV file is one read task, whose output would
+    # Small blocks: a streamed file is read a block at a time (a CSV file is one read task, whose output would
     # otherwise be one block of up to 128 MiB), so what sits in the object store is flat in the file's size.
-    ray.data.DataContext.get_current().target_max_block_size = _BLOCK_BYTES
+    ray.data.DataContext.get_current().target_max_block_size = MEDIA_BLOCK_BYTES
 
 
-_BLOCK_BYTES = 2**20
+# Blocks of image/audio files (64 files a block, split where larger) and of table rows (about 2,000 rows
+# of short text): ``ptm_ray.train`` lets streamed data run a few blocks ahead of the workers, so the
+# block size sets what the object store holds, whatever the dataset's size.
+MEDIA_BLOCK_BYTES = 2**20
+TABLE_BLOCK_BYTES = 2**17
 
 
 def list_media_files(path: str, cfg: DataConfig, key: str, modality: str,
@@ -483,16 +540,59 @@ def _load_files(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarr
     return {"input": np.array([read_bytes(p) for p in batch["path"]], dtype=object), column: batch[column]}
 
 
-def media_dataset(rows: list[tuple[str, str]], column: str = "label") -> "ray.data.Dataset":
+def media_dataset(rows: list[tuple[str, object]], column: str = "label",
+                  manifests: str | None = None) -> "ray.data.Dataset":
     """(file, value) rows as a Ray dataset of ``input`` (the file's bytes, read by Ray Data tasks) and
-    ``column`` (the value: a label, a transcript, a JSON target). Lazy: ``finish_datasets`` decides."""
+    ``column`` (the value: a label, a transcript, a JSON target). Lazy: ``finish_datasets`` decides.
+
+    The rows go into the object store whole (``ray.data.from_items``), or, given ``manifests`` (a folder or
+    URI every node reaches), into a Parquet manifest there that Ray Data reads a window of rows at a time.
+    """
     import ray.data
 
-    items = [{"path": file, column: value} for file, value in rows]
-    return ray.data.from_items(items).map_batches(_load_files, batch_size=64, fn_kwargs={"column": column}, **_READ_ARGS)
+    if manifests is None or not rows:
+        files = ray.data.from_items([{"path": file, column: value} for file, value in rows])
+    else:
+        files = ray.data.read_parquet(write_manifest(rows, column, manifests), **_READ_ARGS)
+    return files.map_batches(_load_files, batch_size=64, fn_kwargs={"column": column}, **_READ_ARGS)
 
 
-def ray_datasets(summary: DataSummary, cfg: DataConfig) -> dict[str, "ray.data.Dataset"]:
+def media_datasets(summary: DataSummary, cfg: Config, column: str = "label") -> dict[str, "ray.data.Dataset"]:
+    """``train`` and ``validation`` of the checked (file, value) rows of ``summary`` (``media_dataset``),
+    materialized or streamed as ``materialize_decision`` says; streamed rows come from manifests under
+    ``<storage.path>/manifests``, so the object store holds a window of the file list, not the list."""
+    quiet_ray_data()
+    decision = materialize_decision(summary, cfg.data)
+    manifests = None if decision[0] else f"{storage_path(cfg)}/manifests"
+    datasets = {"train": media_dataset(summary.train_files, column, manifests),
+                "validation": media_dataset(summary.val_files or [], column, manifests)}
+    return finish_datasets(datasets, summary, cfg.data, decision)
+
+
+# Rows per Parquet row group of a manifest: Ray Data reads a manifest a row group at a time.
+MANIFEST_ROWS = 1024
+
+
+def write_manifest(rows: list[tuple[str, object]], column: str, folder: str) -> str:
+    """A Parquet file of ``rows`` (columns ``path`` and ``column``) in ``folder``, named by a hash of its
+    content: the same list is written once and shared by every run and trial that streams it. Written under
+    a temporary name and moved into place, so a reader never sees part of it."""
+    import pyarrow.parquet
+
+    digest = hashlib.sha256(json.dumps([column, rows], default=str).encode()).hexdigest()[:32]
+    path = f"{folder.rstrip('/')}/{column}-{digest}.parquet"
+    fs, inner = _filesystem(path)
+    if fs.get_file_info(inner).size:
+        return path
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    partial = f"{inner}.{uuid.uuid4().hex[:8]}.partial"
+    table = pa.table({"path": [file for file, _ in rows], column: [value for _, value in rows]})
+    pyarrow.parquet.write_table(table, partial, filesystem=fs, row_group_size=MANIFEST_ROWS)
+    fs.move(partial, inner)
+    return path
+
+
+def ray_datasets(summary: DataSummary, cfg: Config) -> dict[str, "ray.data.Dataset"]:
     """Ray Data datasets ``train`` and ``validation`` with columns ``input`` and ``label``.
 
     Text is read with Ray Data's CSV/JSON/Parquet readers (validation held out of ``train`` by
@@ -500,8 +600,7 @@ def ray_datasets(summary: DataSummary, cfg: DataConfig) -> dict[str, "ray.data.D
     file list. Small data is materialized (blocks in the object store, spilled to disk if large), large data
     streams (``finish_datasets``); ``ptm_ray.train`` leaves streamed reads a share of the CPUs.
     """
+    data = cfg.data
     if summary.train_files is None:
-        return table_datasets(cfg, {cfg.text_column: "input", cfg.label_column: "label"}, summary)
-    quiet_ray_data()
-    return finish_datasets({"train": media_dataset(summary.train_files),
-                            "validation": media_dataset(summary.val_files or [])}, summary, cfg)
+        return table_datasets(data, {data.text_column: "input", data.label_column: "label"}, summary)
+    return media_datasets(summary, cfg)

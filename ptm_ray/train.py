@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from ptm_ray.checkpoint import as_uri, read_meta
-from ptm_ray.config import Config, config_to_dict, parse_freeze_depth
+from ptm_ray.config import Config, config_to_dict, parse_freeze_depth, storage_path
 from ptm_ray.console import epoch_line, logs_dir
-from ptm_ray.data import DataSummary, materialize_decision
+from ptm_ray.data import MEDIA_BLOCK_BYTES, DataSummary, materialize_decision
 from ptm_ray.feature_cache import cache_decision, prepare_cache
 from ptm_ray.lora import lora_targets
 from ptm_ray.models import resolve_model
@@ -36,7 +36,7 @@ from ptm_ray.worker import (RaySession, Session, TuneSession, checkpoint_and_rep
                             train_one_epoch, validate)
 
 __all__ = ["FitResult", "PreparedData", "RunPlan", "fit", "fit_in_trial", "plan_run", "prepare_data", "run_loop",
-           "storage_path", "train_loop_per_worker"]
+           "train_loop_per_worker"]
 
 
 @dataclass
@@ -118,11 +118,6 @@ def plan_run(cfg: Config, data: DataSummary | None = None) -> RunPlan:
         lora_targets(skeleton, blocks, depth, cfg.model.lora)
     use_cache, why = cache_decision(cfg, task, family, skeleton, depth)
     return RunPlan(summary, num_blocks, depth, use_cache, why)
-
-
-def storage_path(cfg: Config) -> str:
-    """``storage.path`` as Ray Train wants it: a URI as given, a local folder made absolute."""
-    return cfg.storage.path if "://" in cfg.storage.path else str(Path(cfg.storage.path).expanduser().resolve())
 
 
 HEALTH_CHECK_INTERVAL_S = "0.5"
@@ -347,11 +342,11 @@ def _trainer(cfg: Config, name: str, loop_config: dict[str, Any], datasets: dict
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=_shards_config(),
+        dataset_config=_shards_config(datasets["train"].context.target_max_block_size or MEDIA_BLOCK_BYTES),
     )
 
 
-def _shards_config() -> Any:
+def _shards_config(block_bytes: int) -> Any:
     """Ray Train's ``DataConfig``, but validation split into unequal shards: every row exactly once.
 
     Ray's default splits every dataset with ``equal=True`` (each worker the same number of rows, up to
@@ -359,8 +354,9 @@ def _shards_config() -> Any:
     for validation, whose metrics must cover every row. Workers combine their sums after their last batch,
     so shards of different sizes cost nothing.
 
-    Streamed data may hold ``INGEST_OBJECT_STORE_BYTES`` of the object store ahead of the workers (Ray
-    Data's default budget is a share of the whole store, so a read ran ahead by the whole file)."""
+    Streamed data may hold ``INGEST_BLOCKS`` blocks (of ``block_bytes``, the training data's) of the object
+    store ahead of the workers (Ray Data's default budget is a share of the whole store, so a read ran ahead
+    by the whole file)."""
     import copy
 
     from ray.data import ExecutionResources
@@ -369,7 +365,7 @@ def _shards_config() -> Any:
     options = DataConfig.default_ingest_options()
     limits = options.resource_limits
     options.resource_limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory,
-                                                 object_store_memory=INGEST_OBJECT_STORE_BYTES)
+                                                 object_store_memory=INGEST_BLOCKS * block_bytes)
 
     class Shards(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -389,9 +385,9 @@ def _shards_config() -> Any:
 
 # Streamed data is read by Ray Data tasks (a quarter of a CPU each) while the workers train.
 DATA_CPUS = 0.5
-# What streamed data may hold of the object store ahead of the workers: a few 1 MiB blocks (tens of
-# thousands of text rows, hundreds of small images) keep them busy; more only grows with the dataset.
-INGEST_OBJECT_STORE_BYTES = 4 * 2**20
+# What streamed data may hold of the object store ahead of the workers, in blocks: a few blocks (thousands
+# of text rows, hundreds of small images) keep them busy; more only grows with the dataset.
+INGEST_BLOCKS = 4
 
 
 def leave_cpus_for_data(resources: dict[str, float], num_workers: int, who: str = "workers") -> dict[str, float]:

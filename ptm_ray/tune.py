@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ptm_ray.checkpoint import as_uri
-from ptm_ray.config import Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, with_overrides
+from ptm_ray.config import (Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, storage_path,
+                            with_overrides)
 from ptm_ray.data import materialize_decision
 from ptm_ray.model_store import ModelStore, ModelVersion
-from ptm_ray.train import PreparedData, fit, fit_in_trial, leave_cpus_for_data, plan_run, prepare_data, storage_path
+from ptm_ray.train import PreparedData, fit, fit_in_trial, leave_cpus_for_data, plan_run, prepare_data
 
 __all__ = ["LeaderboardRow", "SearchResult", "best_epoch", "build_param_space", "leaderboard", "promote", "run_search",
            "validate_search"]

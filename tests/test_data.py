@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
@@ -101,3 +102,42 @@ def test_missing_file_unreadable_file_and_unknown_extension(tmp_path):
         inspect_data(DataConfig(train=_csv(tmp_path, "data.txt", "text,label\n")))
     with pytest.raises(ValueError, match="no bundled dataset 'nope.csv'"):
         inspect_data(DataConfig(train="bundled:nope.csv"))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_checks_stream_the_file_block_by_block_and_name_rows_past_the_first_block(tmp_path, fmt):
+    """The driver checks a file one block of rows at a time (as Ray Data reads it), so it never holds the whole
+    file; a problem past the first block is still named by its row in the file, and the counts are every row's."""
+    from ptm_ray.data import iter_table
+
+    rows = 60_000  # about 2.4 MB: several of the readers' blocks
+    texts = [f"order {i} never arrived, please help" for i in range(rows)]
+    labels = ["late" if i % 2 else "refund" for i in range(rows)]
+
+    def write(name: str, texts: list, labels: list) -> str:
+        table = pa.table({"text": texts, "label": labels})
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "csv":
+            pyarrow.csv.write_csv(table, path)
+        elif fmt == "jsonl":
+            path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(texts, labels)))
+        else:
+            pq.write_table(table, path, row_group_size=10_000)
+        return str(path)
+
+    good = write("train", texts, labels)
+    blocks = list(iter_table(good, fmt, "data.train"))
+    assert len(blocks) > 1 and [first for first, _ in blocks][:2] == [0, blocks[0][1].num_rows]
+    assert sum(t.num_rows for _, t in blocks) == rows
+    summary = inspect_data(DataConfig(train=good, val_fraction=0.1))
+    assert summary.labels == ["late", "refund"] and summary.num_train_rows + summary.num_val_rows == rows
+    assert summary.num_val_rows == int(validation_mask(texts, 0.1).sum())
+
+    late = rows - 7
+    with pytest.raises(ValueError, match=rf"data.train: .*train_empty.{fmt} row {late + 1}, column 'text': "
+                                         "value is missing or empty"):
+        inspect_data(DataConfig(train=write("train_empty", texts[:late] + [" "] + texts[late + 1:], labels),
+                                val_fraction=0.1))
+    with pytest.raises(ValueError, match=rf"data.validation: .*val.{fmt} row {late + 1}, column 'label': label "
+                                         r"'lost' does not occur in the training data \(labels: \['late', 'refund'\]\)"):
+        inspect_data(DataConfig(train=good, validation=write("val", texts, labels[:late] + ["lost"] + labels[late + 1:])))

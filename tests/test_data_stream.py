@@ -5,6 +5,7 @@ every validation row evaluated exactly once across workers."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 from ray.data.dataset import MaterializedDataset
@@ -108,3 +109,38 @@ def test_media_checks_in_ray_data_tasks_find_what_the_driver_finds(ray_cluster, 
     else:
         good, bad = outcomes[1]
         assert bad == [str(tmp_path / "37.png"), str(tmp_path / "120.png")] and len(good) == 148
+
+
+def test_streamed_media_rows_come_from_a_manifest_on_storage_equal_to_the_materialized_rows(ray_cluster, digits_dir,
+                                                                                           tmp_path):
+    """Streamed image files are listed in a Parquet manifest under storage.path (the object store then holds a
+    window of the list, not the list): the same rows as the materialized path, the manifest written once."""
+    import pyarrow.parquet
+
+    from ptm_ray.data import media_dataset
+
+    rows, summaries, cfgs = {}, {}, {}
+    for mode in ("never", "always"):
+        cfgs[mode] = cfg = load_config(None, [f"data.train={digits_dir}", "data.validation=null", "data.val_fraction=0.2",
+                                 f"data.materialize={mode}", "model.name=timm:test_resnet",
+                                 f"storage.path={tmp_path / 'runs'}"])
+        task = task_for(cfg.model.task)
+        summaries[mode] = summary = task.inspect(cfg, "image")
+        datasets = task.datasets(summary, cfg)
+        rows[mode] = {split: sorted((r["input"], r["label"]) for r in ds.iter_rows()) for split, ds in datasets.items()}
+    assert rows["never"] == rows["always"] and len(rows["never"]["validation"]) == summaries["never"].num_val_rows
+    manifests = sorted((tmp_path / "runs" / "manifests").iterdir())
+    assert len(manifests) == 2 and all(p.suffix == ".parquet" for p in manifests)  # train and validation, no partial
+    listed = [list(zip(*pyarrow.parquet.read_table(p).to_pydict().values())) for p in manifests]
+    assert sorted(map(len, listed)) == sorted([summaries["never"].num_train_rows, summaries["never"].num_val_rows])
+    assert sorted(summaries["never"].train_files) in [sorted(rows) for rows in listed]
+    written = [p.stat().st_mtime_ns for p in manifests]
+    task.datasets(summaries["never"], cfgs["never"])
+    assert [p.stat().st_mtime_ns for p in manifests] == written  # the same list is not written again
+
+    # values that are lists (multi-label sets) read back from a manifest as from the object store
+    files = [(str(p), labels) for p, labels in zip(sorted(Path(digits_dir).rglob("*.png"))[:5],
+                                                   [["a"], ["a", "b"], [], ["c"], ["b", "c"]])]
+    by_items = [(r["label"].tolist(), r["input"]) for r in media_dataset(files).iter_rows()]
+    by_manifest = [(r["label"].tolist(), r["input"]) for r in media_dataset(files, manifests=str(tmp_path / "m")).iter_rows()]
+    assert by_manifest == by_items and [labels for labels, _ in by_items] == [labels for _, labels in files]

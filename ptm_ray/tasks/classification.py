@@ -76,7 +76,7 @@ class ClassificationTask(Task):
     def datasets(self, summary, cfg):
         from ptm_ray.data import ray_datasets
 
-        return ray_datasets(summary, cfg.data)
+        return ray_datasets(summary, cfg)
 
     @staticmethod
     def _logits_and_targets(ctx, net, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

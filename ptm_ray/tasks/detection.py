@@ -131,11 +131,9 @@ class DetectionTask(Task):
         return DataSummary(categories, len(train), len(val), rows(train), rows(val), skipped)
 
     def datasets(self, summary, cfg):
-        from ptm_ray.data import finish_datasets, media_dataset, quiet_ray_data
+        from ptm_ray.data import media_datasets
 
-        quiet_ray_data()
-        return finish_datasets({"train": media_dataset(summary.train_files, "target"),
-                                "validation": media_dataset(summary.val_files, "target")}, summary, cfg.data)
+        return media_datasets(summary, cfg, "target")
 
     def train_step(self, ctx: WorkerContext, net, batch):
         targets = _targets(batch["target"], ctx.labels)

@@ -157,14 +157,12 @@ class MultiLabelTask(Task):
                 for row, (text, v) in enumerate(zip(table[data.text_column].to_pylist(), values))]
 
     def datasets(self, summary, cfg):
-        from ptm_ray.data import finish_datasets, media_dataset, quiet_ray_data, table_datasets
+        from ptm_ray.data import media_datasets, table_datasets
 
         data = cfg.data
         if summary.train_files is None:
             return table_datasets(data, {data.text_column: "input", data.label_column: "label"}, summary)
-        quiet_ray_data()
-        return finish_datasets({"train": media_dataset(summary.train_files),
-                                "validation": media_dataset(summary.val_files)}, summary, data)
+        return media_datasets(summary, cfg)
 
     # --- training and validation ---------------------------------------------------------------------------
     def _targets(self, ctx, batch) -> torch.Tensor:

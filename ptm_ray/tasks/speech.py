@@ -73,12 +73,9 @@ class SpeechRecognitionTask(Task):
         return DataSummary(list(vocab), len(train), len(val), train, val, skipped)
 
     def datasets(self, summary, cfg):
-        from ptm_ray.data import finish_datasets, media_dataset, quiet_ray_data
+        from ptm_ray.data import media_datasets
 
-        quiet_ray_data()
-        # columns input (file bytes) and target (the transcript)
-        return finish_datasets({"train": media_dataset(summary.train_files, "target"),
-                                "validation": media_dataset(summary.val_files, "target")}, summary, cfg.data)
+        return media_datasets(summary, cfg, "target")  # columns input (file bytes) and target (the transcript)
 
     @staticmethod
     def _loss_and_log_probs(ctx: WorkerContext, net: torch.nn.Module, batch: dict[str, Any],
