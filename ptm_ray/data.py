@@ -378,6 +378,11 @@ def quiet_ray_data() -> None:
     # Small blocks: a streamed file is read a block at a time (a CSV file is one read task, whose output would
     # otherwise be one block of up to 128 MiB), so what sits in the object store is flat in the file's size.
     ray.data.DataContext.get_current().target_max_block_size = MEDIA_BLOCK_BYTES
+    # Ray 2.60's newer Parquet reader lists files in a task of its own that asks a whole CPU: where the
+    # training workers hold all but a fraction of the CPUs (``leave_cpus_for_data``), that task never starts
+    # and the run waits forever for its first batch (a streamed manifest hung so). The older reader's read
+    # tasks take the quarter CPU ``_READ_ARGS`` gives them.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
 # Blocks of image/audio files (64 files a block, split where larger) and of table rows (about 2,000 rows

@@ -64,6 +64,19 @@ def test_two_workers_stream_on_a_two_cpu_node_and_validate_every_row_once(ray_cl
     assert all(0.0 <= h["data_wait_share"] < 1.0 for h in result.history)
 
 
+def test_two_workers_stream_image_files_from_a_manifest_on_a_two_cpu_node(ray_cluster, digits_dir, tmp_path):
+    # the file list is read with Ray Data's Parquet reader, whose newer version lists files in a 1-CPU task
+    # that two 0.75-CPU workers on this 2-CPU cluster left no room for: the run waited forever
+    cfg = load_config(None, [f"data.train={digits_dir}", "data.validation=null", "data.val_fraction=0.1",
+                             "data.materialize=never", "model.name=timm:test_resnet", "model.weights=none",
+                             "data.image_size=32", "scaling.num_workers=2", "scaling.resources_per_worker={CPU: 1}",
+                             "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8",
+                             "tracking.mlflow=off", f"storage.path={tmp_path / 'runs'}", "storage.name=images"])
+    result = fit(cfg)
+    assert list((tmp_path / "runs" / "manifests").glob("*.parquet"))
+    assert result.history[-1]["validation_rows"] == task_for("classification").inspect(cfg, "image").num_val_rows
+
+
 def test_two_concurrent_trials_stream_on_a_two_cpu_node(ray_cluster, tiny_text, tmp_path, capsys):
     from ptm_ray.tune import run_search
 
