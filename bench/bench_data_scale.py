@@ -12,9 +12,11 @@ steps, ``data.materialize=never`` (streamed):
 Today's path (``data.materialize=always``) runs at the smallest size for comparison, and (b) runs once more with
 the preprocessing in Ray Data tasks (``data.preprocess=ray_data``) instead of the training workers.
 ``--compare-preprocess`` runs only that: (b) streamed, ``data.preprocess=workers`` then ``ray_data``, side by side.
+``--tiny-only`` runs only (a) and (c), ending with ``data-scale (a)+(c): rss_growth=<x> store_growth=<x>
+throughput_spread=<f>``.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_data_scale.py [--steps 20] [--sizes small]
-        [--compare-preprocess]
+        [--compare-preprocess | --tiny-only]
 
 The last line: ``data-scale: rss_growth=<x> store_growth=<x> data_wait_text=<f> data_wait_images=<f>
 throughput_spread=<f>``.
@@ -133,12 +135,37 @@ def compare_preprocess(text: list[str], image: list[str], root: Path,
     return rows
 
 
+def _print_scale(text_rows: dict[int, dict], image_rows: dict[int, dict], text_sizes: list[int],
+                 image_sizes: list[int]) -> tuple[float, float, float]:
+    """(a) and (c): growth from the smallest to the largest size and the samples/s spread, printed; returned
+    as (RSS growth, object store growth, spread), the worse of text and images."""
+
+    def growth(rows: dict[int, dict], key: str) -> float:
+        return rows[max(rows)][key] / max(rows[min(rows)][key], 1)
+
+    def spread(rows: dict[int, dict]) -> float:
+        values = [r["samples_per_s"] for r in rows.values()]
+        return (max(values) - min(values)) / (sum(values) / len(values))
+
+    print(f"    growth {min(text_sizes)} -> {max(text_sizes)} rows: RSS {growth(text_rows, 'rss'):.2f}x, "
+          f"object store {growth(text_rows, 'store'):.2f}x; {min(image_sizes)} -> {max(image_sizes)} files: "
+          f"RSS {growth(image_rows, 'rss'):.2f}x, object store {growth(image_rows, 'store'):.2f}x")
+    print(f"    samples/s spread: text {spread(text_rows):.1%}, images {spread(image_rows):.1%}")
+    rss = max(growth(text_rows, "rss"), growth(image_rows, "rss"))
+    store = max(growth(text_rows, "store"), growth(image_rows, "store"))
+    worst = max(spread(text_rows), spread(image_rows))
+    print(f"data-scale (a)+(c): rss_growth={rss:.2f} store_growth={store:.2f} throughput_spread={worst:.3f}")
+    return rss, store, worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="training steps per worker, tiny models (a), (c)")
     parser.add_argument("--real-steps", type=int, default=60, help="training steps per worker, real models (b)")
     parser.add_argument("--sizes", choices=["full", "small"], default="full",
                         help="small: 1/10 of every size (a quick check of the bench itself)")
+    parser.add_argument("--tiny-only", action="store_true",
+                        help="only (a) and (c), the tiny models at every size (no real models; about 8 minutes)")
     parser.add_argument("--compare-preprocess", action="store_true",
                         help="only (b) at the smallest size: data.preprocess=workers vs ray_data, side by side")
     args = parser.parse_args()
@@ -177,6 +204,9 @@ def main() -> None:
     image_rows = {n: run(f"images-tiny-{n}", image(n, tiny_image, "never") + ["model.weights=none",
                                                                               "data.image_size=32"], root)
                   for n in image_sizes}
+    if args.tiny_only:
+        _print_scale(text_rows, image_rows, text_sizes, image_sizes)
+        return
     print("    today's path at the smallest size (data.materialize=always):")
     run(f"text-tiny-{text_sizes[0]}-materialized", text(text_sizes[0], f"hf:{tiny_bert}", "always"), root)
     run(f"images-tiny-{image_sizes[0]}-materialized", image(image_sizes[0], tiny_image, "always")
@@ -190,24 +220,11 @@ def main() -> None:
                        image(image_sizes[0], "efficientnet-lite0", "never", real) + ["data.image_size=96"], root,
                        modes=("ray_data",))
 
-    def growth(rows: dict[int, dict], key: str) -> float:
-        return rows[max(rows)][key] / max(rows[min(rows)][key], 1)
-
-    def spread(rows: dict[int, dict]) -> float:
-        values = [r["samples_per_s"] for r in rows.values()]
-        return (max(values) - min(values)) / (sum(values) / len(values))
-
-    rss = max(growth(text_rows, "rss"), growth(image_rows, "rss"))
-    store = max(growth(text_rows, "store"), growth(image_rows, "store"))
-    print(f"    growth {min(text_sizes)} -> {max(text_sizes)} rows: RSS {growth(text_rows, 'rss'):.2f}x, "
-          f"object store {growth(text_rows, 'store'):.2f}x; {min(image_sizes)} -> {max(image_sizes)} files: "
-          f"RSS {growth(image_rows, 'rss'):.2f}x, object store {growth(image_rows, 'store'):.2f}x")
-    print(f"    samples/s spread: text {spread(text_rows):.1%}, images {spread(image_rows):.1%}")
+    rss, store, spread = _print_scale(text_rows, image_rows, text_sizes, image_sizes)
     print(f"    data wait, streamed vs materialized: MiniLM {minilm[0]['data_wait']:.1%} vs {minilm[1]['data_wait']:.1%}, "
           f"Lite0 {lite0[0]['data_wait']:.1%} vs {lite0[1]['data_wait']:.1%}")
     print(f"data-scale: rss_growth={rss:.2f} store_growth={store:.2f} data_wait_text={minilm[0]['data_wait']:.3f} "
-          f"data_wait_images={lite0[0]['data_wait']:.3f} "
-          f"throughput_spread={max(spread(text_rows), spread(image_rows)):.3f}")
+          f"data_wait_images={lite0[0]['data_wait']:.3f} throughput_spread={spread:.3f}")
 
 
 if __name__ == "__main__":

@@ -558,8 +558,11 @@ def media_dataset(rows: list[tuple[str, object]], column: str = "label",
     if manifests is None or not rows:
         files = ray.data.from_items([{"path": file, column: value} for file, value in rows])
     else:
-        files = ray.data.read_parquet(write_manifest(rows, column, manifests), **_READ_ARGS)
-    return files.map_batches(_load_files, batch_size=64, fn_kwargs={"column": column}, **_READ_ARGS)
+        # one read task a row group: LOAD_BATCH files each (a task's block would otherwise hold up to a MiB of
+        # paths, thousands of files for one _load_files task, and the store's peak would grow with the list)
+        files = ray.data.read_parquet(write_manifest(rows, column, manifests), **_READ_ARGS,
+                                      override_num_blocks=-(-len(rows) // LOAD_BATCH))
+    return files.map_batches(_load_files, batch_size=LOAD_BATCH, fn_kwargs={"column": column}, **_READ_ARGS)
 
 
 def media_datasets(summary: DataSummary, cfg: Config, column: str = "label") -> dict[str, "ray.data.Dataset"]:
@@ -574,8 +577,11 @@ def media_datasets(summary: DataSummary, cfg: Config, column: str = "label") -> 
     return finish_datasets(datasets, summary, cfg.data, decision)
 
 
-# Rows per Parquet row group of a manifest: Ray Data reads a manifest a row group at a time.
-MANIFEST_ROWS = 1024
+# Files read by one Ray Data task; a manifest's row groups hold as many, so that each task reads one row
+# group's files into a block or two (with row groups of 1024 files, each task's 1024 files made several
+# MiB at once, and more tasks ran at once the more row groups the list had: the object store's peak grew
+# with the number of files).
+LOAD_BATCH = 64
 
 
 def write_manifest(rows: list[tuple[str, object]], column: str, folder: str) -> str:
@@ -592,7 +598,7 @@ def write_manifest(rows: list[tuple[str, object]], column: str, folder: str) -> 
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     partial = f"{inner}.{uuid.uuid4().hex[:8]}.partial"
     table = pa.table({"path": [file for file, _ in rows], column: [value for _, value in rows]})
-    pyarrow.parquet.write_table(table, partial, filesystem=fs, row_group_size=MANIFEST_ROWS)
+    pyarrow.parquet.write_table(table, partial, filesystem=fs, row_group_size=LOAD_BATCH)
     fs.move(partial, inner)
     return path
 
