@@ -38,10 +38,11 @@ from ptm_ray.config import Config, DataConfig, storage_path
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["AUTO_MATERIALIZE_BYTES", "DataSummary", "MEDIA_BLOCK_BYTES", "MEDIA_EXTENSIONS", "TABLE_BLOCK_BYTES", "check_columns", "check_media_files", "finish_datasets",
-           "hash_split_counts", "inspect_data", "iter_table", "inspect_table", "list_media_files", "materialize_decision", "media_dataset", "media_datasets",
-           "media_decoder", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table", "resolve_format", "resolve_path",
-           "split_counts", "table_datasets", "validation_mask"]
+__all__ = ["AUTO_MATERIALIZE_BYTES", "MEDIA_BLOCK_BYTES", "MEDIA_EXTENSIONS", "TABLE_BLOCK_BYTES", "check_columns",
+           "check_media_files", "DataSummary", "finish_datasets", "hash_split_counts", "inspect_data",
+           "inspect_table", "iter_table", "list_media_files", "materialize_decision", "media_dataset",
+           "media_datasets", "media_decoder", "quiet_ray_data", "ray_datasets", "read_bytes", "read_table",
+           "resolve_format", "resolve_path", "split_counts", "table_datasets", "validation_mask"]
 
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 MEDIA_EXTENSIONS = {

@@ -69,11 +69,16 @@ class ImagePreprocessor(Preprocessor):
         return self._train is not self._eval
 
     def rows(self, images: list[bytes], train: bool = False) -> dict[str, np.ndarray]:
-        """Decoded, resized and normalised images, one float32 (channels, height, width) array per row."""
-        return {"pixel_values": self(images, train)["pixel_values"].numpy()}
+        """Decoded and resized images before the transform's conversion to floats: one uint8 (height, width,
+        channels) array per row, a quarter of the float32 image's bytes in Ray's object store."""
+        resize, _ = _split_at_to_tensor(self._train if train else self._eval)
+        return {"pixel_values": np.stack([np.asarray(resize(decode_image(b)), dtype=np.uint8) for b in images])}
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.as_tensor(np.stack(list(rows["pixel_values"])))}
+        """The rest of the transform (to floats in [0, 1], channels first, normalised): the same operations on
+        the same pixels as ``__call__``, so the same tensors."""
+        _, to_float = _split_at_to_tensor(self._eval)
+        return {"pixel_values": torch.stack([to_float(np.asarray(row)) for row in rows["pixel_values"]])}
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,18 @@ class ImagePreprocessor(Preprocessor):
         config = meta["data_config"]
         config["input_size"] = tuple(config["input_size"])
         return cls(config, meta["augment"], meta["hflip"])
+
+
+def _split_at_to_tensor(transform: Any) -> tuple[Any, Any]:
+    """A timm transform (a torchvision ``Compose``) as (its steps on the decoded image, its steps from the
+    conversion to a float tensor on: ``ToTensor`` or timm's ``MaybeToTensor``, then ``Normalize``)."""
+    from torchvision import transforms
+
+    steps = list(transform.transforms)
+    cut = next((i for i, step in enumerate(steps) if type(step).__name__ in ("ToTensor", "MaybeToTensor")), None)
+    if cut is None:
+        raise ValueError(f"image transform {transform} has no ToTensor step to split rows from collate at")
+    return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut:])
 
 
 class TimmFamily(Family):
