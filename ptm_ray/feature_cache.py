@@ -3,7 +3,8 @@
 When the first k blocks of a model are frozen and preprocessing is deterministic (no augmentation),
 those blocks compute the same output for an example in every epoch and in every trial that shares the
 model, k and preprocessing. ``prepare_cache`` computes those outputs once, with Ray Data actors
-(batched, on the workers' kind of device), and stores them under
+(batched, on the workers' kind of device; a search trial that trains itself computes them in its own
+process), and stores them under
 ``<storage.path>/feature_cache/<key>/``; the training loop then feeds the cached features to the
 unfrozen top (``family.suffix_logits``) instead of running the whole model.
 
