@@ -10,6 +10,7 @@ mean/std, interpolation, crop) and is saved with the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -71,14 +72,22 @@ class ImagePreprocessor(Preprocessor):
     def rows(self, images: list[bytes], train: bool = False) -> dict[str, np.ndarray]:
         """Decoded and resized images before the transform's conversion to floats: one uint8 (height, width,
         channels) array per row, a quarter of the float32 image's bytes in Ray's object store."""
-        resize, _ = _split_at_to_tensor(self._train if train else self._eval)
+        resize = self._split_train[0] if train else self._split_eval[0]
         return {"pixel_values": np.stack([np.asarray(resize(decode_image(b)), dtype=np.uint8) for b in images])}
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The rest of the transform (to floats in [0, 1], channels first, normalised): the same operations on
         the same pixels as ``__call__``, so the same tensors."""
-        _, to_float = _split_at_to_tensor(self._eval)
+        to_float = self._split_eval[1]
         return {"pixel_values": torch.stack([to_float(np.asarray(row)) for row in rows["pixel_values"]])}
+
+    @functools.cached_property
+    def _split_eval(self) -> tuple[Any, Any]:
+        return _split_at_to_tensor(self._eval)
+
+    @functools.cached_property
+    def _split_train(self) -> tuple[Any, Any]:
+        return _split_at_to_tensor(self._train)
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
