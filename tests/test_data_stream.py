@@ -94,9 +94,10 @@ def test_two_concurrent_trials_stream_on_a_two_cpu_node(ray_cluster, tiny_text, 
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_media_checks_in_ray_data_tasks_find_what_the_driver_finds(ray_cluster, tmp_path, policy):
+def test_media_checks_in_ray_data_tasks_find_what_the_driver_finds(ray_cluster, tmp_path, monkeypatch, policy):
     from PIL import Image
 
+    import ptm_ray.data
     from ptm_ray.config import DataConfig
     from ptm_ray.data import check_media_files
 
@@ -110,12 +111,13 @@ def test_media_checks_in_ray_data_tasks_find_what_the_driver_finds(ray_cluster, 
         rows.append((str(path), str(i % 3)))
     cfg = DataConfig(train=str(tmp_path), on_bad_file=policy)
     outcomes = []
-    for parallel in (False, True):
+    monkeypatch.setattr(ptm_ray.data, "CHECK_ON_DRIVER_S", 0.0)  # default: the driver checks one file, Ray Data the rest
+    for parallel in (False, True, None):
         try:
             outcomes.append(check_media_files(rows, cfg, "data.train", "image", parallel=parallel))
         except ValueError as e:
             outcomes.append(str(e))
-    assert outcomes[0] == outcomes[1]  # the same files kept, the same files skipped, the same first error
+    assert outcomes[0] == outcomes[1] == outcomes[2]  # the same files kept and skipped, the same first error
     if policy == "fail":
         assert outcomes[1] == (f"data.train: {tmp_path / '37.png'}: not decodable as an image: cannot identify image "
                                "file (set data.on_bad_file=skip to leave such files out)")
