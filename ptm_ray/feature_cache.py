@@ -208,7 +208,8 @@ def prepare_cache(cfg: Config, family: Any, ref: Any, labels: list[str], depth: 
     the prefix batch by batch and this process appends each batch to memory-mapped arrays, so no process ever
     holds the whole dataset's activations. ``in_process``: this process computes the prefix itself, batch by
     batch, on its own device (a Tune trial that is its run's only worker: it holds the worker's resources,
-    and an actor would only add a process start and a second import of torch). Another process building
+    and an actor would only add a process start and a second import of torch; a driver on a single node of
+    CPUs, where the actors would share the same cores). Another process building
     the same key at the same time is waited for, not duplicated.
     """
     key = cache_key(cfg, family, ref, depth, num_blocks, summary)
@@ -415,7 +416,8 @@ def _write_features(cfg: Config, labels: list[str], depth: int, datasets: dict, 
               "pad_to": cfg.model.max_length if family.modality == "text" else None}
     batch_size = max(cfg.train.batch_size, 32)
     if in_process:
-        prefix = _PrefixFn(**kwargs, threads=None)
+        with torch.random.fork_rng(devices=[]):  # seeds the model's random init without touching this process's RNG
+            prefix = _PrefixFn(**kwargs, threads=None)
         features = map(prefix, everything.iter_batches(batch_size=batch_size, batch_format="numpy"))
     else:
         import ray.data
