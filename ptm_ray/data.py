@@ -303,7 +303,7 @@ def _stream_checks(path: str, key: str, columns: dict[str, str], text_columns: t
 def table_datasets(cfg: DataConfig, rename: dict[str, str], summary: DataSummary) -> dict[str, "ray.data.Dataset"]:
     """Ray Data ``train`` and ``validation`` of the file columns in ``rename``, renamed (one of them to ``input``);
     validation held out of ``train`` by ``validation_mask`` when not given. Materialized or streamed as
-    ``finish_datasets`` decides."""
+    ``finish_datasets`` decides; files read once and no larger than ``DRIVER_READ_BYTES`` are read here."""
     quiet_ray_data()
 
     def read(path: str, side: str) -> "ray.data.Dataset":
@@ -314,9 +314,33 @@ def table_datasets(cfg: DataConfig, rename: dict[str, str], summary: DataSummary
         dataset.context.target_max_block_size = TABLE_BLOCK_BYTES
         return dataset
 
-    if cfg.validation is not None:
-        return finish_datasets({"train": read(cfg.train, "all"), "validation": read(cfg.validation, "all")}, summary, cfg)
-    return finish_datasets({"train": read(cfg.train, "train"), "validation": read(cfg.train, "validation")}, summary, cfg)
+    sides = ({"train": (cfg.train, "all"), "validation": (cfg.validation, "all")} if cfg.validation is not None
+             else {"train": (cfg.train, "train"), "validation": (cfg.train, "validation")})
+    decision = materialize_decision(summary, cfg)
+    if decision[0] and _source_bytes(summary, cfg) <= DRIVER_READ_BYTES:
+        return {name: _read_on_driver(path, side, rename, cfg) for name, (path, side) in sides.items()}
+    return finish_datasets({name: read(path, side) for name, (path, side) in sides.items()}, summary, cfg, decision)
+
+
+# Table files up to this size that a run reads once are read by the driver straight into the object store:
+# Ray Data's read tasks start worker processes first (about 2 s on a fresh cluster) to read what the driver
+# reads in milliseconds (the bundled intents: 2.05 s -> 0.02 s).
+DRIVER_READ_BYTES = 32 * 2**20
+
+
+def _read_on_driver(path: str, side: str, rename: dict[str, str], cfg: DataConfig) -> "ray.data.Dataset":
+    """The rows ``table_datasets``' Ray Data tasks would read (the same columns and types, the same side of
+    ``validation_mask``), read here and put into the object store in blocks of about ``TABLE_BLOCK_BYTES``."""
+    import ray.data
+
+    key = "data.train" if path == cfg.train else "data.validation"
+    table = pa.concat_tables(block.select(list(rename)).rename_columns(list(rename.values()))
+                             for _, block in iter_table(path, cfg.format, key))
+    if side != "all":
+        held_out = validation_mask(table["input"].to_pylist(), cfg.val_fraction)
+        table = table.filter(pa.array(held_out if side == "validation" else ~held_out))
+    rows = max(1, table.num_rows * TABLE_BLOCK_BYTES // max(table.nbytes, 1))
+    return ray.data.from_arrow([table.slice(start, rows) for start in range(0, table.num_rows, rows)])
 
 
 def _columns(batch: dict[str, np.ndarray], rename: dict[str, str], fraction: float | None,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from ray.data.dataset import MaterializedDataset
 
+from ptm_ray import data
 from ptm_ray.config import load_config
 from ptm_ray.data import materialize_decision
 from ptm_ray.tasks import task_for
@@ -36,6 +37,19 @@ def test_streamed_and_materialized_data_hold_out_the_same_rows(ray_cluster, tmp_
     # the driver's counts are what the workers read; no row is lost, duplicated or on both sides
     assert (len(train), len(val)) == (summary.num_train_rows, summary.num_val_rows) == (246, 74)
     assert sorted(train + val) == sorted(_texts(TRAIN_CSV)) and not set(train) & set(val)
+
+
+def test_a_small_table_read_on_the_driver_holds_the_rows_ray_data_tasks_read(ray_cluster, monkeypatch):
+    cfg = load_config(None, [f"data.train={TRAIN_CSV}", "data.validation=null", "data.val_fraction=0.25",
+                             "model.name=hf:unused"])
+    task = task_for(cfg.model.task)
+    summary = task.inspect(cfg, "text")
+    on_driver = task.datasets(summary, cfg)
+    monkeypatch.setattr(data, "DRIVER_READ_BYTES", -1)  # every size: read tasks
+    by_tasks = task.datasets(summary, cfg)
+    for side in ("train", "validation"):
+        assert on_driver[side].schema() == by_tasks[side].schema()
+        assert on_driver[side].take_all() == by_tasks[side].take_all()  # the same rows in the same order
 
 
 def test_auto_streams_only_data_too_large_to_read_once(tmp_path):
