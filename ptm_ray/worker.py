@@ -18,6 +18,7 @@ The steps never call Ray Train or Tune directly, so the same loop runs wherever 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import tempfile
 import time
@@ -378,13 +379,36 @@ def _steps_per_epoch(cfg: Config, num_train_rows: int, world_size: int) -> int:
 def _optimizer(cfg: Config, model: torch.nn.Module, blocks: list[Block], steps_per_epoch: int) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (head and backbone learning rates, layer decay, no weight decay on
     biases and norms) and the learning-rate schedule over every optimizer step of the run."""
-    from transformers import get_scheduler
-
     opt = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, blocks, opt.lr, opt.head_lr or opt.lr, opt.layer_decay,
                                                opt.weight_decay))
     total = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps) * cfg.train.epochs
-    return optimizer, get_scheduler(opt.scheduler, optimizer, int(opt.warmup_ratio * total), total)
+    factor = functools.partial(_SCHEDULES[opt.scheduler], warmup=int(opt.warmup_ratio * total), total=total)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# The learning-rate factor at each optimizer step, as transformers' get_scheduler computes it ("constant"
+# takes no warm-up there either), without importing transformers into the workers of timm, torchvision
+# and torchaudio models (1-2 s each). A partial of a module function: LambdaLR's state (what resume loads)
+# has the same keys as the schedules transformers builds.
+def _linear(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _constant(step: int, warmup: int, total: int) -> float:
+    return 1.0
+
+
+_SCHEDULES = {"linear": _linear, "cosine": _cosine, "constant": _constant}
 
 
 def _gauges(cfg: Config) -> dict[str, Any]:

@@ -55,6 +55,21 @@ def test_cosine_schedule_is_half_way_down_half_way_through():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant"])
+def test_schedules_match_transformers_and_resume_from_its_state(name):
+    # the loop's own schedules (no transformers import in timm/torchvision/torchaudio workers) step for step
+    # what transformers.get_scheduler gives, and load the state a checkpoint saved with it
+    from transformers import get_scheduler
+
+    _, optimizer, scheduler = _built(f"optim.scheduler={name}", "optim.warmup_ratio=0.25", steps_per_epoch=6)
+    _, theirs_opt, _ = _built(f"optim.scheduler={name}", "optim.warmup_ratio=0.25", steps_per_epoch=6)
+    theirs = get_scheduler(name, theirs_opt, num_warmup_steps=3, num_training_steps=12)
+    assert _lrs(optimizer, scheduler, 12) == pytest.approx(_lrs(theirs_opt, theirs, 12))
+    _, optimizer, resumed = _built(f"optim.scheduler={name}", "optim.warmup_ratio=0.25", steps_per_epoch=6)
+    resumed.load_state_dict(theirs.state_dict())
+    assert resumed.last_epoch == 12 and resumed.get_last_lr() == pytest.approx(theirs.get_last_lr())
+
+
 def test_an_optimizer_step_changes_only_trainable_parameters():
     # bug guarded: frozen blocks handed to AdamW (weight decay alone would move them)
     model = Tiny()
