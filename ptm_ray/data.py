@@ -340,7 +340,8 @@ def _read_on_driver(path: str, side: str, rename: dict[str, str], cfg: DataConfi
         held_out = validation_mask(table["input"].to_pylist(), cfg.val_fraction)
         table = table.filter(pa.array(held_out if side == "validation" else ~held_out))
     rows = max(1, table.num_rows * TABLE_BLOCK_BYTES // max(table.nbytes, 1))
-    return ray.data.from_arrow([table.slice(start, rows) for start in range(0, table.num_rows, rows)])
+    # from_blocks: metadata computed here (from_arrow asks a task for it, which waits for a CPU the workers may hold)
+    return ray.data.from_blocks([table.slice(start, rows) for start in range(0, table.num_rows, rows)])
 
 
 def _columns(batch: dict[str, np.ndarray], rename: dict[str, str], fraction: float | None,

@@ -13,6 +13,7 @@ runs the same loop inside the Tune trial itself (``fit_in_trial``) instead of st
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -357,7 +358,9 @@ def _trainer(cfg: Config, name: str, loop_config: dict[str, Any], datasets: dict
 
 
 def _shards_config(block_bytes: int) -> Any:
-    """Ray Train's ``DataConfig``, but validation split into unequal shards: every row exactly once.
+    """Ray Train's ``DataConfig``, but validation split into unequal shards: every row exactly once; and data
+    already in the object store cut once where whole blocks allow (``_cut_at_blocks``), not streamed through a
+    split coordinator.
 
     Ray's default splits every dataset with ``equal=True`` (each worker the same number of rows, up to
     world size - 1 rows dropped), right for training (every worker takes the same number of steps), wrong
@@ -379,9 +382,15 @@ def _shards_config(block_bytes: int) -> Any:
 
     class Shards(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            rest = {name: ds for name, ds in datasets.items() if name != "validation"}
-            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-            if "validation" in datasets:
+            output = [{} for _ in range(world_size)]
+            cut = {name: _cut_at_blocks(ds, world_size, equal=name != "validation") for name, ds in datasets.items()}
+            rest = {name: ds for name, ds in datasets.items() if name != "validation" and cut[name] is None}
+            for shard, split in zip(output, super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)):
+                shard.update(split)
+            for name, shards in cut.items():
+                for shard, split in zip(output, shards or []):
+                    shard[name] = split.iterator()
+            if "validation" in datasets and cut["validation"] is None:
                 val = datasets["validation"]
                 val = val.copy(val)  # as Ray's configure: options set here stay off the caller's dataset
                 val.context.execution_options = copy.deepcopy(options)
@@ -391,6 +400,29 @@ def _shards_config(block_bytes: int) -> Any:
             return output
 
     return Shards(datasets_to_split=["train"], execution_options=options)
+
+
+def _cut_at_blocks(dataset: Any, world_size: int, equal: bool) -> list[Any] | None:
+    """``world_size`` consecutive shards of a dataset already in the object store, cut once for the whole run
+    where whole blocks make them (no task: Ray's own cutting asks a CPU the workers may hold), else None
+    (``streaming_split`` then: a coordinator actor per dataset, a process each, and a task every epoch).
+
+    ``equal`` shards (training: each worker the same number of steps) take one worker's whole dataset; shards
+    of every row once (validation) take whole blocks, balanced by rows."""
+    from ray.data.dataset import MaterializedDataset
+
+    if not isinstance(dataset, MaterializedDataset):
+        return None
+    if world_size == 1:
+        return [dataset]
+    rows = [meta.num_rows for bundle in dataset.iter_internal_ref_bundles() for meta in bundle.metadata]
+    if equal or None in rows:
+        return None
+    total, bounds, cuts = sum(rows), list(itertools.accumulate(rows))[:-1], []
+    for rank in range(1, world_size):  # each cut at the block boundary nearest an equal share
+        options = [b for b in bounds if not cuts or b >= cuts[-1]] or [total]  # no boundary left: empty shards
+        cuts.append(min(options, key=lambda b: abs(b - total * rank / world_size)))
+    return dataset.split_at_indices(cuts)
 
 
 # Streamed data is read by Ray Data tasks (a quarter of a CPU each) while the workers train.

@@ -173,3 +173,22 @@ def test_streamed_media_rows_come_from_a_manifest_on_storage_equal_to_the_materi
     by_items = [(r["label"].tolist(), r["input"]) for r in media_dataset(files).iter_rows()]
     by_manifest = [(r["label"].tolist(), r["input"]) for r in media_dataset(files, manifests=str(tmp_path / "m")).iter_rows()]
     assert by_manifest == by_items and [labels for labels, _ in by_items] == [labels for _, labels in files]
+
+
+def test_data_in_the_object_store_is_cut_at_its_blocks_without_a_coordinator(ray_cluster):
+    import pyarrow as pa
+    import ray.data
+
+    from ptm_ray.train import _cut_at_blocks
+
+    spans = [(0, 5), (5, 6), (6, 20), (20, 21)]
+    dataset = ray.data.from_blocks([pa.table({"x": list(range(a, b))}) for a, b in spans])
+    shards = _cut_at_blocks(dataset, 3, equal=False)  # validation: every row once, balanced by whole blocks
+    rows = [[row["x"] for row in shard.iter_rows()] for shard in shards]
+    assert rows == [list(range(0, 6)), list(range(6, 20)), [20]]
+    one_block = _cut_at_blocks(ray.data.from_blocks([pa.table({"x": [1, 2, 3]})]), 2, equal=False)
+    assert [[row["x"] for row in shard.iter_rows()] for shard in one_block] == [[1, 2, 3], []]
+    assert _cut_at_blocks(dataset, 1, equal=True) == [dataset]  # one worker reads it whole
+    # equal shards (training) need cuts inside blocks: Ray Data's streaming split does those
+    assert _cut_at_blocks(dataset, 2, equal=True) is None
+    assert _cut_at_blocks(dataset.map_batches(lambda b: b), 1, equal=True) is None  # not in the store yet
