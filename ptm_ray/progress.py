@@ -2,8 +2,9 @@
 
 Ray Train calls ``UserCallback.after_report`` on its controller actor, whose output reaches the console
 only in verbose mode (``ptm_ray.console``). ``EpochStream`` gives that callback a queue (a zero-CPU Ray
-actor) and drains it on a driver thread while ``trainer.fit()`` blocks, handing rank 0's metrics of each
-epoch, and the checkpoint saved with them, to the driver's listeners: the epoch line and the trackers.
+actor, one per driver for all its runs) and drains it on a driver thread while ``trainer.fit()`` blocks,
+handing rank 0's metrics of each epoch, and the checkpoint saved with them, to the driver's listeners: the
+epoch line and the trackers.
 Rank 0 also puts its steps through each epoch on that queue (``ptm_ray.worker.StepProgress``): on a
 terminal ``StepBar`` draws them as a progress bar that the epoch's line replaces; in a log, nothing.
 ``CountBar`` is the same kind of bar for work the driver itself counts (a feature-cache build's rows).
@@ -94,12 +95,24 @@ class CountBar:
             self.bar.close()
 
 
+_QUEUES: dict[str, Queue] = {}
+
+
+def _driver_queue() -> Queue:
+    """This driver's queue on the Ray it is connected to: started by its first run, reused by the next (an actor
+    is a process to start: 1-2 s of CPU each run), drained empty by each run before it returns."""
+    node = ray.get_runtime_context().get_node_id()  # a new Ray (re-initialised in this process) gets its own
+    if node not in _QUEUES:
+        _QUEUES[node] = Queue(actor_options={"num_cpus": 0})
+    return _QUEUES[node]
+
+
 class EpochStream:
     """``with EpochStream(listeners) as stream: trainer.fit()`` with ``stream.callback`` in the RunConfig."""
 
     def __init__(self, listeners: list[EpochListener], bar: StepBar | None = None) -> None:
         self.listeners, self.bar = listeners, bar
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.queue = _driver_queue()
         self.callback = _ForwardReports(self.queue)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="ptm_ray-epochs", daemon=True)
@@ -114,7 +127,6 @@ class EpochStream:
         self._deliver_pending()
         if self.bar is not None:
             self.bar.close()
-        ray.kill(self.queue.actor, no_restart=True)
 
     def _drain(self) -> None:
         while not self._stop.is_set():
