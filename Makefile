@@ -16,9 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory system-packages
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# --no-compile: byte-compiling all 25,000 .py files of the environment took about 70 s of the set-up; Python
-	# compiles the modules a run imports, once, at their first import
-	$(PY) -m pip install --no-compile -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 setup: $(STAMP)
