@@ -138,7 +138,8 @@ class OptimConfig:
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norm weights)."""
     scheduler: str = "linear"
-    """LR schedule after warm-up: ``linear`` decay to 0, ``cosine`` or ``constant``."""
+    """LR schedule after warm-up: ``linear`` decay to 0, ``cosine``, or ``constant`` (which, as transformers'
+    ``constant``, has no warm-up)."""
     warmup_ratio: float = 0.1
     """Share of optimizer steps spent warming up linearly from 0."""
     max_grad_norm: float = 1.0

@@ -407,8 +407,8 @@ def _cut_at_blocks(dataset: Any, world_size: int, equal: bool) -> list[Any] | No
     where whole blocks make them (no task: Ray's own cutting asks a CPU the workers may hold), else None
     (``streaming_split`` then: a coordinator actor per dataset, a process each, and a task every epoch).
 
-    ``equal`` shards (training: each worker the same number of steps) take one worker's whole dataset; shards
-    of every row once (validation) take whole blocks, balanced by rows."""
+    ``equal`` shards (training: each worker the same number of steps) are made here only for a single worker (the
+    whole dataset); shards of every row once (validation, ``equal=False``) take whole blocks, balanced by rows."""
     from ray.data.dataset import MaterializedDataset
 
     if not isinstance(dataset, MaterializedDataset):

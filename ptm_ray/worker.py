@@ -389,7 +389,7 @@ def _optimizer(cfg: Config, model: torch.nn.Module, blocks: list[Block], steps_p
 
 # The learning-rate factor at each optimizer step, as transformers' get_scheduler computes it ("constant"
 # takes no warm-up there either), without importing transformers into the workers of timm, torchvision
-# and torchaudio models (1-2 s each). A partial of a module function: LambdaLR's state (what resume loads)
+# and torchaudio models (2.5 s each here). A partial of a module function: LambdaLR's state (what resume loads)
 # has the same keys as the schedules transformers builds.
 def _linear(step: int, warmup: int, total: int) -> float:
     if step < warmup:
