@@ -316,8 +316,9 @@ def table_datasets(cfg: DataConfig, rename: dict[str, str], summary: DataSummary
 
     sides = ({"train": (cfg.train, "all"), "validation": (cfg.validation, "all")} if cfg.validation is not None
              else {"train": (cfg.train, "train"), "validation": (cfg.train, "validation")})
-    decision = materialize_decision(summary, cfg)
-    if decision[0] and _source_bytes(summary, cfg) <= DRIVER_READ_BYTES:
+    size = _source_bytes(summary, cfg)  # one look at the files (a request each on object storage)
+    decision = materialize_decision(summary, cfg, size)
+    if decision[0] and size <= DRIVER_READ_BYTES:
         return {name: _read_on_driver(path, side, rename, cfg) for name, (path, side) in sides.items()}
     return finish_datasets({name: read(path, side) for name, (path, side) in sides.items()}, summary, cfg, decision)
 
@@ -359,11 +360,12 @@ def _columns(batch: dict[str, np.ndarray], rename: dict[str, str], fraction: flo
 AUTO_MATERIALIZE_BYTES = 256 * 2**20
 
 
-def materialize_decision(summary: DataSummary, cfg: DataConfig) -> tuple[bool, str]:
-    """Whether a run reads its data into the object store once (True) or streams it every epoch; and why."""
+def materialize_decision(summary: DataSummary, cfg: DataConfig, size: int | None = None) -> tuple[bool, str]:
+    """Whether a run reads its data into the object store once (True) or streams it every epoch; and why.
+    ``size``: the files' bytes where the caller has them (else looked up)."""
     if cfg.materialize != "auto":
         return cfg.materialize == "always", f"data.materialize={cfg.materialize}"
-    size = _source_bytes(summary, cfg)
+    size = _source_bytes(summary, cfg) if size is None else size
     limit = f"{AUTO_MATERIALIZE_BYTES / 2**20:.0f} MB"
     if size <= AUTO_MATERIALIZE_BYTES:
         return True, f"data.materialize=auto: {size / 2**20:.1f} MB of files, up to {limit} are read once"
