@@ -52,6 +52,36 @@ def test_a_small_table_read_on_the_driver_holds_the_rows_ray_data_tasks_read(ray
         assert on_driver[side].take_all() == by_tasks[side].take_all()  # the same rows in the same order
 
 
+def test_small_local_media_read_on_the_driver_hold_the_rows_ray_data_tasks_read(ray_cluster, digits_dir, monkeypatch):
+    import dataclasses
+
+    cfg = load_config(None, [f"data.train={digits_dir}", "data.validation=null", "data.val_fraction=0.2",
+                             "model.name=timm:test_resnet"])
+    task = task_for(cfg.model.task)
+    summary = task.inspect(cfg, "image")
+    # values that are lists (multi-label sets) stay with the read tasks: the same types as before
+    sets = dataclasses.replace(summary, train_files=[(f, [label, "x"] if i % 2 else []) for i, (f, label)
+                                                      in enumerate(summary.train_files)])
+    read, reads_here, read_bytes = {}, [], data.read_bytes
+    monkeypatch.setattr(data, "read_bytes", lambda path: reads_here.append(path) or read_bytes(path))
+    for where, limit in (("driver", data.DRIVER_READ_BYTES), ("tasks", -1)):  # -1: every size goes to read tasks
+        monkeypatch.setattr(data, "DRIVER_READ_BYTES", limit)
+        reads_here.clear()
+        read[where] = [task.datasets(summary, cfg), data.media_datasets(sets, cfg)]
+        # the driver read every file of the string-valued data itself, or none
+        files = [file for file, _ in summary.train_files + summary.val_files]
+        assert reads_here == (files if where == "driver" else [])
+    for on_driver, by_tasks in zip(read["driver"], read["tasks"]):
+        for side in ("train", "validation"):
+            assert isinstance(on_driver[side], MaterializedDataset)
+            assert on_driver[side].schema() == by_tasks[side].schema()
+            rows = [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()}
+                    for row in on_driver[side].iter_rows()]
+            assert rows == [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()}
+                            for row in by_tasks[side].iter_rows()]  # the same rows in the same order
+            assert len(rows) == (summary.num_train_rows if side == "train" else summary.num_val_rows)
+
+
 def test_auto_streams_only_data_too_large_to_read_once(tmp_path):
     cfg = load_config(None, [f"data.train={TRAIN_CSV}", f"data.validation={VAL_CSV}", "model.name=hf:unused"])
     summary = task_for("classification").inspect(cfg, "text")
