@@ -224,7 +224,8 @@ class SearchConfig:
     ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}``. A float freeze depth is a fraction of each
     candidate's own depth, so one space fits models of different depths."""
     algorithm: str = "random"
-    """How trials are chosen: ``random`` (grid entries crossed, every other entry drawn at random), ``grid``
+    """How trials are chosen: ``random`` (grid entries crossed, every other entry drawn at random, seeded by
+    ``train.seed``), ``grid``
     (every entry a ``grid``: the full grid), ``tpe`` (Optuna's Bayesian TPE: each trial drawn from the
     scores so far; ``choice``/``uniform``/``loguniform``/``randint`` entries only)."""
     num_samples: int = 1

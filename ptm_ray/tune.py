@@ -215,12 +215,16 @@ def _shared_data(cfg: Config) -> PreparedData | None:
 
 
 def _search_algorithm(cfg: Config) -> Any:
-    """Tune's searcher for ``search.algorithm``: None (Tune's variant generator) or Optuna's TPE, seeded.
+    """Tune's search algorithm for ``search.algorithm``, seeded by ``train.seed``: Tune's variant generator
+    (``random``, ``grid``), which runs at most ``search.max_concurrent_trials`` at once itself, or Optuna's TPE.
 
     TPE starts from a few random trials (a third of the budget, 2 to 10) before it models the scores.
     """
     if cfg.search.algorithm != "tpe":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        # unseeded, its draws came from NumPy's global generator: whatever the driver had drawn before
+        return BasicVariantGenerator(max_concurrent=cfg.search.max_concurrent_trials or 0, random_state=cfg.train.seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -272,7 +276,9 @@ def run_search(cfg: Config) -> SearchResult:
             param_space=build_param_space(cfg.search.space),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
                                         search_alg=_search_algorithm(cfg), scheduler=scheduler,
-                                        max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
+                                        # the variant generator limits itself (Tune wraps only searchers)
+                                        max_concurrent_trials=cfg.search.max_concurrent_trials
+                                        if cfg.search.algorithm == "tpe" else None, reuse_actors=True),
             run_config=_run_config(cfg, name, root, verbose=None if verbose() else 0,
                                    callbacks=[SearchProgress(metric, mode, cfg.train.epochs,
                                                               num_trials(cfg.search.space, cfg.search.num_samples)),

@@ -77,6 +77,33 @@ def test_algorithm_refuses_entries_it_cannot_sample(tiny_text, tmp_path, algorit
     assert message in str(e.value)
 
 
+def test_random_draws_are_fixed_by_the_seed_not_by_numpy_global_state(tiny_text, tmp_path):
+    import numpy as np
+    from ray import tune
+
+    from ptm_ray.tune import _search_algorithm, build_param_space
+
+    space = "{model.name: {grid: [hf:%s, hf:%s]}, optim.lr: {loguniform: [1.0e-5, 1.0e-3]}}" % (
+        tiny_text["bert"], tiny_text["roberta"])
+
+    def draws(seed: int) -> list[tuple[str, float]]:
+        cfg = load_config(None, _search_overrides(tiny_text, tmp_path, "seeded", space, search__num_samples=2,
+                                                  train__seed=seed))
+        algorithm, drawn = _search_algorithm(cfg), []
+        algorithm.add_configurations([tune.Experiment("seeded", run=lambda config: None, num_samples=2,
+                                                      config=build_param_space(cfg.search.space))])
+        while (trial := algorithm.next_trial()) is not None:
+            drawn.append((trial.config["model.name"], trial.config["optim.lr"]))
+            algorithm.on_trial_complete(trial.trial_id)  # max_concurrent_trials=1: the next one comes after
+        return drawn
+
+    first = draws(0)
+    np.random.seed(123)  # what else the driver drew from NumPy's global generator must not matter
+    np.random.rand(7)
+    assert draws(0) == first and len(first) == 4 and len({lr for _, lr in first}) == 4
+    assert draws(1) != first
+
+
 def test_fraction_depths_fit_candidates_of_different_depths(tiny_text, tmp_path):
     space = "{model.name: {choice: [hf:%s, hf:%s]}, model.freeze_depth: {uniform: [0.0, 1.0]}}" % (
         tiny_text["bert"], tiny_text["t5"])
