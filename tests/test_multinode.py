@@ -5,9 +5,11 @@ a search, its registry and the deployment from it live on object storage (a real
 from __future__ import annotations
 
 import os
+import random
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ API_KEY_ENV = "PTM_RAY_TEST_API_KEY"
 def local_cluster(tmp_path_factory, s3_server):
     """Head (0 CPUs) + 2 worker nodes (1 CPU each) on 127.0.0.1, started and stopped by cluster/local.sh."""
     state = Path(tempfile.mkdtemp(prefix="ptmc", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 bytes
-    base = free_port() // 1000 * 1000 if free_port() < 60000 else 41000  # agent ports base+1.., base+101.., base+201..
+    base = _free_port_base(nodes=3)
     # every node's processes get the API key and the object store's AWS variables in their environment, as pods
     # do from Kubernetes Secrets
     env = dict(os.environ, PTM_RAY_CLUSTER_DIR=str(state), PTM_RAY_GCS_PORT=str(free_port()),
@@ -48,6 +50,24 @@ def local_cluster(tmp_path_factory, s3_server):
         stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stderr
+
+
+def _free_port_base(nodes: int) -> int:
+    """A base for cluster/local.sh's agent ports (node i takes base+i, base+100+i, base+200+i), every one of them
+    free now, below the kernel's ephemeral range (32768 up), where no process gets a port without asking for it
+    by number: a base taken from a free ephemeral port (rounded down to the thousand) once found the head's
+    agent port held, and every job submit failed with "No available agent"."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20, 32) * 1000  # above Ray's worker ports (10002-19999)
+        ports = [base + offset + i for offset in (0, 100, 200) for i in range(nodes)]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("", port))  # every address: the agents bind the node's own address, not loopback only
+            return base
+        except OSError:
+            continue
 
 
 def _submit(address: str, env: dict, args: list[str]) -> subprocess.CompletedProcess:
