@@ -9,15 +9,16 @@
 #   cluster/local.sh stop        # ends only the processes this script started (by pid)
 #
 # Environment: PTM_RAY_CLUSTER_DIR (state + Ray temp dir, default /tmp/ptm_ray_cluster), PTM_RAY_GCS_PORT
-# (default 6390), PTM_RAY_DASHBOARD_PORT (default 8265), PTM_RAY_PORT_BASE (default 52400: node i, the head
+# (default 6390), PTM_RAY_DASHBOARD_PORT (default 8265), PTM_RAY_PORT_BASE (default 24400: node i, the head
 # being 0, takes base+i, base+100+i and base+200+i for its agents, so no node takes Ray's default 52365 that
-# another Ray on this machine may hold), RAY (the ray executable, default .venv/bin/ray).
+# another Ray on this machine may hold; below Linux's ephemeral range, 32768-60999, where any outgoing
+# connection may hold a port, and above Ray's worker ports, 10002-19999), RAY (the ray executable, default .venv/bin/ray).
 set -euo pipefail
 
 DIR=${PTM_RAY_CLUSTER_DIR:-/tmp/ptm_ray_cluster}
 GCS_PORT=${PTM_RAY_GCS_PORT:-6390}
 DASH_PORT=${PTM_RAY_DASHBOARD_PORT:-8265}
-BASE=${PTM_RAY_PORT_BASE:-52400}
+BASE=${PTM_RAY_PORT_BASE:-24400}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 RAY=${RAY:-$HERE/.venv/bin/ray}
 export RAY_AUTH_MODE=token RAY_TRAIN_ENABLE_STATE_TRACKING=1
