@@ -58,8 +58,8 @@ def _log_lines(since: float, until: float) -> list[tuple[float, str]]:
                 record = json.loads(raw)
             except ValueError:
                 continue
-            when = datetime.datetime.strptime(record["asctime"], "%Y-%m-%d %H:%M:%S,%f")
-            t = when.replace(tzinfo=datetime.timezone.utc).timestamp()
+            # Python's logging writes local time: a naive datetime's timestamp() reads it as local time too
+            t = datetime.datetime.strptime(record["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
             if since <= t <= until:
                 lines.append((t, record["message"]))
     return sorted(lines)
