@@ -26,6 +26,8 @@ Routes: ``GET /healthz`` (liveness), ``GET /readyz`` (every model answers), ``GE
 # class-based routes, or it takes ``request`` for a query parameter.
 import base64
 import binascii
+import functools
+import hashlib
 import hmac
 import os
 import random
@@ -367,8 +369,6 @@ class _VariantArtifact:
 def _load_variant(shared: Any, path: str) -> _VariantArtifact:
     """The variant at ``path`` (a registry version) on ``shared``: its preprocessor, labels and config from the
     checkpoint, its model the shared base with its adapters and head."""
-    import hashlib
-
     from ray.train import Checkpoint
 
     from ptm_ray.checkpoint import Artifact, read_meta
@@ -803,6 +803,41 @@ def _placements(args: dict[str, Any]) -> dict[str, str]:
     return places
 
 
+@functools.cache
+def _source_digest() -> str:
+    """A digest of ptm_ray's own source: a replica started by other code is never taken for an unchanged one."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _pinned(deployment: Any, path: str, *init_args: Any) -> Any:
+    """``deployment`` with a code version that changes only when what its replicas load would change.
+
+    Serve gives every deployment of a ``serve.run`` a new random code version unless one is set, so each deploy
+    restarted every model's replicas, even those of models whose version, weights and settings were unchanged
+    (a roll-out of one model reloaded all of them). The version pinned here is a digest of ptm_ray's source, the
+    registry version's file manifest (``lineage.json``, which commits it) and the replica's arguments; Serve still
+    restarts replicas whose resources or deployment settings change. Without a manifest (a folder that is not a
+    registry version) or where this Ray has no such option, the deployment keeps Serve's default.
+    """
+    import json
+
+    from ptm_ray.data import read_bytes
+
+    try:
+        files = json.loads(read_bytes(f"{path}/lineage.json"))["files"]
+    except (OSError, KeyError, ValueError):
+        return deployment
+    payload = json.dumps([_source_digest(), path, files, init_args], sort_keys=True, default=str)
+    try:  # Serve's own internal option: ``version`` is refused from user code
+        return deployment.options(version=hashlib.sha256(payload.encode()).hexdigest()[:20], _internal=True)
+    except (TypeError, ValueError):
+        return deployment
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for ``app_args`` (also the ``import_path`` target of ``serve deploy``).
 
@@ -810,8 +845,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ``deploy``) lists versions whose deployments the new ingress never calls but keeps while the old ingress
     replicas finish their requests on them.
     """
-    import hashlib
-
     from ptm_ray.variants import base_key, read_variant_info
 
     settings = args["settings"]
@@ -824,8 +857,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                      "max_queued_requests": settings["max_queued_requests"]}
 
     def own(name: str, v: dict[str, Any]) -> Any:
-        return ModelServer.options(name=f"{name}-v{v['version']}", **model_options).bind(
-            v["path"], settings["max_batch_size"])
+        deployment = ModelServer.options(name=f"{name}-v{v['version']}", **model_options)
+        return _pinned(deployment, v["path"], settings["max_batch_size"]).bind(v["path"], settings["max_batch_size"])
 
     places = _placements(args)
     models, handles, variant_ids, shared, local = {}, {}, {}, {}, {}
@@ -838,8 +871,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 group = base_key(meta, read_variant_info(v["path"]))
                 if group not in shared:
                     digest = hashlib.sha256(group.encode()).hexdigest()[:10]
-                    shared[group] = VariantServer.options(name=f"shared-{digest}", **model_options).bind(
-                        v["path"], settings["max_batch_size"], settings["max_variants_per_replica"])
+                    init_args = (v["path"], settings["max_batch_size"], settings["max_variants_per_replica"])
+                    deployment = VariantServer.options(name=f"shared-{digest}", **model_options)
+                    shared[group] = _pinned(deployment, *init_args).bind(*init_args)
                 handles[key], variant_ids[key] = shared[group], v["path"]
             elif places[key] == "local":
                 local[key] = v["path"]

@@ -368,11 +368,20 @@ def test_burst_scales_up_then_back_down(api):
     assert _replicas(cfg.serve.app_name, "digits-v1") == 1, "the replica count did not come back down"
 
 
+def _replica_ids(app: str, deployment: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"),
+                                                     ("state", "=", "ALIVE")])}
+
+
 def test_rolling_out_a_new_version_fails_no_request(api, registry, tmp_path):
     from ray import serve
 
     url, _, cfg = api
     only_v2 = "[{name: intents, versions: [{version: 2, weight: 100}]}, {name: digits}, {name: commands}]"
+    unchanged = {name: _replica_ids(cfg.serve.app_name, name) for name in ("digits-v1", "commands-v1", "intents-v2")}
+    assert all(unchanged.values()), unchanged
     try:
         with SteadyLoad(f"{url}/v1/models/intents/predict") as load:
             time.sleep(2)
@@ -385,5 +394,8 @@ def test_rolling_out_a_new_version_fails_no_request(api, registry, tmp_path):
         assert last["version"] == 2
         assert {d for d in serve.status().applications[cfg.serve.app_name].deployments} >= {"intents-v2"}
         assert "intents-v1" not in serve.status().applications[cfg.serve.app_name].deployments  # retired
+        # the versions the roll-out did not change kept their replicas: nothing reloaded them
+        for name, before in unchanged.items():
+            assert before <= _replica_ids(cfg.serve.app_name, name), name
     finally:
         deploy(cfg)  # the module's other tests expect the 50/50 canary, whatever order they run in
