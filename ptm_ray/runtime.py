@@ -32,10 +32,19 @@ def start_local_ray(**kwargs: Any) -> str:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = address
+    # Ray keeps idle worker processes up to one per CPU and kills the others after 1 s idle. With Train workers
+    # holding the CPUs, every epoch's Ray Data tasks then started a Python process and imported their modules
+    # again (about 2 s per pipeline here). Up to 8 idle processes, kept a minute, cut test_preprocess and
+    # test_data_stream from 256 to 229 s; a setting of the user's own wins.
+    raylet = {"RAY_num_workers_soft_limit": str(max(8, 2 * (kwargs.get("num_cpus") or os.cpu_count() or 1))),
+              "RAY_idle_worker_killing_time_threshold_ms": "60000"}
+    raylet = {k: v for k, v in raylet.items() if k not in os.environ}
+    os.environ.update(raylet)
     try:
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     finally:
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        for key in ("RAY_GCS_SERVER_PORT", *raylet):
+            os.environ.pop(key, None)
     _STARTED_HERE.add(address)
     return address
 
