@@ -301,6 +301,9 @@ class ServeConfig:
     """Autoscaling: how long load must stay high before a replica is added."""
     downscale_delay_s: float = 30.0
     """Autoscaling: how long load must stay low before a replica is removed."""
+    look_back_period_s: float = 30.0
+    """Autoscaling: the window over which ongoing requests are averaged (Serve's ``look_back_period_s``): after a
+    burst ends, the average takes up to this long to fall, on top of ``downscale_delay_s``."""
     num_cpus: float = 1.0
     """CPUs per model replica (fractions allowed)."""
     num_gpus: float = 0.0

@@ -850,6 +850,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     settings = args["settings"]
     autoscaling = {k: settings[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
                                             "upscale_delay_s", "downscale_delay_s")}
+    autoscaling["look_back_period_s"] = settings.get("look_back_period_s", 30.0)  # absent from older Serve configs
     # a replica takes enough requests at once for a full forward pass (Serve's default, 5, capped batches at 5)
     model_options = {"autoscaling_config": autoscaling, "max_surge_percent": _SURGE,
                      "ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"]},

@@ -60,8 +60,8 @@ def registry(tmp_path_factory, tiny_text, tiny_audio) -> ModelStore:
 def _serve_overrides(reg, port, models, **extra):
     values = {"serve.registry": reg.root, "serve.port": port, "serve.models": models, "serve.num_cpus": 0.1,
               "serve.max_items": 8, "serve.max_body_bytes": 200_000, "serve.upscale_delay_s": 1,
-              "serve.downscale_delay_s": 4, "serve.target_ongoing_requests": 1, "serve.max_replicas": 2,
-              "model.name": "minilm-l6"}
+              "serve.downscale_delay_s": 4, "serve.look_back_period_s": 5, "serve.target_ongoing_requests": 1,
+              "serve.max_replicas": 2, "model.name": "minilm-l6"}
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return ["data.train=unused"] + [f"{k}={v}" for k, v in values.items()]
 
