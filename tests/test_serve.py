@@ -394,8 +394,9 @@ def test_rolling_out_a_new_version_fails_no_request(api, registry, tmp_path):
         assert last["version"] == 2
         assert {d for d in serve.status().applications[cfg.serve.app_name].deployments} >= {"intents-v2"}
         assert "intents-v1" not in serve.status().applications[cfg.serve.app_name].deployments  # retired
-        # the versions the roll-out did not change kept their replicas: nothing reloaded them
+        # the versions the roll-out did not change kept their replicas: nothing reloaded them (a restart replaces
+        # every replica; autoscaling may have added or, down to one, removed some meanwhile)
         for name, before in unchanged.items():
-            assert before <= _replica_ids(cfg.serve.app_name, name), name
+            assert before & _replica_ids(cfg.serve.app_name, name), name
     finally:
         deploy(cfg)  # the module's other tests expect the 50/50 canary, whatever order they run in
