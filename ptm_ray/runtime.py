@@ -34,8 +34,8 @@ def start_local_ray(**kwargs: Any) -> str:
     os.environ["RAY_ADDRESS"] = address
     # Ray keeps idle worker processes up to one per CPU and kills the others after 1 s idle. With Train workers
     # holding the CPUs, every epoch's Ray Data tasks then started a Python process and imported their modules
-    # again (about 2 s per pipeline here). Up to 8 idle processes, kept a minute, cut test_preprocess and
-    # test_data_stream from 256 to 229 s; a setting of the user's own wins.
+    # again (about 2 s per pipeline here). Keeping twice as many as CPUs (at least 8) for a minute cut
+    # test_preprocess and test_data_stream from 256 to 229 s; a setting of the user's own wins.
     raylet = {"RAY_num_workers_soft_limit": str(max(8, 2 * (kwargs.get("num_cpus") or os.cpu_count() or 1))),
               "RAY_idle_worker_killing_time_threshold_ms": "60000"}
     raylet = {k: v for k, v in raylet.items() if k not in os.environ}
