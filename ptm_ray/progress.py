@@ -9,7 +9,8 @@ Rank 0 also puts its steps through each epoch on that queue (``ptm_ray.worker.St
 terminal ``StepBar`` draws them as a progress bar that the epoch's line replaces; in a log, nothing.
 ``CountBar`` is the same kind of bar for work the driver itself counts (a feature-cache build's rows).
 ``SearchProgress`` is the search's counterpart, a Ray Tune callback on the search's driver (lines, and on a
-terminal a bar of the trials finished).
+terminal a bar of the trials finished). ``RunsProgress`` is ``EpochStream``'s for runs that train inside Tune
+trials (``ptm_ray.tune.fit_in_trials``): each epoch's line and each run's trackers.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, Callable, TextIO
 import ray
 from ray.train import UserCallback
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.util.queue import Empty, Queue
 
-__all__ = ["CountBar", "EpochListener", "EpochStream", "SearchProgress", "StepBar"]
+__all__ = ["CountBar", "EpochListener", "EpochStream", "RunsProgress", "SearchProgress", "StepBar"]
 
 EpochListener = Callable[[dict[str, Any], "str | None"], None]
 """Called on the driver with rank 0's metrics of an epoch and the path of its checkpoint (or None)."""
@@ -224,3 +226,72 @@ class SearchProgress(Callback):
 
     def _best(self) -> str:
         return f"best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else "no score yet"
+
+
+class RunsProgress(Callback):
+    """Ray Tune callback on the driver of runs that train inside Tune trials, one run a trial (``fit_in_trials``):
+    what ``fit``'s driver does for a Ray Train run. A line naming the run when its trial starts, each epoch's
+    line, and the run's trackers (``ptm_ray.tracking.RunTracker``: its MLflow run, TensorBoard events in the
+    run's folder) fed every epoch and given the best checkpoint when the run ends.
+
+    ``runs``: each run's config by the trial's ``config["run"]``.
+    """
+
+    def __init__(self, runs: dict[str, Any]) -> None:
+        self.runs = runs
+        self.trackers: dict[str, Any] = {}  # made at the run's start: Tune may copy or pickle its callbacks first
+        self.best: dict[str, tuple[tuple[float, int], str]] = {}  # run -> ((sign * score, epoch), checkpoint path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"trackers": {}}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from ptm_ray.checkpoint import as_uri
+        from ptm_ray.config import storage_path
+        from ptm_ray.tracking import RunTracker
+
+        run = trial.config["run"]
+        cfg = self.runs[run]
+        print(f"[ptm_ray] run {run}: training in a Tune trial ({trial.trial_id})", flush=True)
+        self.trackers[run] = RunTracker(cfg, run, as_uri(trial.path, storage_path(cfg)))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        from ptm_ray.checkpoint import as_uri
+        from ptm_ray.config import storage_path
+        from ptm_ray.console import epoch_line
+
+        run = trial.config["run"]
+        cfg = self.runs[run]
+        metrics = reported_metrics(result)
+        print(epoch_line(metrics, cfg.train.epochs, metrics.get("stop_reason") == "early_stopping"), flush=True)
+        checkpoint = None
+        if result.get("checkpoint_dir_name"):
+            checkpoint = as_uri(f"{trial.path}/{result['checkpoint_dir_name']}", storage_path(cfg))
+            score = metrics.get(cfg.train.metric)
+            if isinstance(score, (int, float)):
+                rank = ((1 if cfg.train.mode == "max" else -1) * score, int(metrics.get("epoch", 0)))
+                if run not in self.best or rank >= self.best[run][0]:  # the latest of equal scores, as Tune keeps it
+                    self.best[run] = (rank, checkpoint)
+        if run in self.trackers:
+            self.trackers[run].log_epoch(metrics, checkpoint)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial.config["run"], failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"[ptm_ray] run {trial.config['run']} failed; its error is in {trial.local_path}", flush=True)
+        self._finish(trial.config["run"], failed=True)
+
+    def _finish(self, run: str, failed: bool) -> None:
+        tracker = self.trackers.pop(run, None)
+        if tracker is not None:
+            tracker.finish(None if failed or run not in self.best else self.best[run][1])
+
+
+# Keys Tune adds to every result of a trial (``AUTO_RESULT_KEYS`` and its bookkeeping); the rest the trial reported.
+_TUNE_KEYS = frozenset((*AUTO_RESULT_KEYS, "trial_id", "experiment_tag", "done", "should_checkpoint"))
+
+
+def reported_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """A Tune result without the keys Tune adds: the metrics the trial reported."""
+    return {k: v for k, v in result.items() if k not in _TUNE_KEYS}

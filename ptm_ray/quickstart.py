@@ -113,12 +113,25 @@ class _Study:
         self.record["timings_s"][key] = time.perf_counter() - t0
         return value
 
-    def fit(self, key: str, name: str, cfg: Config, **extra: Any) -> None:
+    def fit(self, experiment: str, runs: list[tuple[str, str, Config, dict[str, Any]]]) -> None:
+        """Train a stage's runs, each ``(timing key, name, config, what the study records with it)``: those on
+        one worker as the trials of one Tune experiment ``experiment`` (``fit_in_trials``: one process trains
+        them all), the others one by one with ``fit`` (a Ray Train worker group each)."""
         from ptm_ray.train import fit
+        from ptm_ray.tune import fit_in_trials
 
-        result = self.timed(key, fit, cfg)
-        self.record["runs"].append({"name": name, "path": result.run_path, "model": cfg.model.name,
-                                    "weights": cfg.model.weights or "pretrained", **extra})
+        single = [run for run in runs if run[2].scaling.num_workers == 1]
+        done = {}
+        if single:
+            key = single[0][0] if len(single) == 1 else f"{experiment}: {len(single)} runs in Tune trials"
+            results = self.timed(key, fit_in_trials, [cfg for _, _, cfg, _ in single], experiment)
+            done = {name: result for (_, name, _, _), result in zip(single, results)}
+        for key, name, cfg, _ in runs:
+            if name not in done:
+                done[name] = self.timed(key, fit, cfg)
+        for _, name, cfg, extra in runs:
+            self.record["runs"].append({"name": name, "path": done[name].run_path, "model": cfg.model.name,
+                                        "weights": cfg.model.weights or "pretrained", **extra})
 
 
 def run_quickstart(out: str | Path, configs: QuickstartConfigs | None = None, port: int = 8000) -> dict[str, Any]:
@@ -158,17 +171,19 @@ def _transfer_stages(study: _Study, cfgs: dict[str, Any]) -> None:
     """Pretrained vs from scratch on text, then on few digits per class (the data-efficiency sweep)."""
     text: Config = cfgs["text"]
     study.stage(1, f"fine-tune {text.model.name} on {Path(text.data.train).name}, then the same from scratch")
-    study.fit("text fine-tune", "text-pretrained", text)
-    study.fit("text from scratch", "text-scratch", cfgs["scratch"])
+    study.fit("text", [("text fine-tune", "text-pretrained", text, {}),
+                       ("text from scratch", "text-scratch", cfgs["scratch"], {})])
     study.record["comparisons"] = [{"task": "support intents (text)", "pretrained": "text-pretrained",
                                     "scratch": "text-scratch"}]
     vision = cfgs["vision"]
     study.stage(2, f"{vision[0][2].model.name} vs from scratch on {sorted({s for s, _, _ in vision})} digits per class")
     sweep: dict[int, dict[str, Any]] = {}
+    runs = []
     for shots, init, cfg in vision:
         name = f"digits-{shots}-{init}"
-        study.fit(f"digits {shots}/class {init}", name, cfg, shots=shots)
+        runs.append((f"digits {shots}/class {init}", name, cfg, {"shots": shots}))
         sweep.setdefault(shots, {"shots": shots})[init] = name
+    study.fit("digits", runs)
     study.record["data_efficiency"] = {"task": "handwritten digits (images)", "runs": list(sweep.values())}
 
 

@@ -20,15 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ptm_ray.checkpoint import as_uri
+from ptm_ray.checkpoint import as_uri, read_meta
 from ptm_ray.config import (Config, config_from_dict, config_to_dict, format_overrides, parse_freeze_depth, storage_path,
                             with_overrides)
 from ptm_ray.data import materialize_decision
 from ptm_ray.model_store import ModelStore, ModelVersion
-from ptm_ray.train import PreparedData, fit, fit_in_trial, leave_cpus_for_data, plan_run, prepare_data
+from ptm_ray.train import (FitResult, PreparedData, fit, fit_in_trial, leave_cpus_for_data, plan_run,
+                           prepare_data)
 
-__all__ = ["LeaderboardRow", "SearchResult", "best_epoch", "build_param_space", "leaderboard", "promote", "run_search",
-           "validate_search"]
+__all__ = ["LeaderboardRow", "SearchResult", "best_epoch", "build_param_space", "fit_in_trials", "leaderboard", "promote",
+           "run_search", "validate_search"]
 
 _DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys whose value changes what the datasets hold: a search over one of them reads the data in every trial.
@@ -197,12 +198,20 @@ def _trial_resources(cfg: Config, streamed: bool = False) -> Callable[[dict[str,
         trial = with_overrides(config_from_dict(base), dict(overrides))
         if not _in_trial(trial):
             return PlacementGroupFactory([{"CPU": trial.search.trial_cpus}])
-        bundle = {"CPU": 1.0, **trial.scaling.resources_per_worker, **cpu}
-        if trial.scaling.use_gpu:
-            bundle.setdefault("GPU", 1.0)
-        return PlacementGroupFactory([bundle])
+        return _worker_bundle(trial, cpu)
 
     return resources
+
+
+def _worker_bundle(cfg: Config, cpu: dict[str, float]) -> Any:
+    """The placement of a trial that is its run's only worker: the worker's resources (``cpu`` overriding
+    its CPU), and a GPU when the run uses one."""
+    from ray.tune import PlacementGroupFactory
+
+    bundle = {"CPU": 1.0, **cfg.scaling.resources_per_worker, **cpu}
+    if cfg.scaling.use_gpu:
+        bundle.setdefault("GPU", 1.0)
+    return PlacementGroupFactory([bundle])
 
 
 def _shared_data(cfg: Config) -> PreparedData | None:
@@ -306,6 +315,94 @@ def _run_config(cfg: Config, name: str, root: str, verbose: int | None, callback
                                                 checkpoint_score_attribute=cfg.train.metric,
                                                 checkpoint_score_order=cfg.train.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures if _in_trial(cfg) else 0))
+
+
+def fit_in_trials(cfgs: list[Config], name: str) -> list[FitResult]:
+    """Fine-tune single-worker runs one after another as the trials of one Tune experiment, each training inside
+    its trial (``fit_in_trial``) on data the driver checked and read first; a ``FitResult`` per run, in order.
+
+    ``fit`` starts a Ray Train controller and a worker process per run, each importing torch and the model's
+    libraries (about 10 s of a short run on 2 CPUs, ``bench/bench_fit_overhead.py``); here Tune starts one
+    trial process and reuses it for every run (``reuse_actors``). One run at a time, so that their epoch times
+    compare as separate fits' would. Each run keeps its own folder, ``<storage.path>/<name>/<storage.name>``,
+    and the driver prints its epochs and feeds its trackers as ``fit`` does (``RunsProgress``). An experiment
+    that exists is restored: finished runs are kept, unfinished ones resume.
+
+    Raises:
+        ValueError: a run with several workers (``fit`` runs those), runs sharing a ``storage.name``, or runs
+        with different ``storage.path`` or checkpoint ranking (one experiment keeps checkpoints one way).
+        RuntimeError: naming the run that failed and where its error is.
+    """
+    from ray import tune
+
+    from ptm_ray.console import quiet_tune, verbose
+    from ptm_ray.progress import RunsProgress, reported_metrics
+    from ptm_ray.runtime import init_ray
+    from ptm_ray.tracking import mlflow_uri, tracking_wanted
+
+    runs = {cfg.storage.name: cfg for cfg in cfgs}
+    if len(runs) != len(cfgs):
+        raise ValueError(f"fit_in_trials: storage.name repeats among {[c.storage.name for c in cfgs]}")
+    several = [run for run, cfg in runs.items() if cfg.scaling.num_workers != 1]
+    if several:
+        raise ValueError(f"{', '.join(several)}: scaling.num_workers above 1 trains through fit (a Ray Train worker "
+                         "group); only single-worker runs train inside Tune trials")
+    for what, values in (("storage.path", {storage_path(c) for c in cfgs}),
+                         ("train.metric/mode/keep_checkpoints",
+                          {(c.train.metric, c.train.mode, c.train.keep_checkpoints) for c in cfgs})):
+        if len(values) > 1:
+            raise ValueError(f"fit_in_trials: the runs differ in {what} ({sorted(map(str, values))}); one "
+                             "experiment holds them all")
+    first = cfgs[0]
+    root = storage_path(first)
+    experiment = f"{root}/{name}"
+    init_ray()
+    data = {run: prepare_data(cfg) for run, cfg in runs.items()}  # bad data fails here, before any trial
+    placement = {}
+    for run, cfg in runs.items():
+        streamed = not materialize_decision(data[run].summary, cfg.data)[0]
+        cpu = {"CPU": cfg.scaling.resources_per_worker.get("CPU", 1.0)}
+        placement[run] = _worker_bundle(cfg, leave_cpus_for_data(cpu, 1, "trial") if streamed else cpu)
+    trainable = tune.with_resources(tune.with_parameters(_run_in_trial, runs=runs, data=data),
+                                    lambda config: placement[config["run"]])
+    if tune.Tuner.can_restore(experiment):
+        print(f"[ptm_ray] restoring {experiment}: finished runs are kept, unfinished ones resume")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        run_config = _run_config(first, name, root, verbose=None if verbose() else 0, callbacks=[RunsProgress(runs)])
+        run_config.failure_config = tune.FailureConfig(max_failures=max(c.scaling.max_failures for c in cfgs))
+        tuner = tune.Tuner(trainable, param_space={"run": tune.grid_search(list(runs))}, run_config=run_config,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True,
+                                                       trial_dirname_creator=_run_folder_name))
+    with quiet_tune():
+        grid = tuner.fit()
+    results = {}
+    for result in grid:
+        run = result.config["run"]
+        cfg = runs[run]
+        if result.error is not None or not result.best_checkpoints:
+            raise RuntimeError(f"run {run} failed: {result.error or 'it reported no checkpoint'} (its trial's "
+                               f"folder: {result.path})")
+        sign = 1 if cfg.train.mode == "max" else -1
+        best, metrics = max(result.best_checkpoints, key=lambda cm: (sign * cm[1][cfg.train.metric], cm[1]["epoch"]))
+        run_path = as_uri(result.path, root)
+        tracking = ([f"MLflow run {run} in {mlflow_uri(cfg)}"] if tracking_wanted(cfg, "mlflow") else []) + \
+            ([f"TensorBoard events in {run_path}/tensorboard"]
+             if tracking_wanted(cfg, "tensorboard") and "://" not in run_path else [])
+        history = read_meta(as_uri(result.checkpoint.path, root))["history"]
+        results[run] = FitResult(as_uri(best.path, root), reported_metrics(metrics), history, run_path, tracking)
+    return [results[run] for run in runs]
+
+
+def _run_in_trial(config: dict[str, Any], runs: dict[str, Config], data: dict[str, PreparedData]) -> None:
+    """One run of ``fit_in_trials``: its config trained in this trial process on the data the driver read."""
+    cfg = runs[config["run"]]
+    tracked = with_overrides(cfg, {"tracking.mlflow": "off", "tracking.tensorboard": "off"})  # the driver tracks
+    fit_in_trial(tracked, data[config["run"]])
+
+
+def _run_folder_name(trial: Any) -> str:
+    return trial.config["run"]
 
 
 def _stop_reason(result, history: list[dict], epochs: int) -> str:

@@ -19,7 +19,8 @@ from ptm_ray.checkpoint import load_artifact
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
 from ptm_ray.model_store import ModelStore
-from ptm_ray.tune import LeaderboardRow, apply_budget, best_epoch, format_leaderboard, run_search, validate_search
+from ptm_ray.tune import (LeaderboardRow, apply_budget, best_epoch, fit_in_trials, format_leaderboard, run_search,
+                          validate_search)
 
 from conftest import TRAIN_CSV, check_classification_predictions, tiny_overrides
 
@@ -290,3 +291,17 @@ def test_a_serving_budget_ranks_trials_within_it_first_and_only_they_are_promote
     assert [r.trial_id for r in unbounded] == ["big", "slow", "fits", "fits2"] and all(r.within_budget for r in unbounded)
     with pytest.raises(ValueError, match="search.max_latency_ms=-1.0 and search.max_params=0 must be >= 0"):
         load_config(None, base + ["search.max_latency_ms=-1"])
+
+
+@pytest.mark.parametrize("second, message", [
+    (["storage.name=a", "scaling.num_workers=2"], "a: scaling.num_workers above 1 trains through fit"),
+    (["storage.name=b"], "storage.name repeats among ['b', 'b']"),
+    (["storage.name=c", "train.metric=val_loss", "train.mode=min"], "the runs differ in train.metric/mode/keep_checkpoints"),
+])
+def test_runs_in_trials_refuse_what_one_experiment_cannot_hold(tmp_path, second, message):
+    base = ["data.train=unused", "model.name=minilm-l6", "scaling.num_workers=1", f"storage.path={tmp_path}"]
+    cfgs = [load_config(None, base + ["storage.name=b"]), load_config(None, base + second)]
+    with pytest.raises(ValueError) as e:
+        fit_in_trials(cfgs, "study")
+    assert message in str(e.value)
+    assert not (tmp_path / "study").exists()  # refused before Ray or Tune wrote anything
