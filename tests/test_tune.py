@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ptm_ray.checkpoint import load_artifact
+from ptm_ray.checkpoint import load_artifact, read_meta
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
 from ptm_ray.model_store import ModelStore
@@ -305,3 +305,28 @@ def test_runs_in_trials_refuse_what_one_experiment_cannot_hold(tmp_path, second,
         fit_in_trials(cfgs, "study")
     assert message in str(e.value)
     assert not (tmp_path / "study").exists()  # refused before Ray or Tune wrote anything
+
+
+def test_runs_in_trials_train_in_their_own_folders_and_a_rerun_restores_them(ray_cluster, tiny_text, tmp_path):
+    base = tiny_overrides(tiny_text["bert"], tmp_path, "unused", train__epochs=2, scaling__num_workers=1,
+                          train__max_steps_per_epoch=3, scaling__resources_per_worker="{CPU: 1}")
+    cfgs = [load_config(None, base + [f"storage.name={name}", f"optim.lr={lr}"])
+            for name, lr in (("fast", 3e-3), ("slow", 1e-5))]
+    first = fit_in_trials(cfgs, "study")
+    study = tmp_path / "runs" / "study"
+    assert [Path(r.run_path) for r in first] == [study / "fast", study / "slow"]
+    for result in first:  # the best checkpoint is a whole ptm_ray checkpoint in the run's own folder
+        assert Path(result.best_checkpoint).parent == Path(result.run_path)
+        assert [h["epoch"] for h in result.history] == [1, 2]
+        assert read_meta(result.best_checkpoint)["history"][-1]["epoch"] == result.best_metrics["epoch"]
+        assert "time_total_s" not in result.best_metrics  # what the run reported, not Tune's bookkeeping
+    assert first[0].history != first[1].history  # each trial trained its own config
+    again = fit_in_trials(cfgs, "study")  # the experiment exists: restored, finished runs kept, none retrained
+    assert [r.history for r in again] == [r.history for r in first]
+    assert _checkpoints(again) == _checkpoints(first)  # (a retrained run, seeded alike, would rewrite them later)
+
+
+def _checkpoints(results) -> dict[str, list[tuple[str, int]]]:
+    """Each run's checkpoint folders and when their ptm_ray.json was written."""
+    return {r.run_path: sorted((p.name, (p / "ptm_ray.json").stat().st_mtime_ns)
+                               for p in Path(r.run_path).glob("checkpoint_*")) for r in results}
