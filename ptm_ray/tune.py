@@ -9,6 +9,9 @@ Tune through ``TuneReportCallback``). ASHA stops weak trials at epoch boundaries
 trials are drawn at random, as a full grid, or by Optuna's TPE (``search.algorithm``). The leaderboard
 ranks trials by their *best* epoch, and the top k best checkpoints are promoted to the model registry with
 their lineage. Trials on a frozen prefix share its feature cache (built by the first, under the search).
+
+``fit_in_trials`` runs a list of fixed single-worker configs the same way, one trial each (the quickstart's
+pretrained-vs-scratch and data-efficiency runs), with ``fit``'s console lines and trackers.
 """
 
 from __future__ import annotations
