@@ -63,12 +63,14 @@ def plain_loop(cfg, labels: list[str], threads: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="at least 2: the first is warm-up and not counted")
     parser.add_argument("--batch-size", type=int, default=16)
     # One core is left to Ray's own processes (raylet, GCS, dashboard, the data split coordinator): on a
     # 2-core machine giving torch both cores makes the Ray side compete with them (measured ratio 0.80-0.84).
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error(f"--epochs {args.epochs}: at least 2 (the first epoch is warm-up and not counted)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     overrides = [
         f"model.name={args.model}", "model.max_length=64", "model.freeze_depth=0",
