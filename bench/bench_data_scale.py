@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import random
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.config import load_config
 from ptm_ray.runtime import init_ray
 from ptm_ray.train import fit
@@ -179,7 +179,7 @@ def main() -> None:
     if args.compare_preprocess:  # the smallest size only
         text_sizes, image_sizes = text_sizes[:1], image_sizes[:1]
     init_ray()
-    root = Path(tempfile.mkdtemp(prefix="bench_data_scale_"))
+    root = scratch_dir("bench_data_scale_")
     from ptm_ray.tiny import make_tiny_text_model
 
     started = time.perf_counter()

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.config import load_config
 from ptm_ray.runtime import init_ray
 from ptm_ray.train import fit
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     init_ray()
-    root = Path(tempfile.mkdtemp(prefix="ptm_ray_bench_cache_"))
+    root = scratch_dir("ptm_ray_bench_cache_")
     if args.part in ("a", "both"):
         part_a(root, args.epochs)
     if args.part in ("b", "both"):

@@ -29,10 +29,10 @@ import datetime
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.config import load_config
 from ptm_ray.console import logs_dir
 from ptm_ray.runtime import init_ray
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     init_ray()
-    root = Path(tempfile.mkdtemp(prefix="ptm_ray_bench_fit_overhead_"))
+    root = scratch_dir("ptm_ray_bench_fit_overhead_")
     rows = []
     for workers in (1, 2):
         for i in range(args.runs):

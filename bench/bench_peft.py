@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import threading
 from pathlib import Path
 
 import psutil
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.config import load_config
 from ptm_ray.runtime import init_ray
 from ptm_ray.train import fit
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     init_ray()
-    root = Path(tempfile.mkdtemp(prefix="ptm_ray_bench_peft_"))
+    root = scratch_dir("ptm_ray_bench_peft_")
     rows = [run("full fine-tune", ["model.freeze_depth=0", "optim.lr=1e-4"], args.epochs, root),
             run("freeze half", ["model.freeze_depth=0.5", "optim.lr=1e-4"], args.epochs, root),
             run(f"LoRA r={args.rank}", [f"model.lora.r={args.rank}", "optim.lr=1e-3"], args.epochs, root)]

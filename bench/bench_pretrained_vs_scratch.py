@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.config import load_config
 from ptm_ray.datasets.digits import make_digits_split
 from ptm_ray.runtime import init_ray
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(tempfile.mkdtemp(prefix="ptm_ray_pretrained_"))
+    root = scratch_dir("ptm_ray_pretrained_")
     init_ray()
     rows = []
     for shots in args.shots:

@@ -28,10 +28,10 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.config import load_config
 from ptm_ray.runtime import init_ray
 from ptm_ray.tune import run_search
@@ -102,7 +102,7 @@ def main() -> None:
     epochs = args.epochs or (2 if args.quick else 3)
     overrides = _overrides(args.quick, epochs)
     init_ray()
-    root = Path(tempfile.mkdtemp(prefix="ptm_ray_bench_search_"))
+    root = scratch_dir("ptm_ray_bench_search_")
     old_s, old = _search("old", overrides + ["search.in_trial=false", "search.scheduler=fifo"], root)
     new_s, new = _search("new", overrides + ["search.in_trial=true", "search.scheduler=fifo"], root)
     asha_s, asha = _search("asha", overrides + ["search.in_trial=true", "search.scheduler=asha"], root)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import requests
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.checkpoint import load_artifact, save_checkpoint
 from ptm_ray.config import load_config
 from ptm_ray.inference import predict
@@ -108,7 +108,7 @@ def main() -> None:
     from ptm_ray.runtime import init_ray
     from ptm_ray.serve import app_args, build_app
 
-    root = Path(tempfile.mkdtemp(prefix="ptm_ray_bench_serve_"))
+    root = scratch_dir("ptm_ray_bench_serve_")
     registry = ModelStore(str(root / "registry"))
     make_artifact(root, args.model, registry)
     make_variants(root, args.model, registry)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 from ptm_ray.config import load_config
 from ptm_ray.freeze import freeze, param_groups, set_train_mode
 from ptm_ray.models import resolve_model
@@ -78,7 +78,7 @@ def main() -> None:
         f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "optim.scheduler=constant",
         "optim.warmup_ratio=0.0", "train.shuffle_buffer=0", "scaling.num_workers=1",
         f"scaling.resources_per_worker={{CPU: {args.threads}}}",
-        f"storage.path={tempfile.mkdtemp(prefix='ptm_ray_bench_')}", "storage.name=throughput",
+        f"storage.path={scratch_dir('ptm_ray_bench_')}", "storage.name=throughput",
     ]
     cfg = load_config(None, overrides)
     labels = plan_run(cfg).labels

@@ -20,9 +20,9 @@ import json
 import os
 import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
+from _scratch import scratch_dir  # bench/_scratch.py: the run's folder, removed at exit
 
 QUESTIONS = ["where is my order #48213", "I want my money back for the kettle", "cancel my order please",
              "why was I charged twice"]
@@ -53,7 +53,7 @@ def main() -> None:
     from ptm_ray.train import fit
 
     gpu = args.device == "cuda"
-    root = Path(tempfile.mkdtemp(prefix="ptm_ray_gpu_ray_"))
+    root = scratch_dir("ptm_ray_gpu_ray_")
     init_ray()
     config = str(Path(__file__).resolve().parents[1] / "ptm_ray" / "configs" / "text_quickstart.yaml")
     cfg = load_config(config, ["train.epochs=2", "scaling.num_workers=1", f"scaling.use_gpu={str(gpu).lower()}",
