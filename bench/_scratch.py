@@ -1,7 +1,7 @@
 """The temporary folder a benchmark runs in, removed when the benchmark ends.
 
 A benchmark's runs leave checkpoints, feature caches and Ray Tune experiments behind: one ``bench_search.py``
-run left 7.7 GB, and a day of benchmarks filled this machine's disk. ``PTM_RAY_BENCH_KEEP=1`` keeps the folder
+run left 7.7 GB, and two days of benchmark runs left 36 GB in ``/tmp``, which filled this machine's disk. ``PTM_RAY_BENCH_KEEP=1`` keeps the folder
 (its path is printed) to look into after the run.
 """
 
