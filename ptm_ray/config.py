@@ -171,7 +171,8 @@ class TrainConfig:
     precision: str = "auto"
     """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
     max_steps_per_epoch: int = 0
-    """Cap on micro-batches per epoch per worker (0: the whole shard). For smoke tests and benchmarks."""
+    """Cap on micro-batches per epoch per worker (0: the whole shard). For smoke tests and benchmarks. Streamed
+    training data is then read only up to the rows an epoch takes (the first ones, in the data's order)."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer."""
     feature_cache: Union[bool, str] = "auto"

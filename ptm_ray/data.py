@@ -590,6 +590,17 @@ def _load_files(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarr
     return {"input": np.array([read_bytes(p) for p in batch["path"]], dtype=object), column: batch[column]}
 
 
+def _load_row_groups(batch: dict[str, np.ndarray], manifest: str, column: str) -> dict[str, np.ndarray]:
+    """``_load_files`` of the manifest's row groups ``batch["group"]`` (``LOAD_BATCH`` files each)."""
+    import pyarrow.parquet
+
+    fs, inner = _filesystem(manifest)
+    with fs.open_input_file(inner) as f:
+        listed = pyarrow.parquet.ParquetFile(f).read_row_groups([int(g) for g in batch["group"]])
+    return _load_files({name: listed.column(name).to_numpy(zero_copy_only=False) for name in ("path", column)},
+                       column)
+
+
 def media_dataset(rows: list[tuple[str, object]], column: str = "label", manifests: str | None = None,
                   concurrency: int | None = None) -> "ray.data.Dataset":
     """(file, value) rows as a Ray dataset of ``input`` (the file's bytes, read by Ray Data tasks) and
@@ -603,13 +614,17 @@ def media_dataset(rows: list[tuple[str, object]], column: str = "label", manifes
 
     if manifests is None or not rows:
         files = ray.data.from_items([{"path": file, column: value} for file, value in rows])
-    else:
-        # one read task a row group: LOAD_BATCH files each (a task's block would otherwise hold up to a MiB of
-        # paths, thousands of files for one _load_files task, and the store's peak would grow with the list)
-        files = ray.data.read_parquet(write_manifest(rows, column, manifests), **_READ_ARGS,
-                                      override_num_blocks=-(-len(rows) // LOAD_BATCH))
-    return files.map_batches(_load_files, batch_size=LOAD_BATCH, fn_kwargs={"column": column}, **_READ_ARGS,
-                             concurrency=concurrency)
+        return files.map_batches(_load_files, batch_size=LOAD_BATCH, fn_kwargs={"column": column}, **_READ_ARGS,
+                                 concurrency=concurrency)
+    # One block per row group of the manifest, holding only its index; the task given it reads that row
+    # group's LOAD_BATCH files. The first files are read at once whatever the list's length: a Parquet read of
+    # the manifest (one task for the file, cutting it into blocks) passed its first block on only when it had
+    # cut them all, 3.4 s into the epoch at 32,000 files.
+    manifest = write_manifest(rows, column, manifests)
+    groups = -(-len(rows) // LOAD_BATCH)
+    return ray.data.from_items([{"group": g} for g in range(groups)], override_num_blocks=groups).map_batches(
+        _load_row_groups, batch_size=1, fn_kwargs={"manifest": manifest, "column": column}, **_READ_ARGS,
+        concurrency=concurrency)
 
 
 def media_datasets(summary: DataSummary, cfg: Config, column: str = "label") -> dict[str, "ray.data.Dataset"]:

@@ -205,6 +205,31 @@ def test_streamed_media_rows_come_from_a_manifest_on_storage_equal_to_the_materi
     assert by_manifest == by_items and [labels for labels, _ in by_items] == [labels for _, labels in files]
 
 
+def test_an_epoch_cut_short_reads_only_the_rows_it_trains_on(ray_cluster, digits_dir, tmp_path):
+    """With train.max_steps_per_epoch, streamed training data stops at the rows the epoch trains on (the first
+    ones, in order), so Ray Data does not read ahead into rows no step takes; data in the object store and
+    validation are left whole."""
+    from ptm_ray.train import truncated_epochs
+
+    datasets = {}
+    for mode in ("never", "always"):
+        cfg = load_config(None, [f"data.train={digits_dir}", "data.validation=null", "data.val_fraction=0.2",
+                                 f"data.materialize={mode}", "model.name=timm:test_resnet", "train.batch_size=8",
+                                 "train.max_steps_per_epoch=3", "scaling.num_workers=2",
+                                 f"storage.path={tmp_path / 'runs'}"])
+        task = task_for(cfg.model.task)
+        datasets[mode] = task.datasets(task.inspect(cfg, "image"), cfg)
+        cut = truncated_epochs(cfg, datasets[mode])
+        assert cut["validation"] is datasets[mode]["validation"]
+    assert cut["train"] is datasets["always"]["train"]  # already in the object store: nothing read ahead
+    streamed = datasets["never"]["train"]
+    cut = truncated_epochs(cfg, datasets["never"])["train"]
+    assert [r["input"] for r in cut.iter_rows()] == [r["input"] for r in streamed.take(3 * 8 * 2)]
+    everything = truncated_epochs(load_config(None, [f"data.train={digits_dir}", "model.name=timm:test_resnet"]),
+                                  datasets["never"])  # no cap on the steps: every row
+    assert everything["train"] is streamed
+
+
 def test_data_in_the_object_store_is_cut_at_its_blocks_without_a_coordinator(ray_cluster):
     import pyarrow as pa
     import ray.data
