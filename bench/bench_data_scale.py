@@ -5,8 +5,10 @@ at every size, so the training data is what grows. Two workers, one epoch, ``tra
 steps, ``data.materialize=never`` (streamed):
 
 (a) tiny models (so the data path is what is stressed): the driver's peak RSS and the object store's peak
-    use during ``fit``, growth from the smallest to the largest size;
-(c) training samples/s at each size, spread = (max - min) / mean, after one fit of each kind at the smallest size
+    use during ``fit`` (medians over the rounds, as (c)), growth from the smallest to the largest size;
+(c) training samples/s at each size, spread = (max - min) / mean of the sizes' medians over ``--repeats`` rounds
+    (default 3; one 30-step epoch of a tiny model lasts 5-8 s here, and single runs of one size ranged 317-381
+    samples/s), after one fit of each kind at the smallest size
     that is printed and not counted (a process's first fit of a kind pays one-off costs: the first read and
     training worker processes, imports, Ray Data's first plan: at 30 steps the first text fit of a process ran
     322 samples/s, the three after it 418-469), over 30 steps a worker (the most the 2k image files give each of
@@ -19,7 +21,7 @@ the preprocessing in Ray Data tasks (``data.preprocess=ray_data``) instead of th
 ``--tiny-only`` runs only (a) and (c), ending with ``data-scale (a)+(c): rss_growth=<x> store_growth=<x>
 throughput_spread=<f>``.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_data_scale.py [--steps 30] [--sizes small]
+    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_data_scale.py [--steps 30] [--repeats 3] [--sizes small]
         [--compare-preprocess | --tiny-only]
 
 The last line: ``data-scale: rss_growth=<x> store_growth=<x> data_wait_text=<f> data_wait_images=<f>
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -139,6 +142,17 @@ def compare_preprocess(text: list[str], image: list[str], root: Path,
     return rows
 
 
+def _medians(runs: dict[int, list[dict]]) -> dict[int, dict]:
+    """Per size, the median of each measure over the rounds (printed when there are several)."""
+    rows = {n: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for n, rs in runs.items()}
+    if any(len(rs) > 1 for rs in runs.values()):
+        for n, row in rows.items():
+            each = ", ".join(f"{r['samples_per_s']:.0f}" for r in runs[n])
+            print(f"    median of {len(runs[n])} at {n:>7}: driver peak RSS {row['rss'] / 2**20:5.0f} MiB  object store "
+                  f"peak {row['store'] / 2**20:5.2f} MiB  {row['samples_per_s']:6.1f} samples/s  (each: {each})")
+    return rows
+
+
 def _print_scale(text_rows: dict[int, dict], image_rows: dict[int, dict], text_sizes: list[int],
                  image_sizes: list[int]) -> tuple[float, float, float]:
     """(a) and (c): growth from the smallest to the largest size and the samples/s spread, printed; returned
@@ -168,8 +182,10 @@ def main() -> None:
     parser.add_argument("--real-steps", type=int, default=60, help="training steps per worker, real models (b)")
     parser.add_argument("--sizes", choices=["full", "small"], default="full",
                         help="small: 1/10 of every size (a quick check of the bench itself)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of (a)+(c) over every size; each measure is the median of its size's rounds")
     parser.add_argument("--tiny-only", action="store_true",
-                        help="only (a) and (c), the tiny models at every size (no real models; about 4 minutes)")
+                        help="only (a) and (c), the tiny models at every size (no real models; about 7 minutes)")
     parser.add_argument("--compare-preprocess", action="store_true",
                         help="only (b) at the smallest size: data.preprocess=workers vs ray_data, side by side")
     args = parser.parse_args()
@@ -207,10 +223,15 @@ def main() -> None:
     run(f"warm-up-text-{text_sizes[0]}", text(text_sizes[0], f"hf:{tiny_bert}", "never"), root)  # not counted
     run(f"warm-up-images-{image_sizes[0]}", image(image_sizes[0], tiny_image, "never")
         + ["model.weights=none", "data.image_size=32"], root)
-    text_rows = {n: run(f"text-tiny-{n}", text(n, f"hf:{tiny_bert}", "never"), root) for n in text_sizes}
-    image_rows = {n: run(f"images-tiny-{n}", image(n, tiny_image, "never") + ["model.weights=none",
-                                                                              "data.image_size=32"], root)
-                  for n in image_sizes}
+    text_runs: dict[int, list[dict]] = {n: [] for n in text_sizes}
+    image_runs: dict[int, list[dict]] = {n: [] for n in image_sizes}
+    for r in range(args.repeats):  # rounds over every size, so that a slower minute of the machine hits them all
+        for n in text_sizes:
+            text_runs[n].append(run(f"text-tiny-{n}-{r}", text(n, f"hf:{tiny_bert}", "never"), root))
+        for n in image_sizes:
+            image_runs[n].append(run(f"images-tiny-{n}-{r}", image(n, tiny_image, "never")
+                                     + ["model.weights=none", "data.image_size=32"], root))
+    text_rows, image_rows = _medians(text_runs), _medians(image_runs)
     if args.tiny_only:
         _print_scale(text_rows, image_rows, text_sizes, image_sizes)
         return
